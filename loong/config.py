@@ -1,0 +1,48 @@
+"""EngineConfig: the user-facing knobs of one engine (model, dtype, KV cache, batching).
+
+Pure Python; no torch. Validation names the field at fault.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loong.errors import InvalidRequestError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # Path to a .gguf file or a Hugging Face directory; None = embedded SmolLM2-135M-Instruct.
+    model: str | None = None
+    # "auto" = bfloat16 on CPU and CUDA; float16 only on CUDA.
+    dtype: str = "auto"
+    # "cpu", "cuda", "cuda:N" or "auto" (CUDA when present).
+    device: str = "auto"
+    # Tokens per KV block.
+    block_size: int = 16
+    # KV capacity in tokens; None = from kv_memory_bytes.
+    kv_capacity_tokens: int | None = None
+    # KV budget in bytes when kv_capacity_tokens is None; None = 2 GiB on CPU,
+    # 90% of free GPU memory on CUDA.
+    kv_memory_bytes: int | None = None
+    # Tokens computed per step at most (prefill chunk budget, decodes count one).
+    max_num_batched_tokens: int = 2048
+    # Requests decoding at once at most.
+    max_num_seqs: int = 128
+    # Longest prompt + output; None = the model's trained context length.
+    max_model_len: int | None = None
+    # Seed of the shared generator used by requests without their own seed.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InvalidRequestError("dtype", f"{self.dtype!r} is not one of {DTYPES}")
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidRequestError(name, f"must be a positive int, got {value!r}")
+        for name in ("kv_capacity_tokens", "kv_memory_bytes", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise InvalidRequestError(name, f"must be a positive int or None, got {value!r}")

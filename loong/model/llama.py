@@ -1,0 +1,150 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over a flat token batch.
+
+Owns: the layers (fused QKV with optional bias, RoPE, RMSNorm, SwiGLU MLP), loading
+Hugging Face-named weights into them, and the LM head. Attention itself is not here:
+each layer calls `attn(layer_idx, q, k, v)` supplied by the caller (rule 5 of DESIGN.md:
+parallelism and KV paging live behind that interface, never in model code).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loong.errors import ModelLoadError
+from loong.model.config import ModelConfig
+from loong.model.rope import RotaryEmbedding, apply_rotary
+
+# attn(layer_idx, q [T,H,D], k [T,Hkv,D], v [T,Hkv,D]) -> out [T,H,D]
+AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face semantics: normalise in fp32, cast back, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.eps = cfg.rms_norm_eps
+        empty = lambda *shape: nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+        self.input_norm = empty(h)
+        self.qkv = empty(self.q_size + 2 * self.kv_size, h)
+        self.qkv_bias = empty(self.q_size + 2 * self.kv_size) if cfg.attention_bias else None
+        self.o_proj = empty(h, self.q_size)
+        self.o_bias = empty(h) if cfg.o_proj_bias else None
+        self.post_norm = empty(h)
+        self.gate_up = empty(2 * cfg.intermediate_size, h)
+        self.down = empty(h, cfg.intermediate_size)
+        self.intermediate = cfg.intermediate_size
+
+    def forward(self, idx: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn: AttentionFn) -> torch.Tensor:
+        t = x.shape[0]
+        h = rms_norm(x, self.input_norm, self.eps)
+        qkv = F.linear(h, self.qkv, self.qkv_bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        o = attn(idx, q, k, v)
+        x = x + F.linear(o.reshape(t, self.q_size), self.o_proj, self.o_bias)
+        h = rms_norm(x, self.post_norm, self.eps)
+        gate, up = F.linear(h, self.gate_up).split(self.intermediate, dim=-1)
+        return x + F.linear(F.silu(gate) * up, self.down)
+
+
+class LlamaModel(nn.Module):
+    """Decoder stack plus LM head. `forward` returns final-norm hidden states [T, hidden]."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", max_positions: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.dtype = dtype
+        empty = lambda *shape: nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+        self.embed = empty(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers))
+        self.norm = empty(cfg.hidden_size)
+        self.lm_head = None if cfg.tie_word_embeddings else empty(cfg.vocab_size, cfg.hidden_size)
+        self.to(device)
+        self.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings, dtype, device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionFn,
+                dynamic_rope_ranges: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rope.cos_sin(positions, dynamic_rope_ranges)
+        for i, layer in enumerate(self.layers):
+            x = layer(i, x, cos, sin, attn)
+        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [N, vocab] for the selected hidden rows [N, hidden]."""
+        head = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(hidden, head).float()
+
+    @torch.no_grad()
+    def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy Hugging Face-named tensors into the fused parameters (shape-checked)."""
+        cfg = self.cfg
+        used: set[str] = set()
+
+        def take(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise ModelLoadError(f"checkpoint is missing weight {name!r}")
+            used.add(name)
+            return weights[name]
+
+        def put(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
+            if tuple(param.shape) != tuple(value.shape):
+                raise ModelLoadError(
+                    f"weight {name!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+            param.copy_(value.to(param.dtype))
+
+        put(self.embed, take("model.embed_tokens.weight"), "model.embed_tokens.weight")
+        put(self.norm, take("model.norm.weight"), "model.norm.weight")
+        if self.lm_head is not None:
+            name = "lm_head.weight"
+            put(self.lm_head, weights[name] if name in weights else take("model.embed_tokens.weight"), name)
+            used.add(name)
+        else:
+            used.add("lm_head.weight")  # tied: a saved copy of the embedding is ignored
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            put(layer.input_norm, take(p + "input_layernorm.weight"), p + "input_layernorm.weight")
+            put(layer.post_norm, take(p + "post_attention_layernorm.weight"), p + "post_attention_layernorm.weight")
+            qkv = [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
+            _check_rows(qkv, (layer.q_size, layer.kv_size, layer.kv_size), cfg.hidden_size, p + "self_attn")
+            put(layer.qkv, torch.cat(qkv, 0), p + "self_attn.qkv_proj.weight")
+            if layer.qkv_bias is not None:
+                put(layer.qkv_bias, torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]),
+                    p + "self_attn.qkv_proj.bias")
+            put(layer.o_proj, take(p + "self_attn.o_proj.weight"), p + "self_attn.o_proj.weight")
+            if layer.o_bias is not None:
+                put(layer.o_bias, take(p + "self_attn.o_proj.bias"), p + "self_attn.o_proj.bias")
+            gu = [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]
+            _check_rows(gu, (cfg.intermediate_size,) * 2, cfg.hidden_size, p + "mlp")
+            put(layer.gate_up, torch.cat(gu, 0), p + "mlp.gate_up_proj.weight")
+            put(layer.down, take(p + "mlp.down_proj.weight"), p + "mlp.down_proj.weight")
+        unknown = [n for n in weights if n not in used and "rotary_emb" not in n]
+        if unknown:
+            raise ModelLoadError(f"checkpoint has {len(unknown)} unexpected weights, e.g. {unknown[:3]}")
+
+
+def _check_rows(parts: list[torch.Tensor], rows: tuple[int, ...], cols: int, prefix: str) -> None:
+    for t, r, n in zip(parts, rows, ("first", "second", "third")):
+        if tuple(t.shape) != (r, cols):
+            raise ModelLoadError(
+                f"{prefix}: {n} projection has shape {tuple(t.shape)}, expected {(r, cols)}")

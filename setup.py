@@ -1,0 +1,27 @@
+"""Install Loong. CPU torch first: `pip install torch==2.13.0` (see README)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="loong",
+    version="0.1.0",
+    description="Long-context LLM serving with elastic sequence parallelism",
+    python_requires=">=3.10",
+    packages=find_packages(include=["loong", "loong.*"]),
+    package_data={"loong": ["ARCHITECTURE.md"]},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "gguf>=0.10",
+        "safetensors",
+        "tokenizers>=0.19",
+        # Chat templates are Jinja2 programs; a sandboxed Jinja2 renders them exactly.
+        "jinja2>=3.1",
+        "grpcio",
+        "protobuf",
+    ],
+    extras_require={
+        "test": ["pytest", "transformers>=4.45", "accelerate", "sentencepiece"],
+        "gpu": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["loong=loong.cli:main"]},
+)
