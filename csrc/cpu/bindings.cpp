@@ -1,0 +1,29 @@
+// Python bindings of the loong CPU ops (module name set by the build: loong_cpu_ops).
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+namespace loong {
+std::vector<at::Tensor> paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                               const at::Tensor& v_cache,
+                                               const at::Tensor& block_tables,
+                                               const at::Tensor& context_lens, double scale);
+std::vector<at::Tensor> lse_merge(const at::Tensor& out_a, const at::Tensor& lse_a,
+                                  const at::Tensor& out_b, const at::Tensor& lse_b);
+std::string cpu_ops_build_info();
+}  // namespace loong
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "loong CPU kernels: paged decode attention and the log-sum-exp merge";
+  m.def("paged_decode_attention", &loong::paged_decode_attention,
+        "paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale) "
+        "-> [out, lse]",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
+        py::arg("context_lens"), py::arg("scale"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("lse_merge", &loong::lse_merge, "lse_merge(out_a, lse_a, out_b, lse_b) -> [out, lse]",
+        py::arg("out_a"), py::arg("lse_a"), py::arg("out_b"), py::arg("lse_b"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("build_info", &loong::cpu_ops_build_info, "which SIMD paths this build uses");
+}

@@ -1,0 +1,113 @@
+"""LLM: the offline Python API (`LLM(...).generate`, `.chat`).
+
+Owns: argument handling for batches (one params object or one per prompt), running the
+engine loop to completion with a progress bar, and returning outputs in prompt order.
+All prompts are validated before any is queued, so a bad one loses nothing.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Sequence
+
+from loong.config import EngineConfig
+from loong.engine.llm_engine import LLMEngine
+from loong.engine.outputs import RequestOutput
+from loong.errors import InvalidRequestError
+from loong.sampling_params import SamplingParams
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr (finished requests, output tokens/s)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.done = self.tokens = 0
+        self.start = time.perf_counter()
+        self._last = 0.0
+
+    def update(self, finished: int, tokens: int) -> None:
+        self.done += finished
+        self.tokens += tokens
+        now = time.perf_counter()
+        if self.enabled and (now - self._last > 0.2 or self.done == self.total):
+            self._last = now
+            width = 30
+            fill = int(width * self.done / max(self.total, 1))
+            rate = self.tokens / max(now - self.start, 1e-9)
+            sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} "
+                             f"requests, {rate:.1f} tok/s")
+            if self.done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class LLM:
+    """Offline generation on one instance.
+
+    `LLM()` loads the embedded SmolLM2-135M-Instruct. Keyword arguments are the fields of
+    `loong.config.EngineConfig` (dtype, device, kv_capacity_tokens, block_size, ...).
+    """
+
+    def __init__(self, model: str | None = None, *, loaded=None, **kwargs) -> None:
+        """`loaded`: a `LoadedModel` already in memory (reuses its weights; `model` is then ignored)."""
+        unknown = set(kwargs) - set(EngineConfig.__dataclass_fields__)
+        if unknown:
+            raise InvalidRequestError(sorted(unknown)[0], f"unknown LLM option; known: "
+                                      f"{sorted(EngineConfig.__dataclass_fields__)}")
+        self.config = EngineConfig(model=model, **kwargs)
+        self.engine = LLMEngine(self.config, loaded)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """One output per prompt, in order. A prompt is a string or a list of token ids."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise InvalidRequestError("prompts", "is empty")
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise InvalidRequestError("sampling_params", f"{len(sampling_params)} given for "
+                                          f"{len(prompts)} prompts")
+            params = list(sampling_params)
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        return self._run(prompts, params, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequestError("messages", "must be a non-empty list of {role, content} dicts")
+        conversations = messages if isinstance(messages[0], list) else [messages]
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt)
+                   for c in conversations]
+        # The template already carries any BOS; token ids avoid adding it twice.
+        ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        return self.generate(ids, sampling_params, use_tqdm)
+
+    def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        # Validate everything first: a bad prompt raises before anything is queued.
+        processed = [engine.process_input(p, sp) for p, sp in zip(prompts, params)]
+        ids = [engine.add_request(tok_ids, sp, prompt_text=text) for text, tok_ids, sp in processed]
+        order = {rid: i for i, rid in enumerate(ids)}
+        results: list[RequestOutput | None] = [None] * len(ids)
+        bar = ProgressBar(len(ids), use_tqdm)
+        try:
+            while any(r is None for r in results):
+                updated = engine.step()
+                finished = [o for o in updated if o.finished and o.request_id in order]
+                for o in finished:
+                    results[order[o.request_id]] = o
+                bar.update(len(finished), len(updated))
+        except BaseException:
+            for rid in ids:
+                engine.abort(rid)
+            raise
+        return results  # type: ignore[return-value]

@@ -1,0 +1,210 @@
+"""Native CPU kernels (csrc/cpu) behind torch fallbacks: the one place that loads them.
+
+Owns: `csrc_available`, `paged_decode_attention`, `lse_merge`, `build_info`, `load_error`, and
+the build recipe (`EXTENSION_NAME`, `extension_sources`, `EXTRA_CFLAGS`, `EXTRA_LDFLAGS`) that a
+setup.py-time build can reuse.
+
+The extension `loong_cpu_ops` is compiled just in time with torch.utils.cpp_extension (ninja,
+the host C++ compiler, `-O3 -march=native -fopenmp`) on first use, once per machine: the build
+directory is `~/.cache/loong/torch_extensions/<key>` where the key hashes the sources, the
+torch and Python versions, the flags and the CPU's feature flags (a `-march=native` binary must
+never be reused on a CPU with fewer features). `LOONG_EXTENSIONS_DIR` replaces
+`~/.cache/loong/torch_extensions`. A module `loong._loong_cpu_ops` built ahead of time (e.g. by
+setup.py with the same sources) is preferred when present. The first build takes about a
+minute; later processes load the cached library in well under a second.
+
+Fallbacks: with `LOONG_DISABLE_CSRC=1`, or if the build fails (no compiler, no ninja, sources
+not shipped), every function here runs the torch implementation
+(`loong.attention.cpu.paged_decode_attention_torch`, `loong.attention.lse.merge_attention`);
+a build failure is reported once with a RuntimeWarning. Inputs the kernels do not handle
+(non-CPU tensors, dtypes other than float32 / bfloat16 for decode, mixed dtypes, non-contiguous
+caches) also take the torch path, so the functions accept whatever the fallbacks accept.
+
+Must not import: loong modules at import time (the fallbacks are imported when first needed),
+so loong.attention can import this module without a cycle.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import sys
+import threading
+import warnings
+from typing import List, Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+__all__ = ["csrc_available", "paged_decode_attention", "lse_merge", "build_info", "load_error",
+           "EXTENSION_NAME", "EXTRA_CFLAGS", "EXTRA_LDFLAGS", "extension_sources"]
+
+log = logging.getLogger(__name__)
+
+EXTENSION_NAME = "loong_cpu_ops"
+EXTRA_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+EXTRA_LDFLAGS = ["-fopenmp"]
+_SOURCE_FILES = ("paged_attention.cpp", "lse_merge.cpp", "bindings.cpp")
+_CSRC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "csrc", "cpu")
+_PREBUILT = "loong._loong_cpu_ops"
+
+_lock = threading.Lock()
+_ext = None                       # the loaded module
+_tried = False                    # a load was attempted (successfully or not)
+_error: Optional[str] = None      # why the extension is unavailable
+
+
+def extension_sources() -> List[str]:
+    """Absolute paths of the C++ sources of `loong_cpu_ops`."""
+    return [os.path.join(_CSRC_DIR, f) for f in _SOURCE_FILES]
+
+
+def _cpu_signature() -> str:
+    """The CPU model and feature flags (what -march=native compiles for)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+        keep = [ln for ln in lines if ln.startswith(("flags", "model name", "vendor_id"))]
+        return "\n".join(sorted(set(keep)))
+    except OSError:
+        import platform
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def _build_dir(sources: List[str]) -> str:
+    h = hashlib.sha256()
+    for path in sources:
+        with open(path, "rb") as f:
+            h.update(os.path.basename(path).encode() + b"\0" + f.read() + b"\0")
+    h.update(f"torch={torch.__version__} python={sys.version_info[:2]} "
+             f"cflags={EXTRA_CFLAGS} ldflags={EXTRA_LDFLAGS}".encode())
+    h.update(_cpu_signature().encode())
+    root = os.environ.get("LOONG_EXTENSIONS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "loong", "torch_extensions")
+    return os.path.join(root, h.hexdigest()[:20])
+
+
+def _disabled() -> bool:
+    return os.environ.get("LOONG_DISABLE_CSRC", "").strip().lower() not in ("", "0", "false",
+                                                                            "no")
+
+
+def _load():
+    """Import the prebuilt module or JIT-build it; raises on failure."""
+    try:
+        return importlib.import_module(_PREBUILT)
+    except ImportError:
+        pass
+    sources = extension_sources()
+    missing = [s for s in sources if not os.path.exists(s)]
+    if missing:
+        raise FileNotFoundError(f"C++ sources not found: {missing}")
+    from torch.utils import cpp_extension
+
+    build_dir = _build_dir(sources)
+    os.makedirs(build_dir, exist_ok=True)
+    log.info("loong.ops: loading %s from %s (the first build on a machine takes about a "
+             "minute)", EXTENSION_NAME, build_dir)
+    verbose = os.environ.get("LOONG_CSRC_VERBOSE", "") not in ("", "0")
+    return cpp_extension.load(name=EXTENSION_NAME, sources=sources, extra_cflags=EXTRA_CFLAGS,
+                              extra_ldflags=EXTRA_LDFLAGS, build_directory=build_dir,
+                              verbose=verbose)
+
+
+def _get():
+    """The extension module, or None (loading it on the first call; thread-safe)."""
+    global _ext, _tried, _error
+    if _tried:
+        return _ext
+    with _lock:
+        if _tried:
+            return _ext
+        if _disabled():
+            _error = "disabled by LOONG_DISABLE_CSRC"
+            log.info("loong.ops: C++ kernels disabled by LOONG_DISABLE_CSRC; using torch")
+        else:
+            try:
+                _ext = _load()
+            except Exception as e:   # compiler / ninja missing, compile error, import error
+                _ext = None
+                _error = f"{type(e).__name__}: {e}"
+                warnings.warn(f"loong.ops: could not build the C++ CPU kernels "
+                              f"({_error.splitlines()[0][:500]}); falling back to the slower "
+                              f"torch implementations. Set LOONG_DISABLE_CSRC=1 to silence "
+                              f"this.", RuntimeWarning, stacklevel=3)
+        _tried = True
+        return _ext
+
+
+def csrc_available() -> bool:
+    """True if the C++ kernels are loaded (builds them on the first call)."""
+    return _get() is not None
+
+
+def load_error() -> Optional[str]:
+    """Why the kernels are unavailable (None if they are loaded or were never requested)."""
+    return _error
+
+
+def build_info() -> Optional[str]:
+    """The SIMD paths the loaded build uses (e.g. 'loong_cpu_ops: avx512 avx512_bf16')."""
+    ext = _get()
+    return ext.build_info() if ext is not None else None
+
+
+_DECODE_DTYPES = (torch.float32, torch.bfloat16)
+_MERGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                           context_lens: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    """Paged decode attention; same contract as
+    `loong.attention.cpu.paged_decode_attention_torch`.
+
+    q `[B, H, D]`, caches `[num_blocks, block_size, Hkv, D]`, block_tables int32
+    `[B, max_blocks]`, context_lens int32 `[B]` -> (out `[B, H, D]` in q's dtype, lse `[B, H]`
+    fp32 natural log); context_len 0 gives out 0, lse -inf. Runs the C++ kernel for CPU
+    tensors with q, k_cache, v_cache all float32 or all bfloat16 and contiguous caches (q may be
+    strided); anything else goes to the torch implementation. Bad shapes raise ValueError,
+    block ids outside the cache IndexError.
+    """
+    ext = _get()
+    if (ext is None or q.dtype not in _DECODE_DTYPES or k_cache.dtype != q.dtype
+            or v_cache.dtype != q.dtype or q.device.type != "cpu"
+            or k_cache.device.type != "cpu" or v_cache.device.type != "cpu"
+            or not k_cache.is_contiguous() or not v_cache.is_contiguous()):
+        from loong.attention.cpu import paged_decode_attention_torch
+        return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens,
+                                            scale)
+    if block_tables.dtype != torch.int32 or not block_tables.is_contiguous():
+        block_tables = block_tables.to(torch.int32).contiguous()
+    if context_lens.dtype != torch.int32 or not context_lens.is_contiguous():
+        context_lens = context_lens.to(torch.int32).contiguous()
+    out, lse = ext.paged_decode_attention(q, k_cache, v_cache, block_tables.cpu(),
+                                          context_lens.cpu(), float(scale))
+    return out, lse
+
+
+def lse_merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
+              lse_b: Tensor) -> Tuple[Tensor, Tensor]:
+    """Merge two partial attention results over disjoint key sets; same contract as
+    `loong.attention.lse.merge_attention`.
+
+    out_* `[..., D]`, lse_* `[...]` -> (out in out_a's dtype, lse fp32); an lse of -inf marks an
+    empty partial (both empty: out 0, lse -inf). The C++ kernel runs for CPU tensors whose outs
+    share a dtype (float32, bfloat16, float16); other inputs use the torch implementation.
+    """
+    ext = _get()
+    if (ext is None or out_a.dtype != out_b.dtype or out_a.dtype not in _MERGE_DTYPES
+            or out_a.dim() == 0 or out_a.shape != out_b.shape
+            or lse_a.shape != out_a.shape[:-1] or lse_b.shape != out_a.shape[:-1]
+            or not lse_a.is_floating_point() or not lse_b.is_floating_point()
+            or any(t.device.type != "cpu" for t in (out_a, lse_a, out_b, lse_b))):
+        from loong.attention.lse import merge_attention
+        return merge_attention(out_a, lse_a, out_b, lse_b)
+    out, lse = ext.lse_merge(out_a.contiguous(), lse_a.float().contiguous(),
+                             out_b.contiguous(), lse_b.float().contiguous())
+    return out, lse

@@ -1,0 +1,117 @@
+"""ModelRunner: turns a StepPlan into tensors, runs the model on one instance, samples.
+
+Owns: the model replica, its KV cache pool, per-request sampling state (parameters,
+seeded generator, token history for penalties), and the plan -> tensors translation.
+It never decides what to run: that is the policy's job (`loong.sched`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from loong.attention.paged_context import PagedAttention, PrefillSegment, StepAttentionMetadata
+from loong.kv.cache_pool import KVCachePool
+from loong.model.llama import LlamaModel
+from loong.sampling_params import SamplingParams
+from loong.sched.plan import StepPlan, StepResult
+from loong.worker.sampler import Sampler, SamplingBatch
+
+
+@dataclass
+class RunnerRequest:
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int] = field(default_factory=list)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, cache: KVCachePool, eos_token_ids: tuple[int, ...]) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = model.device
+        self.block_size = cache.block_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.scale = model.cfg.head_dim ** -0.5
+        self.sampler = Sampler()
+        self.requests: dict[str, RunnerRequest] = {}
+
+    # ----- per-request sampling state ------------------------------------------------
+    def add_request(self, request_id: str, params: SamplingParams, prompt_token_ids: list[int]) -> None:
+        # Seeded rows get a generator derived from (seed, output index) by the sampler, so
+        # a request samples the same tokens whatever its batch and after preemption.
+        self.requests[request_id] = RunnerRequest(params, list(prompt_token_ids))
+
+    def remove_request(self, request_id: str) -> None:
+        self.requests.pop(request_id, None)
+
+    # ----- one step ------------------------------------------------------------------
+    def _prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, StepAttentionMetadata,
+                                                list[int], list[tuple[int, int, int]]]:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        dyn_ranges: list[tuple[int, int, int]] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillSegment] = []
+        for chunk in plan.chunks:
+            row0 = len(ids)
+            n = chunk.num_tokens
+            end = chunk.start + n
+            ids.extend(chunk.token_ids)
+            positions.extend(range(chunk.start, end))
+            table = chunk.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in range(chunk.start, end))
+            dyn_ranges.append((row0, row0 + n, end))
+            if chunk.sample:
+                sample_rows.append(row0 + n - 1)
+            if chunk.is_decode and not prefills:
+                decode_tables.append(table)
+                decode_lens.append(end)
+            else:
+                prefills.append(PrefillSegment(row0, row0 + n, chunk.start,
+                                               torch.tensor(table, dtype=torch.int32)))
+        dev = self.device
+        nd = len(decode_lens)
+        tables = lens = None
+        if nd:
+            width = max(len(t) for t in decode_tables)
+            tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables],
+                                  dtype=torch.int32, device=dev)
+            lens = torch.tensor(decode_lens, dtype=torch.int32, device=dev)
+        if dev.type != "cpu":
+            for seg in prefills:
+                seg.block_table = seg.block_table.to(dev)
+        meta = StepAttentionMetadata(torch.tensor(slots, dtype=torch.int64, device=dev), nd,
+                                     tables, lens, prefills)
+        return (torch.tensor(ids, dtype=torch.int64, device=dev),
+                torch.tensor(positions, dtype=torch.int64, device=dev), meta, sample_rows, dyn_ranges)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        result = StepResult(plan.step)
+        if plan.is_empty:
+            return result
+        ids, positions, meta, sample_rows, dyn = self._prepare(plan)
+        attn = PagedAttention(self.cache, meta, self.scale)
+        hidden = self.model(ids, positions, attn, dyn if self.model.rope.dynamic else None)
+        if not sample_rows:
+            return result
+        logits = self.model.logits(hidden[sample_rows])
+        sampled_chunks = [c for c in plan.chunks if c.sample]
+        reqs = [self.requests[c.request_id] for c in sampled_chunks]
+        batch = SamplingBatch.from_params(
+            [r.params for r in reqs], prompt_token_ids=[r.prompt_token_ids for r in reqs],
+            output_token_ids=[r.output_token_ids for r in reqs], eos_token_ids=self.eos_token_ids,
+            device=logits.device)
+        out = self.sampler(logits, batch)
+        for i, (chunk, req) in enumerate(zip(sampled_chunks, reqs)):
+            tok = out.token_ids[i]
+            req.output_token_ids.append(tok)
+            result.sampled[chunk.request_id] = tok
+            if out.logprobs is not None and req.params.logprobs is not None:
+                result.logprobs[chunk.request_id] = (out.logprobs[i], out.top_logprobs[i])
+        return result
