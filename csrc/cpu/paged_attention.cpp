@@ -243,64 +243,60 @@ void prepare_query(const Problem<T>& p, int64_t row, float* qbuf) {
 }
 
 
-// Software prefetch of the K and V rows of token positions [pos, end) of a row (all kv heads):
-// runs of tokens that sit next to each other in the cache are fetched line by line.
-static int g_pf_dist = [] { const char* e = std::getenv("LOONG_PF_DIST"); return e ? std::atoi(e) : 1; }();
-static int g_pf_hint = [] { const char* e = std::getenv("LOONG_PF_HINT"); return e ? std::atoi(e) : 0; }();
-template <typename T>
-inline void prefetch_tokens(const Problem<T>& p, int64_t row, int64_t pos, int64_t end) {
-  const int64_t row_elems = p.Hkv * p.D;
-  const int64_t row_bytes = row_elems * int64_t(sizeof(T));
-  int64_t run_start = -1, run_end = -1;
-  auto flush = [&] {
-    if (run_start < 0) return;
-    const char* kb = reinterpret_cast<const char*>(p.k + run_start);
-    const char* vb = reinterpret_cast<const char*>(p.v + run_start);
-    const int64_t bytes = (run_end - run_start) * int64_t(sizeof(T));
-    for (int64_t b = 0; b < bytes; b += 64) {
-      if (g_pf_hint == 0) { _mm_prefetch(kb + b, _MM_HINT_T0); _mm_prefetch(vb + b, _MM_HINT_T0); }
-      else { _mm_prefetch(kb + b, _MM_HINT_T1); _mm_prefetch(vb + b, _MM_HINT_T1); }
-    }
-  };
-  (void)row_bytes;
-  for (int64_t i = pos; i < end; ++i) {
-    const int64_t o = p.token_offset(row, i);
-    if (o != run_end) { flush(); run_start = o; }
-    run_end = o + row_elems;
+// Prefetch distance in tiles. The per-tile prefetches go to L2 (T1) and are spread over the
+// tile's work, one (token, kv head) row segment at a time: issued in one burst they stall the
+// core (the prefetches fill the load queue), and without them a core reads randomly placed
+// blocks at roughly half the speed it streams.
+static int g_pf_dist = 2;
+static int g_pf_mode = 1;
+
+template <int kBytes>
+inline void prefetch_l2(const void* k, const void* v) {
+  const char* kp = static_cast<const char*>(k);
+  const char* vp = static_cast<const char*>(v);
+#pragma GCC unroll 8
+  for (int x = 0; x < kBytes; x += 64) {
+    _mm_prefetch(kp + x, _MM_HINT_T1);
+    _mm_prefetch(vp + x, _MM_HINT_T1);
   }
-  flush();
 }
 
 template <typename T, int NC>
 void run_task_avx512(const Problem<T>& p, const Task& t) {
   constexpr int D = NC * 16;
+  constexpr int kRowBytes = D * int(sizeof(T));
   constexpr bool kBf16 = !std::is_same<T, float>::value;
   const int64_t H = p.H, Hkv = p.Hkv, G = p.G;
   std::vector<float> qbuf(H * D), acc_v(H * D, 0.0f), m2(H, kNegInf), l(H, 0.0f);
   float* acc = acc_v.data();
   prepare_query(p, t.row, qbuf.data());
   alignas(64) float probs[kTile];
-  alignas(64) float vconv[kTile * D];
-  int64_t off[kTile];
+  alignas(64) float vconv[kBf16 ? kTile * D : 16];
+  int64_t off[kTile], noff[kTile];
   const __m512 scale = _mm512_set1_ps(p.scale_log2);
   const __m512 neg_inf = _mm512_set1_ps(kNegInf);
+  const int pf_dist = g_pf_dist, pf_mode = g_pf_mode;
 
   for (int64_t pos = t.start; pos < t.end; pos += kTile) {
     const int ntok = int(std::min<int64_t>(kTile, t.end - pos));
     for (int i = 0; i < ntok; ++i) off[i] = p.token_offset(t.row, pos + i);
     for (int i = ntok; i < kTile; ++i) off[i] = off[0];   // valid rows; their scores are masked
     const __mmask16 valid = __mmask16((1u << ntok) - 1u);
-    if (g_pf_dist > 0) {
-      const int64_t a = pos + int64_t(g_pf_dist) * kTile;
-      if (a < t.end) prefetch_tokens(p, t.row, a, std::min<int64_t>(t.end, a + kTile));
+    // Rows of the tile pf_dist tiles ahead, prefetched while this one is computed.
+    int npf = 0;
+    const int64_t ahead = pos + int64_t(pf_dist) * kTile;
+    if (pf_dist > 0 && ahead < t.end) {
+      npf = int(std::min<int64_t>(kTile, t.end - ahead));
+      for (int i = 0; i < npf; ++i) noff[i] = p.token_offset(t.row, ahead + i);
     }
 
     for (int64_t kh = 0; kh < Hkv; ++kh) {
       const T* kbase = p.k + kh * D;
       const T* vbase = p.v + kh * D;
-      // Widen this tile's V rows once (bf16); fp32 rows are read in place.
       if constexpr (kBf16) {
+        // Widen this tile's V rows once per kv head.
         for (int i = 0; i < ntok; ++i) {
+          if (i < npf) prefetch_l2<kRowBytes>(kbase + noff[i], vbase + noff[i]);
           const T* vr = vbase + off[i];
 #pragma GCC unroll 8
           for (int c = 0; c < NC / 2; ++c) {
@@ -309,6 +305,9 @@ void run_task_avx512(const Problem<T>& p, const Task& t) {
             _mm512_store_ps(vconv + i * D + 32 * c + 16, bf16_odd(x));
           }
         }
+        for (int i = ntok; i < npf; ++i) prefetch_l2<kRowBytes>(kbase + noff[i], vbase + noff[i]);
+      } else if (pf_mode == 1) {
+        for (int i = 0; i < npf; ++i) prefetch_l2<kRowBytes>(kbase + noff[i], vbase + noff[i]);
       }
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = kh * G + g;
@@ -333,14 +332,21 @@ void run_task_avx512(const Problem<T>& p, const Task& t) {
         const __m512 av = _mm512_set1_ps(alpha);
 #pragma GCC unroll 16
         for (int c = 0; c < NC; ++c) a[c] = _mm512_mul_ps(_mm512_loadu_ps(ah + 16 * c), av);
+        const bool pf_here = !kBf16 && pf_mode == 2 && g == 0;
         for (int i = 0; i < ntok; ++i) {
           const __m512 wi = _mm512_set1_ps(probs[i]);
           const float* vr;
-          if constexpr (kBf16) vr = vconv + i * D;
-          else vr = reinterpret_cast<const float*>(vbase + off[i]);
+          if constexpr (kBf16) {
+            vr = vconv + i * D;
+          } else {
+            vr = reinterpret_cast<const float*>(vbase + off[i]);
+            if (pf_here && i < npf) prefetch_l2<kRowBytes>(kbase + noff[i], vbase + noff[i]);
+          }
 #pragma GCC unroll 16
           for (int c = 0; c < NC; ++c) a[c] = _mm512_fmadd_ps(wi, _mm512_loadu_ps(vr + 16 * c), a[c]);
         }
+        if (pf_here)
+          for (int i = ntok; i < npf; ++i) prefetch_l2<kRowBytes>(kbase + noff[i], vbase + noff[i]);
 #pragma GCC unroll 16
         for (int c = 0; c < NC; ++c) _mm512_storeu_ps(ah + 16 * c, a[c]);
       }
@@ -419,6 +425,8 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at:
   p.out = out.data_ptr<T>();
   p.lse = lse.data_ptr<float>();
   TaskFn<T> fn = pick_impl<T>(D, H, &p.deinterleaved);
+  { const char* e = std::getenv("LOONG_PF_DIST"); g_pf_dist = e ? std::atoi(e) : 2;
+    e = std::getenv("LOONG_PF_MODE"); g_pf_mode = e ? std::atoi(e) : 1; }
 
   // Chunk size: enough tasks for ~4 per thread over the whole batch, but at least 256 tokens
   // so the merge stays negligible; a multiple of the tile.
