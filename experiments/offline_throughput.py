@@ -470,13 +470,16 @@ def hf_worker(spec: dict) -> dict:
 # ----------------------------------------------------------------------------------------
 # Parent: workload, matmul limit, subprocesses, report
 # ----------------------------------------------------------------------------------------
-def run_child(kind: str, spec_path: str, out_path: str) -> dict:
+def run_child(kind: str, spec_path: str, out_path: str) -> dict | None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                TOKENIZERS_PARALLELISM="false", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, os.path.abspath(__file__), "--_worker", kind, "--_spec", spec_path, "--_out", out_path]
     print(f"[{kind}] running in a subprocess ...", file=sys.stderr, flush=True)
     t = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True)
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0 or not os.path.exists(out_path):
+        print(f"[{kind}] FAILED (exit status {rc}); reporting without it", file=sys.stderr, flush=True)
+        return None
     print(f"[{kind}] done in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
     return bc.read_json(out_path)
 
@@ -678,6 +681,9 @@ def main(argv=None) -> int:
     if agree:
         print(f"output agreement (greedy, bf16): first token {agree['first_token_match']:.0%}, identical "
               f"{agree['identical']:.0%}, mean common prefix {agree['mean_common_prefix']:.1f}/{O}")
+    for name, want, got in (("Loong", not a.hf_only, loong), ("transformers", not a.loong_only, hf)):
+        if want and got is None:
+            print(f"WARNING: the {name} run failed; see its error above")
     if (loong and not loong["e2e"]["all_full_length"]) or (hf and not hf["e2e"]["all_full_length"]):
         print("WARNING: some request did not produce output_len tokens")
 
@@ -698,6 +704,8 @@ def main(argv=None) -> int:
         "matmul_limit": {"before": mm_before, "after": mm_after, "used_gflops": lim},
         "summary": {"loong": L or None, "transformers": H or None, "ratios": ratios, "goals": goals,
                     "goal_thresholds": GOALS, "output_agreement": agree},
+        "failed": [k for k, want, got in (("loong", not a.hf_only, loong), ("transformers", not a.loong_only, hf))
+                   if want and got is None],
         "loong": {k: v for k, v in (loong or {}).items() if k != "token_ids"} or None,
         "transformers": {k: v for k, v in (hf or {}).items() if k != "token_ids"} or None,
     }

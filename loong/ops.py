@@ -9,7 +9,7 @@ the host C++ compiler, `-O3 -march=native -fopenmp`) on first use, once per mach
 directory is `~/.cache/loong/torch_extensions/<key>` where the key hashes the sources, the
 torch and Python versions, the flags and the CPU's feature flags (a `-march=native` binary must
 never be reused on a CPU with fewer features). `LOONG_EXTENSIONS_DIR` replaces
-`~/.cache/loong/torch_extensions`. A module `loong._loong_cpu_ops` built ahead of time (e.g. by
+`~/.cache/loong/torch_extensions`; `LOONG_CSRC_CFLAGS` appends compiler flags (part of the key). A module `loong._loong_cpu_ops` built ahead of time (e.g. by
 setup.py with the same sources) is preferred when present. The first build takes about a
 minute; later processes load the cached library in well under a second.
 
@@ -74,13 +74,19 @@ def _cpu_signature() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
+def _cflags() -> List[str]:
+    """EXTRA_CFLAGS plus any from LOONG_CSRC_CFLAGS (e.g. '-march=x86-64-v3' for a binary that
+    runs on older CPUs, or '-mno-avx512f' to test the scalar code)."""
+    return EXTRA_CFLAGS + os.environ.get("LOONG_CSRC_CFLAGS", "").split()
+
+
 def _build_dir(sources: List[str]) -> str:
     h = hashlib.sha256()
     for path in sources:
         with open(path, "rb") as f:
             h.update(os.path.basename(path).encode() + b"\0" + f.read() + b"\0")
     h.update(f"torch={torch.__version__} python={sys.version_info[:2]} "
-             f"cflags={EXTRA_CFLAGS} ldflags={EXTRA_LDFLAGS}".encode())
+             f"cflags={_cflags()} ldflags={EXTRA_LDFLAGS}".encode())
     h.update(_cpu_signature().encode())
     root = os.environ.get("LOONG_EXTENSIONS_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "loong", "torch_extensions")
@@ -109,7 +115,7 @@ def _load():
     log.info("loong.ops: loading %s from %s (the first build on a machine takes about a "
              "minute)", EXTENSION_NAME, build_dir)
     verbose = os.environ.get("LOONG_CSRC_VERBOSE", "") not in ("", "0")
-    return cpp_extension.load(name=EXTENSION_NAME, sources=sources, extra_cflags=EXTRA_CFLAGS,
+    return cpp_extension.load(name=EXTENSION_NAME, sources=sources, extra_cflags=_cflags(),
                               extra_ldflags=EXTRA_LDFLAGS, build_directory=build_dir,
                               verbose=verbose)
 

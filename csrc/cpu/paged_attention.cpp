@@ -9,22 +9,29 @@
 //   returns out [B, H, D] (q's dtype) and lse [B, H] fp32, natural log of sum(exp(scale*q.k)).
 //   Query head h reads kv head h / (H / Hkv) (GQA).
 //
-// Work is split into tasks of (row, token range). A task walks its range in tiles of 16 token
-// positions (the KV rows of a tile are addressed through the block table, so any block size
-// works and nothing is gathered). Inside a tile, for every kv head, it computes the 16 scores
-// of each of the G query heads that share the head (the 16 dot products are reduced together
-// with a transpose-add tree), updates a running max / sum in fp32 (online softmax, log2
-// domain), and accumulates V in fp32. All kv heads of a tile are processed together, so the
-// tile's K (and V) bytes are read front to back. A row longer than the chunk size is split
-// into several tasks (split-K); their partial results are merged through log-sum-exp at the
-// end. Tasks are handed out dynamically (an atomic counter) to at::parallel_for's threads.
+// Work is split into tasks of (row, token range): a row longer than the chunk size (about
+// 1/4 of the batch's tokens per thread, at least 256) is split into several tasks (split-K),
+// whose partial results are merged through log-sum-exp at the end. Tasks are handed out
+// longest first, dynamically (an atomic counter), to at::parallel_for's threads.
 //
-// SIMD: AVX-512F (+BW) code for head sizes 32/64/128/256; bf16 K dot products use
-// _mm512_dpbf16_ps when AVX512_BF16 is available, else bf16 is widened by a shift / mask.
-// Widening a 32-element bf16 vector that way yields its even and odd elements as two fp32
-// vectors, so fp32 accumulators of bf16 caches hold each 32-element chunk "deinterleaved"
-// (evens, then odds); the order is undone when the output is written. Without AVX-512, or
-// for other head sizes, a plain scalar implementation runs.
+// A task walks its range in tiles of 16 token positions; a tile's KV rows are addressed through
+// the block table (any block size works and nothing is gathered). Per tile, for all H heads:
+//   (A) the 16 scores of each query head: one dot product per (token, head) as 16 partial
+//       sums, reduced 16 at a time by a transpose-add tree. Every loaded K row serves the G
+//       query heads of its kv head from L1;
+//   (B) the online-softmax update (fp32, log2 domain; the running max broadcast in all lanes,
+//       the running sum per lane), head after head so the H dependency chains overlap;
+//   (C) acc = acc * alpha + sum_i w_i V_i in fp32 for blocks of heads, so each V row is loaded
+//       and widened once per block.
+// While (A) runs, the rows of the tile two ahead are prefetched into L2 (see kPrefetchTiles).
+//
+// SIMD: AVX-512F/BW code for head sizes 32/64/128/256. With AVX512_BF16, bf16 caches use
+// _mm512_dpbf16_ps for q.k (bf16 x bf16 products are exact in fp32) and for P.V: two V rows
+// interleaved by _mm512_unpack{lo,hi}_epi16 times the pair of weights rounded to bf16 (the sum
+// and max stay fp32). Without it bf16 is widened by shift / mask, which yields the even and
+// odd elements of a 32-element chunk as two fp32 vectors. Either way the fp32 accumulators hold
+// the head dimension in a permuted order (Layout), undone when the output is written. Without
+// AVX-512, or for other head sizes, a plain scalar implementation runs.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -34,7 +41,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -72,7 +78,8 @@ struct Problem {
   int64_t block_size;
   int64_t H, Hkv, G, D;
   float scale_log2;            // scale * log2(e): scores are kept in the log2 domain
-  bool deinterleaved;          // accumulators hold 32-element chunks as evens then odds
+  int layout;                  // order of the fp32 accumulators (see natural_index)
+  const int32_t* perm;         // [D]: natural position of accumulator index i
   T* out;                      // [B, H, D]
   float* lse;                  // [B, H]
   float* part_acc;             // [parts, H, D]
@@ -86,11 +93,20 @@ struct Problem {
   }
 };
 
+// Accumulator layouts. kNatural: element d at index d. Within each 32-element chunk,
+// kEvenOdd: the 16 even elements, then the 16 odd ones (bf16 widened by shift / mask);
+// kPairs: the order _mm512_unpack{lo,hi}_epi16 of two V rows leaves for _mm512_dpbf16_ps:
+// first, for each 128-bit lane L, elements 8L..8L+3, then elements 8L+4..8L+7.
+enum Layout { kNatural = 0, kEvenOdd = 1, kPairs = 2 };
+
 // Position in natural order of the element stored at accumulator index i.
-inline int64_t natural_index(int64_t i, bool deinterleaved) {
-  if (!deinterleaved) return i;
+inline int64_t natural_index(int64_t i, int layout) {
   const int64_t c = i & ~int64_t(31), r = i & 31;
-  return r < 16 ? c + 2 * r : c + 2 * (r - 16) + 1;
+  switch (layout) {
+    case kEvenOdd: return r < 16 ? c + 2 * r : c + 2 * (r - 16) + 1;
+    case kPairs: return r < 16 ? c + 8 * (r / 4) + r % 4 : c + 8 * ((r - 16) / 4) + 4 + r % 4;
+    default: return i;
+  }
 }
 
 inline float to_float(float x) { return x; }
@@ -102,7 +118,7 @@ void write_final(const Problem<T>& p, int64_t row, int64_t h, const float* acc, 
                  float l) {
   T* o = p.out + (row * p.H + h) * p.D;
   const float inv = 1.0f / l;
-  for (int64_t i = 0; i < p.D; ++i) o[natural_index(i, p.deinterleaved)] = T(acc[i] * inv);
+  for (int64_t i = 0; i < p.D; ++i) o[p.perm[i]] = T(acc[i] * inv);
   p.lse[row * p.H + h] = m2 * kLn2 + std::log(l);
 }
 
@@ -118,6 +134,34 @@ void finish_task(const Problem<T>& p, const Task& t, const float* acc, const flo
     std::copy(l, l + p.H, p.part_l + t.part * p.H);
   }
 }
+
+// Per-thread scratch memory handed out in 64-byte aligned pieces, sized up front (`bytes`, the
+// sum of Arena::size of the pieces) so that pieces never move; reused by every task a thread
+// runs, so small tasks do not pay for allocations.
+class Arena {
+ public:
+  template <typename U>
+  static size_t size(int64_t n) { return (size_t(n) * sizeof(U) + 63) & ~size_t(63); }
+
+  explicit Arena(size_t bytes) : used_(0), cap_(bytes) {
+    thread_local std::vector<char> buf;
+    if (buf.size() < bytes + 64) buf.resize(bytes + 64);
+    base_ = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) &
+                                    ~uintptr_t(63));
+  }
+  template <typename U>
+  U* take(int64_t n) {
+    const size_t bytes = size<U>(n);
+    TORCH_CHECK(used_ + bytes <= cap_, "Arena: piece larger than reserved");
+    U* out = reinterpret_cast<U*>(base_ + used_);
+    used_ += bytes;
+    return out;
+  }
+
+ private:
+  char* base_;
+  size_t used_, cap_;
+};
 
 // ------------------------------------------------------------------ scalar implementation
 template <typename T>
@@ -167,21 +211,25 @@ inline __m512 exp2_ps(__m512 x) {
   return _mm512_scalef_ps(r, n);
 }
 
-// Lane i of the result is the sum of the 16 lanes of v[i] (v is clobbered). Each level adds
-// the even and odd lanes of neighbouring vectors, halving the vector count.
+// Lane i of the result is the sum of the 16 lanes of v[i] (v is clobbered). Transpose-add
+// tree: two levels of in-lane shuffles (each 128-bit lane ends up holding 4 partial sums of 4
+// inputs), then two levels across 128-bit lanes.
 inline __m512 reduce_add_16x16(__m512* v) {
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
-                                         28, 30);
-  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
-                                        29, 31);
-#pragma GCC unroll 4
-  for (int n = 16; n > 1; n /= 2) {
+  __m512 t[8], x[4], y[2];
 #pragma GCC unroll 8
-    for (int i = 0; i < n / 2; ++i)
-      v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], even, v[2 * i + 1]),
-                           _mm512_permutex2var_ps(v[2 * i], odd, v[2 * i + 1]));
-  }
-  return v[0];
+  for (int i = 0; i < 8; ++i)      // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j)      // per 128-bit lane: [v4j, v4j+1, v4j+2, v4j+3] lane sums
+    x[j] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * j], t[2 * j + 1], 0x44),
+                         _mm512_shuffle_ps(t[2 * j], t[2 * j + 1], 0xEE));
+#pragma GCC unroll 2
+  for (int j = 0; j < 2; ++j)      // [x0 L0+L1, x0 L2+L3, x1 L0+L1, x1 L2+L3]
+    y[j] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * j], x[2 * j + 1], 0x88),
+                         _mm512_shuffle_f32x4(x[2 * j], x[2 * j + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88),
+                       _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
 }
 
 inline __m512 bf16_even(__m512i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)); }
@@ -235,7 +283,7 @@ void prepare_query(const Problem<T>& p, int64_t row, float* qbuf) {
       auto* raw = reinterpret_cast<c10::BFloat16*>(dst);      // first D/2 floats hold D bf16
       for (int64_t d = 0; d < p.D; ++d) raw[d] = src[d * p.q_s2];
 #else
-      for (int64_t d = 0; d < p.D; ++d) dst[d] = static_cast<float>(src[natural_index(d, true)
+      for (int64_t d = 0; d < p.D; ++d) dst[d] = static_cast<float>(src[natural_index(d, kEvenOdd)
                                                                        * p.q_s2]);
 #endif
     }
@@ -243,12 +291,14 @@ void prepare_query(const Problem<T>& p, int64_t row, float* qbuf) {
 }
 
 
-// Prefetch distance in tiles. The per-tile prefetches go to L2 (T1) and are spread over the
-// tile's work, one (token, kv head) row segment at a time: issued in one burst they stall the
-// core (the prefetches fill the load queue), and without them a core reads randomly placed
-// blocks at roughly half the speed it streams.
-static int g_pf_dist = 2;
-static int g_pf_mode = 1;
+// Software prefetch, kPrefetchTiles tiles ahead, into L2 (T1). The hardware prefetchers do
+// little for blocks scattered through the cache: without this a core reads them at about half
+// the speed it streams. The prefetches are spread evenly over the score computation, one
+// (token, kv head) row segment at a time; issued in one burst, or into L1 (T0), they stall the
+// core instead, and issued only during the PV phase they overlap less (measured on the dev
+// host, B=64 x 2048 bf16, 2 threads: 22 GB/s spread over the scores, 18 in the PV phase, 14
+// with T0; distances 1..4 are within noise).
+constexpr int kPrefetchTiles = 2;
 
 template <int kBytes>
 inline void prefetch_l2(const void* k, const void* v) {
@@ -261,98 +311,190 @@ inline void prefetch_l2(const void* k, const void* v) {
   }
 }
 
+// Maximum over the 16 lanes, broadcast to all lanes.
+inline __m512 max_all(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_permute_ps(x, 0xB1));
+  x = _mm512_max_ps(x, _mm512_permute_ps(x, 0x4E));
+  x = _mm512_max_ps(x, _mm512_shuffle_f32x4(x, x, 0xB1));
+  return _mm512_max_ps(x, _mm512_shuffle_f32x4(x, x, 0x4E));
+}
+
+// V row i of the tile as NC fp32 vectors in accumulator order.
+template <int NC>
+inline void load_v(const float* v, __m512* out) {
+#pragma GCC unroll 16
+  for (int c = 0; c < NC; ++c) out[c] = _mm512_loadu_ps(v + 16 * c);
+}
+template <int NC>
+inline void load_v(const c10::BFloat16* v, __m512* out) {
+#pragma GCC unroll 8
+  for (int c = 0; c < NC / 2; ++c) {
+    const __m512i x = _mm512_loadu_si512(v + 32 * c);
+    out[2 * c] = bf16_even(x);
+    out[2 * c + 1] = bf16_odd(x);
+  }
+}
+
+// Per task: for each tile of 16 positions and each kv head, (A) the 16 scores of every query
+// head of the group, (B) the online-softmax update of each head, all in vector registers (the
+// running max is kept broadcast in all lanes and the running sum per lane, summed at the end),
+// (C) acc = acc * alpha + sum_i w_i V_i for up to kGB heads at a time, so each V row is loaded
+// and widened once per head block and the accumulator chains are independent.
 template <typename T, int NC>
 void run_task_avx512(const Problem<T>& p, const Task& t) {
   constexpr int D = NC * 16;
   constexpr int kRowBytes = D * int(sizeof(T));
+  constexpr int kGB = NC >= 16 ? 1 : 16 / NC;      // heads per PV block (<= 16 accumulators)
   constexpr bool kBf16 = !std::is_same<T, float>::value;
   const int64_t H = p.H, Hkv = p.Hkv, G = p.G;
-  std::vector<float> qbuf(H * D), acc_v(H * D, 0.0f), m2(H, kNegInf), l(H, 0.0f);
-  float* acc = acc_v.data();
-  prepare_query(p, t.row, qbuf.data());
-  alignas(64) float probs[kTile];
-  alignas(64) float vconv[kBf16 ? kTile * D : 16];
+  // Per-task state in a per-thread arena (tasks can be tiny: no allocation per task).
+  Arena arena(3 * Arena::size<__m512>(H) + 2 * Arena::size<float>(H * D) +
+              Arena::size<float>(H * kTile) + 4 * Arena::size<float>(H) +
+              Arena::size<uint32_t>(H * kTile / 2));
+  __m512* mvec = arena.take<__m512>(H);            // running max, broadcast in all lanes
+  __m512* lvec = arena.take<__m512>(H);            // running sum, per lane
+  __m512* svec = arena.take<__m512>(H);            // this tile's scores
+  float* qbuf = arena.take<float>(H * D);
+  float* acc = arena.take<float>(H * D);
+  float* probs = arena.take<float>(H * kTile);
+  float* alphas = arena.take<float>(H);
+  uint32_t* wbf = arena.take<uint32_t>(H * kTile / 2);   // weights as bf16 pairs (2j, 2j+1)
+  float* m2 = arena.take<float>(H);
+  float* l = arena.take<float>(H);
+  for (int64_t h = 0; h < H; ++h) {
+    mvec[h] = _mm512_set1_ps(kNegInf);
+    lvec[h] = _mm512_setzero_ps();
+  }
+  std::fill(acc, acc + H * D, 0.0f);
+  prepare_query(p, t.row, qbuf);
   int64_t off[kTile], noff[kTile];
   const __m512 scale = _mm512_set1_ps(p.scale_log2);
   const __m512 neg_inf = _mm512_set1_ps(kNegInf);
-  const int pf_dist = g_pf_dist, pf_mode = g_pf_mode;
 
   for (int64_t pos = t.start; pos < t.end; pos += kTile) {
     const int ntok = int(std::min<int64_t>(kTile, t.end - pos));
     for (int i = 0; i < ntok; ++i) off[i] = p.token_offset(t.row, pos + i);
     for (int i = ntok; i < kTile; ++i) off[i] = off[0];   // valid rows; their scores are masked
     const __mmask16 valid = __mmask16((1u << ntok) - 1u);
-    // Rows of the tile pf_dist tiles ahead, prefetched while this one is computed.
+    // Rows of the tile kPrefetchTiles ahead, prefetched while this one is computed.
     int npf = 0;
-    const int64_t ahead = pos + int64_t(pf_dist) * kTile;
-    if (pf_dist > 0 && ahead < t.end) {
+    const int64_t ahead = pos + int64_t(kPrefetchTiles) * kTile;
+    if (ahead < t.end) {
       npf = int(std::min<int64_t>(kTile, t.end - ahead));
       for (int i = 0; i < npf; ++i) noff[i] = p.token_offset(t.row, ahead + i);
     }
 
+    // (A) The 16 scores of every query head (log2 domain, masked past ntok). The prefetches
+    // of the tile ahead ride along: head g of the group issues those of tokens g, g + G, ...
     for (int64_t kh = 0; kh < Hkv; ++kh) {
       const T* kbase = p.k + kh * D;
       const T* vbase = p.v + kh * D;
-      if constexpr (kBf16) {
-        // Widen this tile's V rows once per kv head.
-        for (int i = 0; i < ntok; ++i) {
-          if (i < npf) prefetch_l2<kRowBytes>(kbase + noff[i], vbase + noff[i]);
-          const T* vr = vbase + off[i];
-#pragma GCC unroll 8
-          for (int c = 0; c < NC / 2; ++c) {
-            const __m512i x = _mm512_loadu_si512(vr + 32 * c);
-            _mm512_store_ps(vconv + i * D + 32 * c, bf16_even(x));
-            _mm512_store_ps(vconv + i * D + 32 * c + 16, bf16_odd(x));
-          }
-        }
-        for (int i = ntok; i < npf; ++i) prefetch_l2<kRowBytes>(kbase + noff[i], vbase + noff[i]);
-      } else if (pf_mode == 1) {
-        for (int i = 0; i < npf; ++i) prefetch_l2<kRowBytes>(kbase + noff[i], vbase + noff[i]);
-      }
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = kh * G + g;
-        const float* qh = qbuf.data() + h * D;
-        // 16 scores of this head.
+        const float* qh = qbuf + h * D;
         __m512 parts[kTile];
+        int64_t next_pf = g;
 #pragma GCC unroll 16
-        for (int i = 0; i < kTile; ++i) parts[i] = dot_row<NC>(kbase + off[i], qh);
-        __m512 s = _mm512_mul_ps(reduce_add_16x16(parts), scale);
-        s = _mm512_mask_mov_ps(neg_inf, valid, s);
-        // Online softmax update.
-        const float mt = _mm512_reduce_max_ps(s);
-        const float mnew = std::max(m2[h], mt);
-        const float alpha = std::exp2(m2[h] - mnew);
-        const __m512 w = exp2_ps(_mm512_sub_ps(s, _mm512_set1_ps(mnew)));
-        l[h] = l[h] * alpha + _mm512_reduce_add_ps(w);
-        m2[h] = mnew;
-        _mm512_store_ps(probs, w);
-        // acc = acc * alpha + sum_i w_i V_i
-        float* ah = acc + h * D;
-        __m512 a[NC];
-        const __m512 av = _mm512_set1_ps(alpha);
-#pragma GCC unroll 16
-        for (int c = 0; c < NC; ++c) a[c] = _mm512_mul_ps(_mm512_loadu_ps(ah + 16 * c), av);
-        const bool pf_here = !kBf16 && pf_mode == 2 && g == 0;
-        for (int i = 0; i < ntok; ++i) {
-          const __m512 wi = _mm512_set1_ps(probs[i]);
-          const float* vr;
-          if constexpr (kBf16) {
-            vr = vconv + i * D;
-          } else {
-            vr = reinterpret_cast<const float*>(vbase + off[i]);
-            if (pf_here && i < npf) prefetch_l2<kRowBytes>(kbase + noff[i], vbase + noff[i]);
+        for (int i = 0; i < kTile; ++i) {
+          parts[i] = dot_row<NC>(kbase + off[i], qh);
+          if (i == next_pf) {
+            if (i < npf) prefetch_l2<kRowBytes>(kbase + noff[i], vbase + noff[i]);
+            next_pf += G;
           }
-#pragma GCC unroll 16
-          for (int c = 0; c < NC; ++c) a[c] = _mm512_fmadd_ps(wi, _mm512_loadu_ps(vr + 16 * c), a[c]);
         }
-        if (pf_here)
-          for (int i = ntok; i < npf; ++i) prefetch_l2<kRowBytes>(kbase + noff[i], vbase + noff[i]);
+        svec[h] = _mm512_mask_mov_ps(neg_inf, valid,
+                                     _mm512_mul_ps(reduce_add_16x16(parts), scale));
+      }
+    }
+    // (B) Online-softmax update of every head: H independent dependency chains back to back.
+    for (int64_t h = 0; h < H; ++h) {
+      const __m512 s = svec[h];
+      const __m512 mnew = _mm512_max_ps(mvec[h], max_all(s));
+      const __m512 alpha = exp2_ps(_mm512_sub_ps(mvec[h], mnew));   // 0 on the first tile
+      const __m512 w = _mm512_maskz_mov_ps(valid, exp2_ps(_mm512_sub_ps(s, mnew)));
+      lvec[h] = _mm512_fmadd_ps(lvec[h], alpha, w);
+      mvec[h] = mnew;
+      _mm512_storeu_ps(probs + h * kTile, w);
+#if defined(__AVX512BF16__)
+      if constexpr (kBf16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(wbf + h * (kTile / 2)),
+                            (__m256i)_mm512_cvtneps_pbh(w));
+#endif
+      alphas[h] = _mm512_cvtss_f32(alpha);
+    }
+    for (int64_t kh = 0; kh < Hkv; ++kh) {
+      const T* kbase = p.k + kh * D;
+      const T* vbase = p.v + kh * D;
+      const float* probs_kh = probs + kh * G * kTile;
+      const uint32_t* wbf_kh = wbf + kh * G * (kTile / 2);
+      const float* alphas_kh = alphas + kh * G;
+      (void)wbf_kh;
+      // (C): PV for blocks of kGB heads.
+      for (int64_t g0 = 0; g0 < G; g0 += kGB) {
+        const int gb = int(std::min<int64_t>(kGB, G - g0));
+        __m512 a[kGB][NC];
 #pragma GCC unroll 16
-        for (int c = 0; c < NC; ++c) _mm512_storeu_ps(ah + 16 * c, a[c]);
+        for (int gg = 0; gg < kGB; ++gg) {
+          if (gg < gb) {
+            const __m512 al = _mm512_set1_ps(alphas_kh[g0 + gg]);
+            const float* ah = acc + (kh * G + g0 + gg) * D;
+#pragma GCC unroll 16
+            for (int c = 0; c < NC; ++c) a[gg][c] = _mm512_mul_ps(_mm512_loadu_ps(ah + 16 * c), al);
+          }
+        }
+#if defined(__AVX512BF16__)
+        if constexpr (kBf16) {
+          // Two tokens per step: their V rows interleaved element by element, times the pair
+          // of bf16 weights, accumulated in fp32 by dpbf16 (a row past ntok has weight 0).
+          for (int i = 0; i < ntok; i += 2) {
+            __m512i vv[NC];
+#pragma GCC unroll 8
+            for (int c = 0; c < NC / 2; ++c) {
+              const __m512i r0 = _mm512_loadu_si512(vbase + off[i] + 32 * c);
+              const __m512i r1 = _mm512_loadu_si512(vbase + off[i + 1] + 32 * c);
+              vv[2 * c] = _mm512_unpacklo_epi16(r0, r1);
+              vv[2 * c + 1] = _mm512_unpackhi_epi16(r0, r1);
+            }
+#pragma GCC unroll 16
+            for (int gg = 0; gg < kGB; ++gg) {
+              if (gg < gb) {
+                const __m512i wp = _mm512_set1_epi32(int(wbf_kh[(g0 + gg) * (kTile / 2) + i / 2]));
+#pragma GCC unroll 16
+                for (int c = 0; c < NC; ++c)
+                  a[gg][c] = _mm512_dpbf16_ps(a[gg][c], (__m512bh)vv[c], (__m512bh)wp);
+              }
+            }
+          }
+        } else
+#endif
+        for (int i = 0; i < ntok; ++i) {
+          __m512 vr[NC];
+          load_v<NC>(vbase + off[i], vr);
+#pragma GCC unroll 16
+          for (int gg = 0; gg < kGB; ++gg) {
+            if (gg < gb) {
+              const __m512 wi = _mm512_set1_ps(probs_kh[(g0 + gg) * kTile + i]);
+#pragma GCC unroll 16
+              for (int c = 0; c < NC; ++c) a[gg][c] = _mm512_fmadd_ps(wi, vr[c], a[gg][c]);
+            }
+          }
+        }
+#pragma GCC unroll 16
+        for (int gg = 0; gg < kGB; ++gg) {
+          if (gg < gb) {
+            float* ah = acc + (kh * G + g0 + gg) * D;
+#pragma GCC unroll 16
+            for (int c = 0; c < NC; ++c) _mm512_storeu_ps(ah + 16 * c, a[gg][c]);
+          }
+        }
       }
     }
   }
-  finish_task(p, t, acc, m2.data(), l.data());
+  for (int64_t h = 0; h < H; ++h) {
+    m2[h] = _mm512_cvtss_f32(mvec[h]);
+    l[h] = _mm512_reduce_add_ps(lvec[h]);
+  }
+  finish_task(p, t, acc, m2, l);
 }
 #endif  // LOONG_AVX512
 
@@ -361,8 +503,8 @@ template <typename T>
 using TaskFn = void (*)(const Problem<T>&, const Task&);
 
 template <typename T>
-TaskFn<T> pick_impl(int64_t D, int64_t H, bool* deinterleaved) {
-  *deinterleaved = false;
+TaskFn<T> pick_impl(int64_t D, int64_t H, int* layout) {
+  *layout = kNatural;
 #ifdef LOONG_AVX512
   {
     TaskFn<T> fn = nullptr;
@@ -374,7 +516,11 @@ TaskFn<T> pick_impl(int64_t D, int64_t H, bool* deinterleaved) {
       default: break;
     }
     if (fn) {
-      *deinterleaved = !std::is_same<T, float>::value;
+#if defined(__AVX512BF16__)
+      if (!std::is_same<T, float>::value) *layout = kPairs;
+#else
+      if (!std::is_same<T, float>::value) *layout = kEvenOdd;
+#endif
       return fn;
     }
   }
@@ -424,9 +570,10 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at:
   p.scale_log2 = float(scale) * kLog2e;
   p.out = out.data_ptr<T>();
   p.lse = lse.data_ptr<float>();
-  TaskFn<T> fn = pick_impl<T>(D, H, &p.deinterleaved);
-  { const char* e = std::getenv("LOONG_PF_DIST"); g_pf_dist = e ? std::atoi(e) : 2;
-    e = std::getenv("LOONG_PF_MODE"); g_pf_mode = e ? std::atoi(e) : 1; }
+  TaskFn<T> fn = pick_impl<T>(D, H, &p.layout);
+  std::vector<int32_t> perm(D);
+  for (int64_t i = 0; i < D; ++i) perm[i] = int32_t(natural_index(i, p.layout));
+  p.perm = perm.data();
 
   // Chunk size: enough tasks for ~4 per thread over the whole batch, but at least 256 tokens
   // so the merge stays negligible; a multiple of the tile.

@@ -31,7 +31,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from loong.attention.lse import merge_attention
+from loong.attention.lse import compose_chunk_prefill
 
 Tensor = torch.Tensor
 
@@ -279,10 +279,4 @@ def chunk_prefill_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_ctx: Opti
     q `[L, H, D]`, k_new/v_new `[L, Hkv, D]`, k_ctx/v_ctx `[S, Hkv, D]` or None. Computed as
     merge(full_attention(q, ctx), causal_attention(q, new)), the decomposition ring attention uses.
     """
-    out, lse = causal_attention(q, k_new, v_new, scale)
-    if k_ctx is None or k_ctx.shape[0] == 0:
-        return out, lse
-    if v_ctx is None:
-        raise ValueError("chunk_prefill_attention: k_ctx given without v_ctx")
-    o_ctx, l_ctx = full_attention(q, k_ctx, v_ctx, scale)
-    return merge_attention(o_ctx, l_ctx, out, lse)
+    return compose_chunk_prefill(causal_attention, full_attention, q, k_new, v_new, k_ctx, v_ctx, scale)

@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 
 from loong.attention.cpu import _check_decode, _check_qkv, _empty_result, gather_kv
-from loong.attention.lse import merge_attention
+from loong.attention.lse import compose_chunk_prefill
 
 Tensor = torch.Tensor
 
@@ -136,10 +136,4 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
 def chunk_prefill_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_ctx: Optional[Tensor],
                             v_ctx: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
     """Chunk causal over itself, full over S earlier tokens, merged by lse (as on CPU)."""
-    out, lse = causal_attention(q, k_new, v_new, scale)
-    if k_ctx is None or k_ctx.shape[0] == 0:
-        return out, lse
-    if v_ctx is None:
-        raise ValueError("chunk_prefill_attention: k_ctx given without v_ctx")
-    o_ctx, l_ctx = full_attention(q, k_ctx, v_ctx, scale)
-    return merge_attention(o_ctx, l_ctx, out, lse)
+    return compose_chunk_prefill(causal_attention, full_attention, q, k_new, v_new, k_ctx, v_ctx, scale)

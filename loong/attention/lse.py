@@ -94,3 +94,19 @@ def merge_attention_many(outs: Sequence[Tensor],
     for i in range(1, len(outs)):
         out.add_(outs[i].float() * w[i])
     return out.to(outs[0].dtype), lse
+
+
+def compose_chunk_prefill(causal_fn, full_fn, q: Tensor, k_new: Tensor, v_new: Tensor,
+                          k_ctx: Tensor | None, v_ctx: Tensor | None, scale: float) -> Tuple[Tensor, Tensor]:
+    """A prefill chunk: causal over its own L tokens, full over S earlier ones, merged.
+
+    The decomposition ring attention uses too; `causal_fn`/`full_fn` are a backend's kernels
+    with the `(q, k, v, scale) -> (out, lse)` contract.
+    """
+    out, lse = causal_fn(q, k_new, v_new, scale)
+    if k_ctx is None or k_ctx.shape[0] == 0:
+        return out, lse
+    if v_ctx is None:
+        raise ValueError("chunk_prefill_attention: k_ctx given without v_ctx")
+    o_ctx, l_ctx = full_fn(q, k_ctx, v_ctx, scale)
+    return merge_attention(o_ctx, l_ctx, out, lse)

@@ -8,6 +8,7 @@ import random
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from loong.model.tokenizer import byte_alphabet
 from loong.engine.detokenizer import IncrementalDetokenizer
 
 FFFD = "\ufffd"
@@ -54,21 +55,8 @@ def test_split_multibyte_chars_never_show_partially(bpe):
     assert detok.output_token_ids == ids and detok.num_pending_tokens == 0
 
 
-def _byte_to_symbol() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: printable bytes stand for themselves, others shift up."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def test_emoji_split_into_single_byte_tokens(bpe):
-    symbols = _byte_to_symbol()
+    symbols = byte_alphabet()
     assert set(symbols.values()) == set(pre_tokenizers.ByteLevel.alphabet())
     text = "a🎉中é👨‍👩‍👧"
     ids = [bpe.token_to_id(symbols[b]) for b in text.encode("utf-8")]   # one token per byte
