@@ -38,7 +38,8 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["csrc_available", "paged_decode_attention", "lse_merge", "build_info", "load_error",
+__all__ = ["csrc_available", "paged_decode_attention", "lse_merge", "causal_attention",
+           "full_attention", "prefill_kernel_supports", "build_info", "load_error",
            "EXTENSION_NAME", "EXTRA_CFLAGS", "EXTRA_LDFLAGS", "extension_sources"]
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 EXTENSION_NAME = "loong_cpu_ops"
 EXTRA_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 EXTRA_LDFLAGS = ["-fopenmp"]
-_SOURCE_FILES = ("paged_attention.cpp", "lse_merge.cpp", "bindings.cpp")
+_SOURCE_FILES = ("paged_attention.cpp", "lse_merge.cpp", "prefill_attention.cpp",
+                 "bindings.cpp")
 _CSRC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "csrc", "cpu")
 _PREBUILT = "loong._loong_cpu_ops"
@@ -213,4 +215,61 @@ def lse_merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
         return merge_attention(out_a, lse_a, out_b, lse_b)
     out, lse = ext.lse_merge(out_a.contiguous(), lse_a.float().contiguous(),
                              out_b.contiguous(), lse_b.float().contiguous())
+    return out, lse
+
+
+_PREFILL_DTYPES = (torch.float32, torch.bfloat16)
+# full_attention runs the kernel from this many queries on: it packs all of K and V first
+# (a pass over the context), which does not pay off for a handful of queries. Measured on the
+# 2-core dev host, bf16 9/3/64, Lk 2048: Lq 4 kernel 1.6x slower than the flash op, Lq 16 even
+# (1 and 2 threads), Lq 64 1.9x faster.
+FULL_KERNEL_MIN_LQ = 16
+_prefill_support: dict = {}     # (is_bf16, head_dim) -> bool, asked of the loaded extension
+
+
+def prefill_kernel_supports(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """True if the C++ prefill kernel (csrc/cpu/prefill_attention.cpp) handles these inputs:
+    extension loaded, CPU tensors, q/k/v all float32 or all bfloat16, head size 32/64/128/256
+    and the SIMD support the dtype needs (AVX-512F; AVX512_BF16 for bfloat16). Shapes are not
+    checked here."""
+    ext = _get()
+    if (ext is None or q.dtype not in _PREFILL_DTYPES or k.dtype != q.dtype
+            or v.dtype != q.dtype or q.dim() != 3 or q.device.type != "cpu"
+            or k.device.type != "cpu" or v.device.type != "cpu"):
+        return False
+    key = (q.dtype == torch.bfloat16, int(q.shape[-1]))
+    ok = _prefill_support.get(key)
+    if ok is None:
+        ok = _prefill_support[key] = bool(ext.prefill_attention_supported(*key))
+    return ok
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    """Square causal prefill attention; same contract as
+    `loong.attention.cpu.causal_attention_torch` (q `[L, H, D]`, k/v `[L, Hkv, D]`, query i
+    sees keys 0..i -> out `[L, H, D]` in q's dtype, lse `[L, H]` fp32 natural log).
+
+    Runs the C++ kernel when `prefill_kernel_supports` the inputs (any strides), else the torch
+    implementation. Bad shapes raise ValueError (checked by the torch path's validator).
+    """
+    from loong.attention import cpu as _acpu
+    _acpu._check_qkv(q, k, v, "causal_attention")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"causal_attention: Lq={q.shape[0]} must equal Lk={k.shape[0]}")
+    if not prefill_kernel_supports(q, k, v):
+        return _acpu.causal_attention_torch(q, k, v, scale)
+    out, lse = _get().prefill_attention(q, k, v, float(scale), True)
+    return out, lse
+
+
+def full_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    """Unmasked attention (every query sees every key; Lk == 0 gives out 0, lse -inf); same
+    contract as `loong.attention.cpu.full_attention_torch`. The C++ kernel runs when
+    `prefill_kernel_supports` the inputs and there are at least FULL_KERNEL_MIN_LQ queries,
+    else the torch implementation."""
+    from loong.attention import cpu as _acpu
+    _acpu._check_qkv(q, k, v, "full_attention")
+    if q.shape[0] < FULL_KERNEL_MIN_LQ or not prefill_kernel_supports(q, k, v):
+        return _acpu.full_attention_torch(q, k, v, scale)
+    out, lse = _get().prefill_attention(q, k, v, float(scale), False)
     return out, lse

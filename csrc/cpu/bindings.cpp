@@ -12,6 +12,9 @@ std::vector<at::Tensor> paged_decode_attention(const at::Tensor& q, const at::Te
 std::vector<at::Tensor> lse_merge(const at::Tensor& out_a, const at::Tensor& lse_a,
                                   const at::Tensor& out_b, const at::Tensor& lse_b);
 std::string cpu_ops_build_info();
+std::vector<at::Tensor> prefill_attention(const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& v, double scale, bool causal);
+bool prefill_attention_supported(bool is_bf16, int64_t head_dim);
 }  // namespace loong
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -25,5 +28,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lse_merge", &loong::lse_merge, "lse_merge(out_a, lse_a, out_b, lse_b) -> [out, lse]",
         py::arg("out_a"), py::arg("lse_a"), py::arg("out_b"), py::arg("lse_b"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("prefill_attention", &loong::prefill_attention,
+        "prefill_attention(q, k, v, scale, causal) -> [out, lse]", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("scale"), py::arg("causal"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("prefill_attention_supported", &loong::prefill_attention_supported,
+        "whether prefill_attention runs for (is_bf16, head_dim) in this build",
+        py::arg("is_bf16"), py::arg("head_dim"));
   m.def("build_info", &loong::cpu_ops_build_info, "which SIMD paths this build uses");
 }

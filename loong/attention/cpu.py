@@ -20,7 +20,10 @@ attn_mask=, scale=)`, checked on torch 2.13 (tests pin the ones we rely on):
 
 Paged decode dispatches to the C++ kernel in `loong.ops` (csrc/cpu/paged_attention.cpp) when it
 is built; `paged_decode_attention_torch` (the flash-op implementation below) is the fallback
-and the parity baseline.
+and the parity baseline. Likewise `causal_attention` / `full_attention` dispatch to the C++
+prefill kernel (csrc/cpu/prefill_attention.cpp, via `loong.ops`) with
+`causal_attention_torch` / `full_attention_torch` as fallback and baseline; the torch decode
+strategies below call `full_attention_torch` so that they stay pure torch.
 
 Must not import: loong modules outside loong.attention (no model, worker, sched code), except
 the leaf module loong.ops (native kernels, imported lazily).
@@ -35,7 +38,8 @@ from loong.attention.lse import compose_chunk_prefill
 
 Tensor = torch.Tensor
 
-__all__ = ["causal_attention", "full_attention", "gather_kv", "paged_decode_attention",
+__all__ = ["causal_attention", "full_attention", "causal_attention_torch",
+           "full_attention_torch", "gather_kv", "paged_decode_attention",
            "paged_decode_attention_torch", "chunk_prefill_attention", "paged_decode_per_row",
            "paged_decode_batched"]
 
@@ -63,8 +67,44 @@ def _empty_result(q: Tensor) -> Tuple[Tensor, Tensor]:
     return out, lse
 
 
+def _ops_mod():
+    global _ops
+    if _ops is None:
+        from loong import ops as _ops_mod_
+        _ops = _ops_mod_
+    return _ops
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
     """Square causal attention: Lq == Lk and query i sees keys 0..i.
+
+    Runs the C++ flash-attention kernel (`loong.ops.causal_attention`,
+    csrc/cpu/prefill_attention.cpp, ~2.3-3.5x the flash op with bf16) when it is built and
+    handles the inputs (float32 / bfloat16, head size 32/64/128/256), else
+    `causal_attention_torch`.
+    """
+    ops = _ops_mod()
+    if ops.csrc_available():
+        return ops.causal_attention(q, k, v, scale)
+    return causal_attention_torch(q, k, v, scale)
+
+
+def full_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    """Unmasked attention: every query sees every key (any Lq, Lk; Lk == 0 gives -inf).
+
+    Runs the C++ kernel (`loong.ops.full_attention`) when it is built and handles the inputs
+    (at least `loong.ops.FULL_KERNEL_MIN_LQ` queries), else `full_attention_torch`.
+    """
+    ops = _ops_mod()
+    if ops.csrc_available():
+        return ops.full_attention(q, k, v, scale)
+    return full_attention_torch(q, k, v, scale)
+
+
+def causal_attention_torch(q: Tensor, k: Tensor, v: Tensor,
+                           scale: float) -> Tuple[Tensor, Tensor]:
+    """Torch implementation of `causal_attention` (the fallback and parity baseline): Lq == Lk
+    and query i sees keys 0..i.
 
     GQA is handled with stride-0 expanded kv views (no copy): the kv heads become the op's batch
     dimension and the group's query heads its head dimension.
@@ -86,8 +126,10 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Ten
     return out, lse
 
 
-def full_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
-    """Unmasked attention: every query sees every key (any Lq, Lk; Lk == 0 gives -inf).
+def full_attention_torch(q: Tensor, k: Tensor, v: Tensor,
+                         scale: float) -> Tuple[Tensor, Tensor]:
+    """Torch implementation of `full_attention` (the fallback and parity baseline): every query
+    sees every key (any Lq, Lk; Lk == 0 gives -inf).
 
     GQA: the group's G query heads are folded into the query-length dimension, so the op sees
     Hkv heads with Lq*G queries each and kv is never expanded (for Lq == 1 this is a pure view).
@@ -151,7 +193,7 @@ def paged_decode_per_row(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tabl
         if n <= 0:
             continue
         k, v = gather_kv(k_cache, v_cache, block_tables[b], n)
-        o, l = full_attention(q[b:b + 1], k, v, scale)
+        o, l = full_attention_torch(q[b:b + 1], k, v, scale)
         out[b] = o[0]
         lse[b] = l[0]
     return out, lse
@@ -259,7 +301,7 @@ def paged_decode_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor,
         if len(rows) == 1:
             b = rows[0]
             k, v = gather_kv(k_cache, v_cache, block_tables[b], lens[b])
-            o, l = full_attention(q[b:b + 1], k, v, scale)
+            o, l = full_attention_torch(q[b:b + 1], k, v, scale)
             out[b] = o[0]
             lse[b] = l[0]
         else:
