@@ -1,6 +1,8 @@
 """Native CPU kernels (csrc/cpu) behind torch fallbacks: the one place that loads them.
 
-Owns: `csrc_available`, `paged_decode_attention`, `lse_merge`, `build_info`, `load_error`, and
+Owns: `csrc_available`, `paged_decode_attention`, `lse_merge`, `causal_attention`,
+`full_attention`, the decoder layer's fused elementwise ops (`rms_norm`, `add_rms_norm`,
+`rotary_`, `silu_mul`), `build_info`, `load_error`, and
 the build recipe (`EXTENSION_NAME`, `extension_sources`, `EXTRA_CFLAGS`, `EXTRA_LDFLAGS`) that a
 setup.py-time build can reuse.
 
@@ -39,7 +41,8 @@ import torch
 Tensor = torch.Tensor
 
 __all__ = ["csrc_available", "paged_decode_attention", "lse_merge", "causal_attention",
-           "full_attention", "prefill_kernel_supports", "build_info", "load_error",
+           "full_attention", "prefill_kernel_supports", "rms_norm", "add_rms_norm", "rotary_",
+           "silu_mul", "rms_norm_torch", "build_info", "load_error",
            "EXTENSION_NAME", "EXTRA_CFLAGS", "EXTRA_LDFLAGS", "extension_sources"]
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,7 @@ EXTENSION_NAME = "loong_cpu_ops"
 EXTRA_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 EXTRA_LDFLAGS = ["-fopenmp"]
 _SOURCE_FILES = ("paged_attention.cpp", "lse_merge.cpp", "prefill_attention.cpp",
-                 "bindings.cpp")
+                 "fused_elementwise.cpp", "bindings.cpp")
 _CSRC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "csrc", "cpu")
 _PREBUILT = "loong._loong_cpu_ops"
@@ -273,3 +276,71 @@ def full_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tenso
         return _acpu.full_attention_torch(q, k, v, scale)
     out, lse = _get().prefill_attention(q, k, v, float(scale), False)
     return out, lse
+
+
+# Fused elementwise ops of the decoder layer (csrc/cpu/fused_elementwise.cpp). The kernels run
+# for CPU float32 / bfloat16 tensors of one dtype with a contiguous last dim; anything else runs
+# the torch code below, which has the same semantics.
+_ELEMENTWISE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _rows_ok(x: Tensor, weight: Tensor) -> bool:
+    return (x.dtype in _ELEMENTWISE_DTYPES and weight.dtype == x.dtype and x.dim() == 2
+            and x.device.type == "cpu" and x.stride(1) == 1 and weight.dim() == 1
+            and weight.shape[0] == x.shape[1] and weight.is_contiguous()
+            and weight.device.type == "cpu")
+
+
+def rms_norm_torch(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Hugging Face RMSNorm: normalise in fp32 (fp32 statistics), cast to x's dtype, then
+    multiply by weight in that dtype."""
+    import torch.nn.functional as F
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * weight
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim, same semantics as `rms_norm_torch` (the fallback)."""
+    ext = _get()
+    if ext is None or not _rows_ok(x, weight):
+        return rms_norm_torch(x, weight, eps)
+    return ext.rms_norm(x, weight, float(eps))
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """`residual += x` in place (in residual's dtype), then returns
+    `rms_norm(residual, weight, eps)`: the residual-stream update and the next norm fused."""
+    ext = _get()
+    if (ext is None or not _rows_ok(x, weight) or residual.dtype != x.dtype
+            or residual.shape != x.shape or residual.stride(1) != 1
+            or residual.device.type != "cpu"):
+        residual.add_(x)
+        return rms_norm_torch(residual, weight, eps)
+    return ext.add_rms_norm(x, residual, weight, float(eps))
+
+
+def rotary_(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE in place: x `[T, heads, D]` (any strides), cos/sin `[T, D]`; x becomes
+    `loong.model.rope.apply_rotary(x, cos, sin)` (products and sum rounded in x's dtype).
+    Returns x."""
+    ext = _get()
+    if (ext is None or x.dtype not in _ELEMENTWISE_DTYPES or x.dim() != 3
+            or x.device.type != "cpu" or x.stride(2) != 1 or x.shape[2] % 2
+            or cos.dtype != x.dtype or sin.dtype != x.dtype
+            or cos.shape != (x.shape[0], x.shape[2]) or sin.shape != cos.shape
+            or not cos.is_contiguous() or not sin.is_contiguous()
+            or cos.device.type != "cpu" or sin.device.type != "cpu"):
+        from loong.model.rope import apply_rotary
+        return x.copy_(apply_rotary(x, cos, sin))
+    ext.rotary_(x, cos, sin)
+    return x
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """SwiGLU activation: gate_up `[T, 2I]` (gate first) -> `silu(gate) * up` `[T, I]`."""
+    ext = _get()
+    if (ext is None or gate_up.dtype not in _ELEMENTWISE_DTYPES or gate_up.dim() != 2
+            or gate_up.device.type != "cpu" or gate_up.stride(1) != 1 or gate_up.shape[1] % 2):
+        import torch.nn.functional as F
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return ext.silu_mul(gate_up)

@@ -15,6 +15,11 @@ std::string cpu_ops_build_info();
 std::vector<at::Tensor> prefill_attention(const at::Tensor& q, const at::Tensor& k,
                                           const at::Tensor& v, double scale, bool causal);
 bool prefill_attention_supported(bool is_bf16, int64_t head_dim);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tensor& weight,
+                        double eps);
+void rotary_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor silu_mul(const at::Tensor& gate_up);
 }  // namespace loong
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -35,5 +40,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention_supported", &loong::prefill_attention_supported,
         "whether prefill_attention runs for (is_bf16, head_dim) in this build",
         py::arg("is_bf16"), py::arg("head_dim"));
+  m.def("rms_norm", &loong::rms_norm, "rms_norm(x [T, H], weight [H], eps) -> out (HF RMSNorm)",
+        py::arg("x"), py::arg("weight"), py::arg("eps"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("add_rms_norm", &loong::add_rms_norm,
+        "add_rms_norm(x, residual, weight, eps) -> rms_norm(residual += x)", py::arg("x"),
+        py::arg("residual"), py::arg("weight"), py::arg("eps"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rotary_", &loong::rotary_, "rotary_(x [T, heads, D], cos [T, D], sin [T, D]) in place",
+        py::arg("x"), py::arg("cos"), py::arg("sin"), py::call_guard<py::gil_scoped_release>());
+  m.def("silu_mul", &loong::silu_mul, "silu_mul(gate_up [T, 2I]) -> silu(gate) * up [T, I]",
+        py::arg("gate_up"), py::call_guard<py::gil_scoped_release>());
   m.def("build_info", &loong::cpu_ops_build_info, "which SIMD paths this build uses");
 }

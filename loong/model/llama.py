@@ -13,18 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loong import ops
 from loong.errors import ModelLoadError
 from loong.model.config import ModelConfig
-from loong.model.rope import RotaryEmbedding, apply_rotary
+from loong.model.rope import RotaryEmbedding
 
 # attn(layer_idx, q [T,H,D], k [T,Hkv,D], v [T,Hkv,D]) -> out [T,H,D]
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm with torch's fused kernel (fp32 statistics; equal to Hugging Face's in fp32,
-    within one bf16 rounding of the scale in bf16)."""
-    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 class DecoderLayer(nn.Module):
@@ -45,20 +40,23 @@ class DecoderLayer(nn.Module):
         self.down = empty(h, cfg.intermediate_size)
         self.intermediate = cfg.intermediate_size
 
-    def forward(self, idx: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn: AttentionFn) -> torch.Tensor:
-        t = x.shape[0]
-        h = rms_norm(x, self.input_norm, self.eps)
+    def forward(self, idx: int, h: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, attn: AttentionFn, next_norm: torch.Tensor) -> torch.Tensor:
+        """h: this layer's normed input [T, hidden]; residual: the residual stream, updated in
+        place. Returns the residual stream normed by `next_norm` (the next layer's input norm,
+        or the final norm after the last layer)."""
+        t = h.shape[0]
         qkv = F.linear(h, self.qkv, self.qkv_bias)
-        # Rotate q and k heads in one pass: they are adjacent columns of qkv.
-        qk = apply_rotary(qkv[:, :self.q_size + self.kv_size].view(t, -1, self.head_dim), cos, sin)
-        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+        # Rotate q and k heads in one pass, in place: they are adjacent columns of qkv.
+        ops.rotary_(qkv[:, :self.q_size + self.kv_size].view(t, -1, self.head_dim), cos, sin)
+        q = qkv[:, :self.q_size].view(t, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
         o = attn(idx, q, k, v)
-        x = x + F.linear(o.reshape(t, self.q_size), self.o_proj, self.o_bias)
-        h = rms_norm(x, self.post_norm, self.eps)
-        gate, up = F.linear(h, self.gate_up).split(self.intermediate, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.down)
+        o = F.linear(o.reshape(t, self.q_size), self.o_proj, self.o_bias)
+        h = ops.add_rms_norm(o, residual, self.post_norm, self.eps)
+        mlp = F.linear(ops.silu_mul(F.linear(h, self.gate_up)), self.down)
+        return ops.add_rms_norm(mlp, residual, next_norm, self.eps)
 
 
 class LlamaModel(nn.Module):
@@ -83,11 +81,16 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionFn,
                 dynamic_rope_ranges: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
-        x = F.embedding(input_ids, self.embed)
+        residual = F.embedding(input_ids, self.embed)   # a fresh tensor, updated in place
         cos, sin = self.rope.cos_sin(positions, dynamic_rope_ranges)
+        n = len(self.layers)
+        if n == 0:
+            return ops.rms_norm(residual, self.norm, self.cfg.rms_norm_eps)
+        h = ops.rms_norm(residual, self.layers[0].input_norm, self.cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
-            x = layer(i, x, cos, sin, attn)
-        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+            next_norm = self.layers[i + 1].input_norm if i + 1 < n else self.norm
+            h = layer(i, h, residual, cos, sin, attn, next_norm)
+        return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab] for the selected hidden rows [N, hidden]."""
