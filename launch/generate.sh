@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 loong generate --chat --max-tokens 64 \
-  --prompt "What is the capital of France?" \
-  --prompt "Write a haiku about long documents." \
-  --prompt "Explain sequence parallelism in one sentence." "$@"
+  --prompt "What is the capital of France? Answer in one sentence." \
+  --prompt "Give me three tips for reading long documents." \
+  --prompt "Write a short poem about the sea." "$@"
