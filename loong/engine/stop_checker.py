@@ -177,5 +177,3 @@ class StopStringChecker:
         self.emitted = upto
         return out
 
-
-StopStringMatcher = StopStringChecker   # alias

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loong.attention.paged_context import PagedAttention, PrefillSegment, StepAttentionMetadata
-from loong.kv.cache_pool import KVCachePool
+from loong.kv.cache_pool import KVCachePool, slots_for
 from loong.model.llama import LlamaModel
 from loong.sampling_params import SamplingParams
 from loong.sched.plan import StepPlan, StepResult
@@ -64,7 +64,7 @@ class ModelRunner:
             ids.extend(chunk.token_ids)
             positions.extend(range(chunk.start, end))
             table = chunk.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in range(chunk.start, end))
+            slots.extend(slots_for(table, chunk.start, end, bs))
             dyn_ranges.append((row0, row0 + n, end))
             if chunk.sample:
                 sample_rows.append(row0 + n - 1)

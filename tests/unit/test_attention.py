@@ -269,9 +269,11 @@ def test_paged_decode(strategy, bs, dtype, H, Hkv, D):
     assert torch.isneginf(lse[6]).all() and (out[6] == 0).all()
 
 
+@pytest.mark.parametrize("fn", ["paged_decode_attention", "paged_decode_attention_torch"])
 @pytest.mark.parametrize("budget", [1, 64, 1 << 30])
-def test_paged_decode_grouping(monkeypatch, budget):
-    """Every grouping (all per-row, mixed, one batched call) gives the same answer."""
+def test_paged_decode_grouping(monkeypatch, budget, fn):
+    """Every grouping of the torch fallback (all per-row, mixed, one batched call), and the
+    dispatching entry point (the C++ kernel when built), give the reference answer."""
     monkeypatch.setattr(acpu, "DECODE_GROUP_TOKENS", budget)
     g = torch.Generator().manual_seed(12)
     lens = [3, 0, 40, 7, 7, 100, 1, 64]

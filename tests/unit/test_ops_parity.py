@@ -262,18 +262,6 @@ def test_unsupported_inputs_fall_back_to_torch():
     check_rows(out, lse, q, rows_kv, 0.125, torch.float32)
 
 
-@pytest.mark.parametrize("budget", [1, 64, 1 << 30])
-def test_torch_fallback_grouping(monkeypatch, budget):
-    """The torch fallback's row grouping (all per-row, mixed, one batched call) is exact."""
-    monkeypatch.setattr(acpu, "DECODE_GROUP_TOKENS", budget)
-    g = torch.Generator().manual_seed(12)
-    lens = [3, 0, 40, 7, 7, 100, 1, 64]
-    kc, vc, tables, cl, rows_kv = make_paged(lens, 3, 64, 4, torch.float32, g)
-    q = torch.randn(len(lens), 9, 64, generator=g)
-    out, lse = acpu.paged_decode_attention_torch(q, kc, vc, tables, cl, 0.125)
-    check_rows(out, lse, q, rows_kv, 0.125, torch.float32)
-
-
 # ----------------------------------------------------------------- lse merge parity
 def _partials(shape, dtype, g):
     oa, ob = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)

@@ -190,8 +190,8 @@ def test_bad_shapes_raise():
         ops.full_attention(q, k, v[:, :, :32], 0.1)
 
 
-@needs_kernel(torch.bfloat16)
-def test_backend_dispatches_to_kernel(monkeypatch):
+def spy_prefill_kernel(monkeypatch, record):
+    """Wrap the extension so each prefill kernel call appends record(args) to the list returned."""
     calls = []
     ext = ops._get()
 
@@ -199,10 +199,16 @@ def test_backend_dispatches_to_kernel(monkeypatch):
         def __getattr__(self, name):
             return getattr(ext, name)
 
-        def prefill_attention(self, *a):
-            calls.append(a[4])
-            return ext.prefill_attention(*a)
+        def prefill_attention(self, *args):
+            calls.append(record(args))
+            return ext.prefill_attention(*args)
     monkeypatch.setattr(ops, "_ext", Spy())
+    return calls
+
+
+@needs_kernel(torch.bfloat16)
+def test_backend_dispatches_to_kernel(monkeypatch):
+    calls = spy_prefill_kernel(monkeypatch, lambda args: args[4])  # causal flag
     q, k, v = rand_qkv(20, 9, 3, 64, torch.bfloat16)
     acpu.causal_attention(q, k, v, 0.125)
     acpu.full_attention(q, k, v, 0.125)
@@ -241,17 +247,7 @@ def test_fallback_when_build_fails(monkeypatch):
 
 @needs_kernel(torch.bfloat16)
 def test_full_small_lq_goes_to_torch(monkeypatch):
-    calls = []
-    ext = ops._get()
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(ext, name)
-
-        def prefill_attention(self, *a):
-            calls.append(a[0].shape[0])
-            return ext.prefill_attention(*a)
-    monkeypatch.setattr(ops, "_ext", Spy())
+    calls = spy_prefill_kernel(monkeypatch, lambda args: args[0].shape[0])  # query rows
     q, k, v = rand_qkv(ops.FULL_KERNEL_MIN_LQ, 9, 3, 64, torch.bfloat16, Lk=100)
     ops.full_attention(q[:ops.FULL_KERNEL_MIN_LQ - 1], k, v, 0.125)
     assert calls == []

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from loong.engine.stop_checker import (StopStringChecker, StopStringMatcher, check_stop,
+from loong.engine.stop_checker import (StopStringChecker, check_stop,
                                        check_stop_reason, find_stop_string, partial_stop_len)
 from loong.sampling_params import SamplingParams
 
@@ -176,7 +176,7 @@ def test_from_params_and_no_stops():
 
 
 def test_feed_pair_form():
-    m = StopStringMatcher(["##"], False)
+    m = StopStringChecker(["##"], False)
     assert m.feed("ab#") == ("ab", None)
     assert m.feed("#cd") == ("", "##")
     assert m.text == "ab"
