@@ -34,6 +34,21 @@ class EngineConfig:
     max_model_len: int | None = None
     # Seed of the shared generator used by requests without their own seed.
     seed: int = 0
+    # Model instances (processes). 1 runs in-process; N > 1 starts N instance processes
+    # that run the ESP data plane (kv_capacity_tokens / kv_memory_bytes are per instance).
+    instances: int = 1
+    # With instances > 1: wait for torchrun-started instances to connect to this HOST:PORT
+    # (see loong.serve.instance_main) instead of spawning them locally.
+    cluster_address: str | None = None
+    # Threads per instance process; None = CPU cores / instances.
+    instance_threads: int | None = None
+    # A data-plane send/recv that does not complete in this time fails the step.
+    data_plane_timeout_s: float = 120.0
+    # Cluster policy knobs (SimpleESPPolicy): prefill group size (None = all instances),
+    # decode masters per step (None = sticky, scale up when full), rotate the master set.
+    prefill_group_size: int | None = None
+    decode_masters: int | None = None
+    rotate_masters: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -42,6 +57,14 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidRequestError(name, f"must be a positive int, got {value!r}")
+        if not isinstance(self.instances, int) or isinstance(self.instances, bool) or self.instances < 1:
+            raise InvalidRequestError("instances", f"must be a positive int, got {self.instances!r}")
+        if not (isinstance(self.data_plane_timeout_s, (int, float)) and self.data_plane_timeout_s > 0):
+            raise InvalidRequestError("data_plane_timeout_s", f"must be > 0, got {self.data_plane_timeout_s!r}")
+        for name in ("prefill_group_size", "decode_masters", "instance_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise InvalidRequestError(name, f"must be a positive int or None, got {value!r}")
         for name in ("kv_capacity_tokens", "kv_memory_bytes", "max_model_len"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

@@ -2,9 +2,9 @@
 
 Owns: `csrc_available`, `paged_decode_attention`, `lse_merge`, `causal_attention`,
 `full_attention`, the decoder layer's fused elementwise ops (`rms_norm`, `add_rms_norm`,
-`rotary_`, `silu_mul`), `build_info`, `load_error`, and
-the build recipe (`EXTENSION_NAME`, `extension_sources`, `EXTRA_CFLAGS`, `EXTRA_LDFLAGS`) that a
-setup.py-time build can reuse.
+`rotary_`, `silu_mul`), KV block pack / unpack for migration (`kv_pack`, `kv_unpack_`),
+`build_info`, `load_error`, and the build recipe (`EXTENSION_NAME`, `extension_sources`,
+`EXTRA_CFLAGS`, `EXTRA_LDFLAGS`) that a setup.py-time build can reuse.
 
 The extension `loong_cpu_ops` is compiled just in time with torch.utils.cpp_extension (ninja,
 the host C++ compiler, `-O3 -march=native -fopenmp`) on first use, once per machine: the build
@@ -17,10 +17,11 @@ minute; later processes load the cached library in well under a second.
 
 Fallbacks: with `LOONG_DISABLE_CSRC=1`, or if the build fails (no compiler, no ninja, sources
 not shipped), every function here runs the torch implementation
-(`loong.attention.cpu.paged_decode_attention_torch`, `loong.attention.lse.merge_attention`);
-a build failure is reported once with a RuntimeWarning. Inputs the kernels do not handle
-(non-CPU tensors, dtypes other than float32 / bfloat16 for decode, mixed dtypes, non-contiguous
-caches) also take the torch path, so the functions accept whatever the fallbacks accept.
+(`loong.attention.cpu.paged_decode_attention_torch`, `loong.attention.lse.merge_attention`,
+`loong.kv.pack.kv_pack_torch` / `kv_unpack_torch_`, ...); a build failure is reported once
+with a RuntimeWarning. Inputs the kernels do not handle (non-CPU tensors, dtypes other than
+float32 / bfloat16 for decode, mixed dtypes, non-contiguous caches) also take the torch path,
+so the functions accept whatever the fallbacks accept.
 
 Must not import: loong modules at import time (the fallbacks are imported when first needed),
 so loong.attention can import this module without a cycle.
@@ -42,7 +43,7 @@ Tensor = torch.Tensor
 
 __all__ = ["csrc_available", "paged_decode_attention", "lse_merge", "causal_attention",
            "full_attention", "prefill_kernel_supports", "rms_norm", "add_rms_norm", "rotary_",
-           "silu_mul", "rms_norm_torch", "build_info", "load_error",
+           "silu_mul", "rms_norm_torch", "kv_pack", "kv_unpack_", "build_info", "load_error",
            "EXTENSION_NAME", "EXTRA_CFLAGS", "EXTRA_LDFLAGS", "extension_sources"]
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ EXTENSION_NAME = "loong_cpu_ops"
 EXTRA_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 EXTRA_LDFLAGS = ["-fopenmp"]
 _SOURCE_FILES = ("paged_attention.cpp", "lse_merge.cpp", "prefill_attention.cpp",
-                 "fused_elementwise.cpp", "bindings.cpp")
+                 "fused_elementwise.cpp", "kv_pack.cpp", "bindings.cpp")
 _CSRC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "csrc", "cpu")
 _PREBUILT = "loong._loong_cpu_ops"
@@ -344,3 +345,53 @@ def silu_mul(gate_up: Tensor) -> Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
     return ext.silu_mul(gate_up)
+
+
+# KV block pack / unpack (csrc/cpu/kv_pack.cpp): one memcpy per (layer, k/v, slot) row. The
+# kernels run for a contiguous CPU cache of these dtypes and integer slots (converted to a
+# contiguous CPU int64 tensor); anything else runs loong.kv.pack, which has the same contract.
+_PACK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _pack_kernel_slots(kv: Tensor, slots: Tensor) -> Tensor | None:
+    """slots as contiguous CPU int64 if the C++ kernels take (kv, slots), else None."""
+    if (not isinstance(kv, Tensor) or not isinstance(slots, Tensor)
+            or kv.dtype not in _PACK_DTYPES or kv.device.type != "cpu" or kv.dim() != 6
+            or not kv.is_contiguous() or slots.dim() != 1 or slots.dtype.is_floating_point
+            or slots.dtype.is_complex or slots.dtype == torch.bool):
+        return None
+    if slots.dtype != torch.int64 or slots.device.type != "cpu" or not slots.is_contiguous():
+        slots = slots.to(device="cpu", dtype=torch.int64).contiguous()
+    return slots
+
+
+def kv_pack(kv: Tensor, slots: Tensor) -> Tensor:
+    """Gather KV slots for migration; same contract as `loong.kv.pack.kv_pack_torch`.
+
+    kv `[L, 2, num_blocks, block_size, H, D]`, slots 1-D integer `[n]` (slot = block_id *
+    block_size + offset, any order, may be empty) -> new contiguous `[L, 2, n, H, D]` with
+    `packed[l, s, i] == kv[l, s].view(-1, H, D)[slots[i]]`. The C++ kernel runs for a
+    contiguous CPU kv of float32 / bfloat16 / float16. Bad shapes raise ValueError, a slot
+    outside the cache IndexError.
+    """
+    ext = _get()
+    idx = _pack_kernel_slots(kv, slots) if ext is not None else None
+    if idx is None:
+        from loong.kv.pack import kv_pack_torch
+        return kv_pack_torch(kv, slots)
+    return ext.kv_pack(kv, idx)
+
+
+def kv_unpack_(kv: Tensor, slots: Tensor, packed: Tensor) -> None:
+    """Write packed `[L, 2, n, H, D]` (kv's dtype) into the slots of kv in place, the inverse
+    of `kv_pack`; same contract as `loong.kv.pack.kv_unpack_torch_`. Slots must be distinct
+    (with a repeated slot, which row lands is unspecified). Bad shapes / dtypes raise
+    ValueError, a slot outside the cache IndexError; nothing is written then."""
+    ext = _get()
+    idx = _pack_kernel_slots(kv, slots) if ext is not None else None
+    if (idx is None or not isinstance(packed, Tensor) or packed.dtype != kv.dtype
+            or packed.device.type != "cpu"):
+        from loong.kv.pack import kv_unpack_torch_
+        kv_unpack_torch_(kv, slots, packed)
+        return
+    ext.kv_unpack_(kv, idx, packed.contiguous())

@@ -20,6 +20,8 @@ at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tens
                         double eps);
 void rotary_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& gate_up);
+at::Tensor kv_pack(const at::Tensor& kv, const at::Tensor& slots);
+void kv_unpack_(at::Tensor kv, const at::Tensor& slots, const at::Tensor& packed);
 }  // namespace loong
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -51,5 +53,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("cos"), py::arg("sin"), py::call_guard<py::gil_scoped_release>());
   m.def("silu_mul", &loong::silu_mul, "silu_mul(gate_up [T, 2I]) -> silu(gate) * up [T, I]",
         py::arg("gate_up"), py::call_guard<py::gil_scoped_release>());
+  m.def("kv_pack", &loong::kv_pack,
+        "kv_pack(kv [L, 2, blocks, block_size, H, D], slots [n] int64) -> packed [L, 2, n, H, D]",
+        py::arg("kv"), py::arg("slots"), py::call_guard<py::gil_scoped_release>());
+  m.def("kv_unpack_", &loong::kv_unpack_,
+        "kv_unpack_(kv, slots [n] int64, packed [L, 2, n, H, D]): write packed rows into the "
+        "slots of kv in place",
+        py::arg("kv"), py::arg("slots"), py::arg("packed"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("build_info", &loong::cpu_ops_build_info, "which SIMD paths this build uses");
 }

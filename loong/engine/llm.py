@@ -43,10 +43,13 @@ class ProgressBar:
 
 
 class LLM:
-    """Offline generation on one instance.
+    """Offline generation on one instance, or on a cluster of instance processes.
 
     `LLM()` loads the embedded SmolLM2-135M-Instruct. Keyword arguments are the fields of
     `loong.config.EngineConfig` (dtype, device, kv_capacity_tokens, block_size, ...).
+    `LLM(instances=N, kv_capacity_tokens=T)` starts N instance processes with T tokens of KV
+    each and runs the ESP data plane (ring prefill, multi-master decode); call `close()` or
+    use `with LLM(...) as llm:` to stop them.
     """
 
     def __init__(self, model: str | None = None, *, loaded=None, **kwargs) -> None:
@@ -56,8 +59,22 @@ class LLM:
             raise InvalidRequestError(sorted(unknown)[0], f"unknown LLM option; known: "
                                       f"{sorted(EngineConfig.__dataclass_fields__)}")
         self.config = EngineConfig(model=model, **kwargs)
-        self.engine = LLMEngine(self.config, loaded)
+        if self.config.instances > 1 or self.config.cluster_address:
+            from loong.engine.cluster_engine import ClusterEngine
+            self.engine: LLMEngine = ClusterEngine(self.config, loaded)
+        else:
+            self.engine = LLMEngine(self.config, loaded)
         self.tokenizer = self.engine.tokenizer
+
+    def close(self) -> None:
+        """Stop the instance processes (clusters); the LLM cannot generate afterwards."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -50,6 +50,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 @dataclass
+class StepOutcome:
+    """What one backend step did, as the engine front end needs it."""
+
+    scheduled: list[str]
+    preempted: list[str]
+    sampled: dict[str, int]
+    logprobs: dict
+
+
+@dataclass
 class _RequestState:
     params: SamplingParams
     output: RequestOutput
@@ -66,6 +76,17 @@ class LLMEngine:
         self.model_config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        self.eos_token_ids = tuple(cfg.eos_token_ids)
+        torch.manual_seed(config.seed)
+        self._states: dict[str, _RequestState] = {}
+        self._ids = itertools.count()
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "max_blocks_used": 0,
+                      "max_tokens_held": 0}
+        self._init_backend(loaded)
+
+    def _init_backend(self, loaded: LoadedModel) -> None:
+        """Build what runs the steps: here one in-process instance (model, KV, scheduler)."""
+        config, cfg = self.config, self.model_config
         self.model = LlamaModel(cfg, self.dtype, self.device, max_positions=self.max_model_len)
         self.model.load_hf_weights(loaded.weights)
         self.model.eval()
@@ -77,13 +98,7 @@ class LLMEngine:
         self.cache = KVCachePool(cfg, num_blocks, config.block_size, self.dtype, self.device)
         self.scheduler = ChunkedPrefillScheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs), self.block_pool)
-        self.eos_token_ids = tuple(cfg.eos_token_ids)
         self.runner = ModelRunner(self.model, self.cache, self.eos_token_ids)
-        torch.manual_seed(config.seed)
-        self._states: dict[str, _RequestState] = {}
-        self._ids = itertools.count()
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "max_blocks_used": 0,
-                      "max_tokens_held": 0}
 
     def _default_kv_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -107,8 +122,7 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._states:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
-        self.scheduler.add(request_id, ids, params.max_tokens)
-        self.runner.add_request(request_id, params, ids)
+        self._backend_add(request_id, ids, params)
         out = RequestOutput(request_id, text if text is not None else prompt_text, ids,
                             metrics=RequestMetrics(time.perf_counter()),
                             logprobs=[] if params.logprobs is not None else None)
@@ -134,26 +148,49 @@ class LLMEngine:
     # ----- the loop ------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns the outputs of requests that got a token or finished."""
-        plan = self.scheduler.schedule()
-        if plan.is_empty:
+        outcome = self._backend_step()
+        if outcome is None:
             return []
         now = time.perf_counter()
-        for chunk in plan.chunks:
-            m = self._states[chunk.request_id].output.metrics
-            if m.first_scheduled_time is None:
-                m.first_scheduled_time = now
-        for rid in plan.preempted:
+        for rid in outcome.preempted:
             self._states[rid].output.metrics.num_preemptions += 1
+        updated = []
+        for rid, token in outcome.sampled.items():
+            state = self._states[rid]
+            self._append_token(rid, state, token, outcome.logprobs.get(rid), now)
+            updated.append(state.output)
+        return updated
+
+    # ----- the backend: one in-process instance (ClusterEngine overrides these) ------
+    def _backend_add(self, rid: str, ids: list[int], params: SamplingParams) -> None:
+        self.scheduler.add(rid, ids, params.max_tokens)
+        self.runner.add_request(rid, params, ids)
+
+    def _backend_finish(self, rid: str) -> None:
+        self.scheduler.finish(rid)
+        self.runner.remove_request(rid)
+
+    def _backend_step(self) -> "StepOutcome | None":
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return None
+        scheduled = [c.request_id for c in plan.chunks]
+        self._mark_scheduled(scheduled)
         result = self.runner.execute(plan)
         self.scheduler.update(result)
         self._account(plan)
+        return StepOutcome(scheduled, list(plan.preempted), result.sampled, result.logprobs)
+
+    def _mark_scheduled(self, rids: list[str]) -> None:
+        """Record first-scheduled times (call before executing the step)."""
         now = time.perf_counter()
-        updated = []
-        for rid, token in result.sampled.items():
-            state = self._states[rid]
-            self._append_token(rid, state, token, result.logprobs.get(rid), now)
-            updated.append(state.output)
-        return updated
+        for rid in rids:
+            m = self._states[rid].output.metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now
+
+    def close(self) -> None:
+        """Release resources (no-op for the in-process instance)."""
 
     def _account(self, plan) -> None:
         s = self.stats
@@ -190,6 +227,5 @@ class LLMEngine:
         state.output.finish_reason = reason
         state.output.stop_reason = stop_reason
         state.output.metrics.finish_time = time.perf_counter()
-        self.scheduler.finish(rid)
-        self.runner.remove_request(rid)
+        self._backend_finish(rid)
         del self._states[rid]

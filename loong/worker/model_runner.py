@@ -103,15 +103,29 @@ class ModelRunner:
         logits = self.model.logits(hidden[sample_rows])
         sampled_chunks = [c for c in plan.chunks if c.sample]
         reqs = [self.requests[c.request_id] for c in sampled_chunks]
-        batch = SamplingBatch.from_params(
-            [r.params for r in reqs], prompt_token_ids=[r.prompt_token_ids for r in reqs],
-            output_token_ids=[r.output_token_ids for r in reqs], eos_token_ids=self.eos_token_ids,
-            device=logits.device)
-        out = self.sampler(logits, batch)
-        for i, (chunk, req) in enumerate(zip(sampled_chunks, reqs)):
-            tok = out.token_ids[i]
-            req.output_token_ids.append(tok)
+        for chunk, (tok, lp) in zip(sampled_chunks, sample_requests(
+                self.sampler, logits, reqs, self.eos_token_ids)):
             result.sampled[chunk.request_id] = tok
-            if out.logprobs is not None and req.params.logprobs is not None:
-                result.logprobs[chunk.request_id] = (out.logprobs[i], out.top_logprobs[i])
+            if lp is not None:
+                result.logprobs[chunk.request_id] = lp
         return result
+
+
+def sample_requests(sampler: Sampler, logits: torch.Tensor, reqs: list[RunnerRequest],
+                    eos_token_ids: tuple[int, ...]) -> list[tuple[int, tuple | None]]:
+    """Sample one token per row of `logits` for `reqs` (row order) and append it to each
+    request's history; returns (token, (logprob, top-N) or None) per row."""
+    batch = SamplingBatch.from_params(
+        [r.params for r in reqs], prompt_token_ids=[r.prompt_token_ids for r in reqs],
+        output_token_ids=[r.output_token_ids for r in reqs], eos_token_ids=eos_token_ids,
+        device=logits.device)
+    out = sampler(logits, batch)
+    results = []
+    for i, req in enumerate(reqs):
+        tok = out.token_ids[i]
+        req.output_token_ids.append(tok)
+        lp = None
+        if out.logprobs is not None and req.params.logprobs is not None:
+            lp = (out.logprobs[i], out.top_logprobs[i])
+        results.append((tok, lp))
+    return results

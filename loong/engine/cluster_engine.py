@@ -1,0 +1,122 @@
+"""ClusterEngine: the engine front end over N instance processes (the ESP data plane).
+
+Owns: wiring a cluster policy (`SimpleESPPolicy` until the elastic one lands) to a
+`ClusterExecutor`, per-request state the executor syncs to samplers, cluster statistics
+(steps, group sizes, masters, scale-ups, migrations, per-instance bytes and time), and
+shutting the processes down. Request handling (validation, detokenizing, stops) is
+inherited from LLMEngine unchanged.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from loong.engine.llm_engine import LLMEngine, StepOutcome
+from loong.errors import InvalidRequestError
+from loong.model.loader import LoadedModel
+from loong.sampling_params import SamplingParams
+from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult, InstanceCounters
+from loong.sched.policies.simple_esp import ESPPolicyConfig, SimpleESPPolicy
+from loong.serve.cluster_executor import ClusterExecutor
+
+CLUSTER_KEY_ENV = "LOONG_CLUSTER_KEY"
+
+
+@dataclass
+class _ClusterRequest:
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int] = field(default_factory=list)
+
+
+class ClusterEngine(LLMEngine):
+    def _init_backend(self, loaded: LoadedModel) -> None:
+        cfg = self.config
+        if cfg.cluster_address:
+            key = os.environ.get(CLUSTER_KEY_ENV)
+            if not key:
+                raise InvalidRequestError("cluster_address", f"set {CLUSTER_KEY_ENV} (hex) to the "
+                                          f"key the instances were started with")
+            self.executor = ClusterExecutor.attach(cfg, cfg.cluster_address, bytes.fromhex(key))
+        else:
+            self.executor = ClusterExecutor.start_local(cfg, loaded.config, loaded.weights)
+        ex = self.executor
+        self.block_size = cfg.block_size
+        self.policy = SimpleESPPolicy(ESPPolicyConfig(
+            ex.num_instances, ex.blocks_per_instance, cfg.block_size,
+            max_prefill_tokens=cfg.max_num_batched_tokens * ex.num_instances,
+            max_num_seqs=cfg.max_num_seqs, prefill_group_size=cfg.prefill_group_size,
+            decode_masters=cfg.decode_masters, rotate_masters=cfg.rotate_masters))
+        self.capacity_tokens = ex.blocks_per_instance * cfg.block_size * ex.num_instances
+        self._creqs: dict[str, _ClusterRequest] = {}
+        self.counters = {i: InstanceCounters() for i in range(ex.num_instances)}
+        self.want_logits = False          # tests: keep the last step's logits
+        self.last_result: ClusterStepResult | None = None
+        self.last_plan: ClusterStepPlan | None = None
+
+    # ----- backend hooks -------------------------------------------------------------
+    def _backend_add(self, rid: str, ids: list[int], params: SamplingParams) -> None:
+        if len(ids) + 1 > self.capacity_tokens:
+            raise InvalidRequestError("prompt", f"{len(ids)} tokens do not fit the cluster's KV "
+                                      f"capacity of {self.capacity_tokens} tokens; add instances "
+                                      f"or raise kv_capacity_tokens")
+        self.policy.add(rid, ids)
+        self._creqs[rid] = _ClusterRequest(params, list(ids))
+
+    def _backend_finish(self, rid: str) -> None:
+        self.policy.finish(rid)
+        self._creqs.pop(rid, None)
+
+    def _backend_step(self) -> StepOutcome | None:
+        plan = self.policy.schedule()
+        if self.want_logits:
+            plan = ClusterStepPlan(plan.step, plan.releases, plan.migrations, plan.prefills,
+                                   plan.decodes, plan.preempted, want_logits=True)
+        if plan.is_empty:
+            if self.policy.waiting and not self.policy.running:
+                raise RuntimeError("the cluster policy cannot place the waiting requests")
+            return None
+        scheduled = [it.request_id for g in plan.groups() for it in g.items]
+        self._mark_scheduled(scheduled)
+        result = self.executor.execute(plan, self._creqs)
+        self.policy.update(result)
+        for rid, tok in result.sampled.items():
+            self._creqs[rid].output_token_ids.append(tok)
+        self._account_cluster(plan, result)
+        self.last_plan, self.last_result = plan, result
+        return StepOutcome(scheduled, list(plan.preempted), result.sampled, result.logprobs)
+
+    def _account_cluster(self, plan: ClusterStepPlan, result: ClusterStepResult) -> None:
+        s = self.stats
+        s["steps"] += 1
+        s["prefill_tokens"] += sum(len(it.token_ids) for g in plan.prefills for it in g.items)
+        s["decode_tokens"] += sum(len(g.items) for g in plan.decodes)
+        s["max_blocks_used"] = max(s["max_blocks_used"], sum(self.policy.used))
+        for r, c in result.counters.items():
+            self.counters[r].add(c)
+
+    def step(self):
+        updated = super().step()
+        if not self.policy.waiting and not self.policy.running and self.policy.has_work:
+            self.flush()
+        return updated
+
+    def flush(self) -> None:
+        """Run a step now if only releases or migrations are pending (frees KV at once)."""
+        plan = self.policy.schedule()
+        if not plan.is_empty:
+            self.policy.update(self.executor.execute(plan, self._creqs))
+
+    # ----- cluster operations --------------------------------------------------------
+    def migrate(self, request_id: str, src: int, dst: int, num_tokens: int) -> None:
+        """Move the last num_tokens of a request's shard on src to dst with the next step."""
+        self.policy.request_migration(request_id, src, dst, num_tokens)
+
+    def cluster_stats(self) -> dict:
+        return {"policy": dict(self.policy.stats),
+                "instances": {r: vars(c).copy() for r, c in self.counters.items()}}
+
+    def close(self) -> None:
+        ex = getattr(self, "executor", None)
+        if ex is not None and ex.broken != "shut down":
+            ex.shutdown()

@@ -1,0 +1,76 @@
+"""ShardTable: the KV shards one instance holds, over its BlockPool.
+
+Owns: per-request block lists and token counts on this instance, appending slots, dropping
+a shard's tail (migration) or all of it (release), and slot tensors for attention.
+Tokens of a shard are stored densely in *storage order* (slot i of the shard is token i of
+the shard); storage order need not be position order: ring prefill stores KV in ring-step
+order and decode attention is permutation-invariant once RoPE is applied to k.
+Pure Python (no torch) except `slot_tensor`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loong.errors import OutOfKVBlocksError
+from loong.kv.block_pool import BlockPool
+
+
+@dataclass
+class Shard:
+    block_ids: list[int] = field(default_factory=list)
+    num_tokens: int = 0
+
+
+class ShardTable:
+    def __init__(self, pool: BlockPool) -> None:
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.shards: dict[str, Shard] = {}
+
+    def tokens(self, rid: str) -> int:
+        s = self.shards.get(rid)
+        return s.num_tokens if s else 0
+
+    def blocks_needed(self, rid: str, n: int) -> int:
+        """Blocks `append(rid, n)` would allocate."""
+        s = self.shards.get(rid)
+        have, used = (len(s.block_ids), s.num_tokens) if s else (0, 0)
+        return max(0, -(-(used + n) // self.block_size) - have)
+
+    def append(self, rid: str, n: int) -> list[int]:
+        """Reserve n more token slots at the end of rid's shard; returns their flat slots."""
+        need = self.blocks_needed(rid, n)
+        if need > self.pool.num_free:
+            raise OutOfKVBlocksError(
+                f"shard of {rid!r} needs {need} more blocks, {self.pool.num_free} free")
+        s = self.shards.setdefault(rid, Shard())
+        if need:
+            s.block_ids.extend(self.pool.allocate(need))
+        start = s.num_tokens
+        s.num_tokens += n
+        return self.slots(rid, start, start + n)
+
+    def slots(self, rid: str, start: int, end: int) -> list[int]:
+        s = self.shards[rid]
+        bs, table = self.block_size, s.block_ids
+        return [table[i // bs] * bs + i % bs for i in range(start, end)]
+
+    def truncate(self, rid: str, n: int) -> None:
+        """Keep the first n tokens of rid's shard, freeing blocks past them."""
+        s = self.shards[rid]
+        if not 0 <= n <= s.num_tokens:
+            raise ValueError(f"truncate {rid!r} to {n}: shard holds {s.num_tokens}")
+        keep = -(-n // self.block_size)
+        self.pool.free(s.block_ids[keep:])
+        del s.block_ids[keep:]
+        s.num_tokens = n
+        if n == 0:
+            del self.shards[rid]
+
+    def release(self, rid: str) -> None:
+        s = self.shards.pop(rid, None)
+        if s is not None:
+            self.pool.free(s.block_ids)
+
+    def summary(self) -> dict[str, int]:
+        return {rid: s.num_tokens for rid, s in self.shards.items() if s.num_tokens}

@@ -1,0 +1,194 @@
+"""Cluster step plans and results: the contract between a cluster policy and its executor.
+
+Plain data; no torch. One `ClusterStepPlan` is one iteration of the whole cluster: KV to
+drop, migrations, striped-ring prefill groups and multi-master decode groups. Concurrent
+groups use disjoint instances (`check_plan` enforces it). Instances are world ranks
+0..N-1; a group's `members` order is its ring order.
+
+Words (DESIGN.md): a request's *shard* on an instance is the part of its KV held there; the
+manager knows only token counts per shard, instances own the blocks that hold them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class KeepRange:
+    """Instance `instance` keeps the KV of global token positions [begin, end)."""
+
+    instance: int
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class PrefillItem:
+    """Prefill all of `token_ids` for one request (prompt, or prompt + output on recompute).
+
+    Group position p computes global tokens g with g % n == p. `keep` says who stores which
+    contiguous range after the ring (proactive scale-down); the ranges cover [0, len) in
+    order, without overlap, and name only group members.
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    keep: tuple[KeepRange, ...]
+
+
+@dataclass(frozen=True)
+class PrefillGroupPlan:
+    members: tuple[int, ...]        # ring order
+    items: tuple[PrefillItem, ...]
+
+
+@dataclass(frozen=True)
+class DecodeItem:
+    """One decode token of one request.
+
+    `master` computes the token's q/k/v, appends its KV to its own shard and samples.
+    `shards` lists (instance, tokens held) for every instance the master asks for a
+    partial result, before this step's token is appended; a 0-token entry is allowed and
+    contributes nothing (lse = -inf). The master may hold no shard yet (scale-up).
+    """
+
+    request_id: str
+    token_id: int
+    position: int
+    master: int
+    shards: tuple[tuple[int, int], ...]
+
+    @property
+    def context_len(self) -> int:
+        return sum(t for _, t in self.shards)
+
+
+@dataclass(frozen=True)
+class DecodeGroupPlan:
+    members: tuple[int, ...]        # masters and shard holders
+    items: tuple[DecodeItem, ...]   # grouped by master (each master's mini-batch contiguous)
+
+    def masters(self) -> dict[int, list[DecodeItem]]:
+        out: dict[int, list[DecodeItem]] = {}
+        for it in self.items:
+            out.setdefault(it.master, []).append(it)
+        return out
+
+
+@dataclass(frozen=True)
+class MigrationPlan:
+    """Move the last `num_tokens` tokens (storage order) of a shard from `src` to `dst`."""
+
+    request_id: str
+    src: int
+    dst: int
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class ClusterStepPlan:
+    """One cluster iteration, run in this order: releases, migrations, then the groups."""
+
+    step: int
+    releases: tuple[str, ...] = ()            # drop these requests' KV everywhere
+    migrations: tuple[MigrationPlan, ...] = ()
+    prefills: tuple[PrefillGroupPlan, ...] = ()
+    decodes: tuple[DecodeGroupPlan, ...] = ()
+    preempted: tuple[str, ...] = ()           # released this step to be recomputed later
+    want_logits: bool = False                 # return the sampled rows' logits (tests)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.releases or self.migrations or self.prefills or self.decodes)
+
+    def groups(self) -> list[PrefillGroupPlan | DecodeGroupPlan]:
+        return [*self.prefills, *self.decodes]
+
+
+@dataclass
+class InstanceCounters:
+    """What one instance did in one step."""
+
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+    ring_steps: int = 0
+    comm_wait_s: float = 0.0     # time blocked waiting on the data plane
+    compute_s: float = 0.0       # step time not spent waiting
+    migrated_tokens: int = 0
+
+    def add(self, other: "InstanceCounters") -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class ClusterStepResult:
+    step: int
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, Any] = field(default_factory=dict)
+    logits: dict[str, Any] = field(default_factory=dict)          # only with want_logits
+    # instance -> request_id -> tokens held after the step (shards with tokens only)
+    shard_tokens: dict[int, dict[str, int]] = field(default_factory=dict)
+    free_blocks: dict[int, int] = field(default_factory=dict)
+    counters: dict[int, InstanceCounters] = field(default_factory=dict)
+
+
+class PlanError(ValueError):
+    """A plan breaks an invariant of the contract."""
+
+
+def check_plan(plan: ClusterStepPlan, num_instances: int) -> None:
+    """Structural invariants every executor relies on; raises PlanError naming the fault."""
+    used: dict[int, str] = {}
+    for g in plan.groups():
+        kind = "prefill" if isinstance(g, PrefillGroupPlan) else "decode"
+        if not g.members or len(set(g.members)) != len(g.members):
+            raise PlanError(f"{kind} group members {g.members} must be distinct and non-empty")
+        for m in g.members:
+            if not 0 <= m < num_instances:
+                raise PlanError(f"{kind} group names instance {m}; the cluster has {num_instances}")
+            if m in used:
+                raise PlanError(f"instance {m} is in two groups this step ({used[m]} and {kind})")
+            used[m] = kind
+        if not g.items:
+            raise PlanError(f"{kind} group {g.members} has no requests")
+    seen: set[str] = set()
+    for g in plan.prefills:
+        for it in g.items:
+            _check_once(it.request_id, seen)
+            n = len(it.token_ids)
+            if n == 0:
+                raise PlanError(f"prefill of {it.request_id!r} has no tokens")
+            pos = 0
+            for kr in it.keep:
+                if kr.instance not in g.members:
+                    raise PlanError(f"{it.request_id!r} keeps KV on {kr.instance}, not in group {g.members}")
+                if kr.begin != pos or kr.end <= kr.begin:
+                    raise PlanError(f"{it.request_id!r}: keep ranges must tile [0, {n}) in order; got {it.keep}")
+                pos = kr.end
+            if pos != n:
+                raise PlanError(f"{it.request_id!r}: keep ranges cover [0, {pos}), prompt has {n} tokens")
+    for g in plan.decodes:
+        for it in g.items:
+            _check_once(it.request_id, seen)
+            holders = [i for i, _ in it.shards]
+            if it.master not in g.members or any(h not in g.members for h in holders):
+                raise PlanError(f"decode of {it.request_id!r} names instances outside group {g.members}")
+            if len(set(holders)) != len(holders) or any(t < 0 for _, t in it.shards):
+                raise PlanError(f"decode of {it.request_id!r} has bad shards {it.shards}")
+            if it.context_len != it.position:
+                raise PlanError(f"decode of {it.request_id!r}: shards hold {it.context_len} tokens, "
+                                f"position is {it.position}")
+    for m in plan.migrations:
+        if m.src == m.dst or m.num_tokens <= 0:
+            raise PlanError(f"bad migration {m}")
+        for inst in (m.src, m.dst):
+            if not 0 <= inst < num_instances:
+                raise PlanError(f"migration names instance {inst}; the cluster has {num_instances}")
+
+
+def _check_once(rid: str, seen: set[str]) -> None:
+    if rid in seen:
+        raise PlanError(f"request {rid!r} appears twice in one step")
+    seen.add(rid)

@@ -1,0 +1,274 @@
+"""SimpleESPPolicy: a plain cluster policy that exercises every ESP mechanism.
+
+Owns: the waiting queue and running set of a cluster, the placement of every running
+request (tokens per instance) and a mirror of every instance's block use, and turning them
+into `ClusterStepPlan`s: striped prefill over a group with fill-the-fullest-first keep
+ranges (proactive scale-down), multi-master decode (sticky masters, or a forced number of
+masters that may rotate every step), scale-up onto an instance with room when a master is
+full, migrations asked for by the caller, and newest-first preemption by recompute.
+It is the stand-in until the elastic policy (LoongServe's four steps) exists.
+Pure Python: never imports torch. Invariant: the block mirror equals what instances hold,
+because a shard of t tokens always occupies exactly ceil(t / block_size) blocks.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from loong.sched.cluster_plan import (ClusterStepPlan, ClusterStepResult, DecodeGroupPlan,
+                                      DecodeItem, KeepRange, MigrationPlan, PlanError,
+                                      PrefillGroupPlan, PrefillItem, check_plan)
+
+
+@dataclass(frozen=True)
+class ESPPolicyConfig:
+    num_instances: int
+    blocks_per_instance: int
+    block_size: int
+    max_prefill_tokens: int = 8192     # per prefill step; one longer prompt still runs alone
+    max_num_seqs: int = 128
+    prefill_group_size: int | None = None   # None: every instance
+    decode_masters: int | None = None       # None: sticky masters, scale up when full
+    rotate_masters: bool = False            # with decode_masters: a new master set each step
+
+
+@dataclass
+class _Req:
+    rid: str
+    seq: int                                  # arrival order (preemption picks the newest)
+    tokens: list[int]                         # prompt + outputs so far
+    placement: dict[int, int] = field(default_factory=dict)   # instance -> tokens held
+    master: int | None = None
+
+
+class SimpleESPPolicy:
+    def __init__(self, cfg: ESPPolicyConfig) -> None:
+        if cfg.num_instances < 1:
+            raise ValueError("num_instances must be >= 1")
+        self.cfg = cfg
+        n = cfg.num_instances
+        self.used = [0] * n                   # blocks in use per instance (mirror)
+        self.waiting: deque[_Req] = deque()
+        self.running: dict[str, _Req] = {}
+        self._seq = 0
+        self._step = 0
+        self._last_prefill = False
+        self._releases: list[str] = []
+        self._migrations: list[MigrationPlan] = []
+        self.stats = {"prefill_steps": 0, "decode_steps": 0, "scale_ups": 0, "preemptions": 0,
+                      "migrations": 0, "migrated_tokens": 0, "group_sizes": {}, "masters": {}}
+
+    # ----- requests ------------------------------------------------------------------
+    def add(self, rid: str, prompt_token_ids: list[int]) -> None:
+        self.waiting.append(_Req(rid, self._seq, list(prompt_token_ids)))
+        self._seq += 1
+
+    def finish(self, rid: str) -> None:
+        """Drop a request (finished or aborted); its KV is released with the next plan."""
+        for q in list(self.waiting):
+            if q.rid == rid:
+                self.waiting.remove(q)
+        r = self.running.pop(rid, None)
+        if r is not None:
+            self._drop_placement(r)
+            self._releases.append(rid)
+
+    def request_migration(self, rid: str, src: int, dst: int, num_tokens: int) -> None:
+        """Queue a move of the last `num_tokens` of rid's shard on src to dst (next plan)."""
+        r = self.running.get(rid)
+        if r is None:
+            raise ValueError(f"{rid!r} is not running")
+        have = r.placement.get(src, 0)
+        if not 0 < num_tokens <= have or src == dst:
+            raise ValueError(f"cannot move {num_tokens} tokens of {rid!r} from {src} "
+                             f"(holds {have}) to {dst}")
+        bs = self.cfg.block_size
+        t_dst = r.placement.get(dst, 0)
+        new_dst = _blocks(t_dst + num_tokens, bs) - _blocks(t_dst, bs)
+        if new_dst > self.free(dst):
+            raise ValueError(f"instance {dst} has {self.free(dst)} free blocks, needs {new_dst}")
+        self.used[src] += _blocks(have - num_tokens, bs) - _blocks(have, bs)
+        self.used[dst] += new_dst
+        r.placement[src] = have - num_tokens
+        if r.placement[src] == 0:
+            del r.placement[src]
+        r.placement[dst] = t_dst + num_tokens
+        self._migrations.append(MigrationPlan(rid, src, dst, num_tokens))
+        self.stats["migrations"] += 1
+        self.stats["migrated_tokens"] += num_tokens
+
+    def placement(self, rid: str) -> dict[int, int]:
+        return dict(self.running[rid].placement)
+
+    def free(self, inst: int) -> int:
+        return self.cfg.blocks_per_instance - self.used[inst]
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._releases or self._migrations)
+
+    # ----- planning ------------------------------------------------------------------
+    def schedule(self) -> ClusterStepPlan:
+        self._step += 1
+        prefills: tuple[PrefillGroupPlan, ...] = ()
+        decodes: tuple[DecodeGroupPlan, ...] = ()
+        preempted: list[str] = []
+        if self.waiting and not (self.running and self._last_prefill):
+            g = self._plan_prefill()
+            if g is not None:
+                prefills = (g,)
+        if not prefills and self.running:
+            d = self._plan_decode(preempted)
+            if d is not None:
+                decodes = (d,)
+        self._last_prefill = bool(prefills)
+        plan = ClusterStepPlan(self._step, tuple(self._releases), tuple(self._migrations),
+                               prefills, decodes, tuple(preempted))
+        self._releases, self._migrations = [], []
+        check_plan(plan, self.cfg.num_instances)
+        return plan
+
+    def _plan_prefill(self) -> PrefillGroupPlan | None:
+        cfg, bs = self.cfg, self.cfg.block_size
+        k = min(cfg.prefill_group_size or cfg.num_instances, cfg.num_instances)
+        # The k instances with the most free blocks; keep ranges fill the fullest first.
+        members = sorted(range(cfg.num_instances), key=lambda i: (-self.free(i), i))[:k]
+        fill = sorted(members, key=lambda i: (self.used[i], -i), reverse=True)
+        free = {i: self.free(i) for i in members}
+        items: list[PrefillItem] = []
+        total = 0
+        while self.waiting and len(self.running) + len(items) < cfg.max_num_seqs:
+            r = self.waiting[0]
+            n = len(r.tokens)
+            if items and total + n > cfg.max_prefill_tokens:
+                break
+            keep, trial = _fill(n, fill, free, bs)
+            if keep is None:
+                break
+            free = trial
+            total += n
+            self.waiting.popleft()
+            items.append(PrefillItem(r.rid, tuple(r.tokens), tuple(keep)))
+            for kr in keep:
+                r.placement[kr.instance] = kr.end - kr.begin
+                self.used[kr.instance] += _blocks(kr.end - kr.begin, bs)
+            r.master = keep[-1].instance
+            self.running[r.rid] = r
+        if not items:
+            return None
+        self.stats["prefill_steps"] += 1
+        gs = self.stats["group_sizes"]
+        gs[len(members)] = gs.get(len(members), 0) + 1
+        return PrefillGroupPlan(tuple(sorted(members)), tuple(items))
+
+    def _plan_decode(self, preempted: list[str]) -> DecodeGroupPlan | None:
+        cfg, bs = self.cfg, self.cfg.block_size
+        while True:
+            batch = sorted(self.running.values(), key=lambda r: r.seq)[:cfg.max_num_seqs]
+            if not batch:
+                return None
+            chosen = self._choose_masters(batch)
+            if chosen is not None:
+                break
+            victim = max(self.running.values(), key=lambda r: r.seq)
+            self._preempt(victim)
+            preempted.append(victim.rid)
+        items = []
+        for r, m in sorted(zip(batch, chosen), key=lambda x: (x[1], x[0].seq)):
+            if m not in r.placement:      # a new instance joins the request (scale-up)
+                self.stats["scale_ups"] += 1
+            shards = tuple(sorted((i, t) for i, t in r.placement.items() if t > 0))
+            items.append(DecodeItem(r.rid, r.tokens[-1], len(r.tokens) - 1, m, shards))
+            t = r.placement.get(m, 0)
+            self.used[m] += _blocks(t + 1, bs) - _blocks(t, bs)
+            r.placement[m] = t + 1
+            r.master = m
+        members = sorted({it.master for it in items} | {i for it in items for i, _ in it.shards})
+        self.stats["decode_steps"] += 1
+        ms = self.stats["masters"]
+        nm = len({it.master for it in items})
+        ms[nm] = ms.get(nm, 0) + 1
+        return DecodeGroupPlan(tuple(members), tuple(items))
+
+    def _choose_masters(self, batch: list[_Req]) -> list[int] | None:
+        """A master per request with room for its next token, or None (preempt first)."""
+        cfg, bs = self.cfg, self.cfg.block_size
+        extra = [0] * cfg.num_instances                  # blocks reserved this step
+
+        def room(m: int, r: _Req) -> bool:
+            return r.placement.get(m, 0) % bs != 0 or self.free(m) - extra[m] > 0
+
+        forced: list[int | None] = [None] * len(batch)
+        if cfg.decode_masters:
+            k = min(cfg.decode_masters, cfg.num_instances)
+            shift = self._step if cfg.rotate_masters else 0
+            order = [(shift + j) % cfg.num_instances for j in range(cfg.num_instances)]
+            masters = order[:k]
+            per = -(-len(batch) // k)
+            forced = [masters[i // per] for i in range(len(batch))]
+        out = []
+        for r, want in zip(batch, forced):
+            cands = [want] if want is not None else []
+            if r.master is not None:
+                cands.append(r.master)
+            cands += sorted(range(cfg.num_instances), key=lambda i: (-(self.free(i) - extra[i]), i))
+            m = next((c for c in cands if room(c, r)), None)
+            if m is None:
+                return None
+            extra[m] += 1 if r.placement.get(m, 0) % bs == 0 else 0
+            out.append(m)
+        return out
+
+    def _preempt(self, r: _Req) -> None:
+        del self.running[r.rid]
+        self._drop_placement(r)
+        self._releases.append(r.rid)
+        r.master = None
+        self.waiting.appendleft(r)
+        self.stats["preemptions"] += 1
+
+    def _drop_placement(self, r: _Req) -> None:
+        for inst, t in r.placement.items():
+            self.used[inst] -= _blocks(t, self.cfg.block_size)
+        r.placement = {}
+
+    # ----- results -------------------------------------------------------------------
+    def update(self, result: ClusterStepResult) -> None:
+        for rid, tok in result.sampled.items():
+            r = self.running.get(rid)
+            if r is not None:
+                r.tokens.append(tok)
+        self.check_against(result)
+
+    def check_against(self, result: ClusterStepResult) -> None:
+        """The instances' reports must equal the mirror (placement and free blocks)."""
+        for inst, held in result.shard_tokens.items():
+            want = {rid: r.placement[inst] for rid, r in self.running.items()
+                    if r.placement.get(inst, 0) > 0}
+            if held != want:
+                raise PlanError(f"instance {inst} holds {held}, the policy expects {want}")
+            if result.free_blocks.get(inst, self.free(inst)) != self.free(inst):
+                raise PlanError(f"instance {inst} reports {result.free_blocks[inst]} free blocks, "
+                                f"the policy expects {self.free(inst)}")
+
+
+def _blocks(tokens: int, bs: int) -> int:
+    return -(-tokens // bs)
+
+
+def _fill(n: int, fill: list[int], free: dict[int, int], bs: int
+          ) -> tuple[list[KeepRange] | None, dict[int, int]]:
+    """Keep ranges for n tokens over `fill` (fullest first), or None if they do not fit."""
+    free = dict(free)
+    keep: list[KeepRange] = []
+    pos = 0
+    for inst in fill:
+        if pos == n:
+            break
+        take = min(n - pos, free[inst] * bs)
+        if take <= 0:
+            continue
+        keep.append(KeepRange(inst, pos, pos + take))
+        free[inst] -= _blocks(take, bs)
+        pos += take
+    return (keep, free) if pos == n else (None, free)

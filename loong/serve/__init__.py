@@ -1,0 +1,1 @@
+"""Serving processes: instance entry point, cluster executor (and later the gRPC server)."""

@@ -1,0 +1,269 @@
+"""ClusterExecutor: the manager side of N instance processes.
+
+Owns: starting a local cluster (N spawned processes, weights handed over in shared memory)
+or accepting instances started by torchrun; the control connections; turning one
+`ClusterStepPlan` into per-instance `InstanceStep`s (with the sampling state each sampling
+instance lacks), collecting the results into one `ClusterStepResult`; noticing dead
+instances and failed steps (`ClusterError`, never a hang); shutdown.
+Groups on disjoint instances run concurrently: every message goes out before any result
+is awaited. The policy never sees this module; it only sees plans and results.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, Listener
+from typing import Mapping, Protocol, Sequence
+
+from loong.config import EngineConfig
+from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult, check_plan
+from loong.worker.messages import (Hello, Inspect, InstanceResult, InstanceStep, Ready,
+                                   RequestSync, Setup, Shutdown)
+
+STARTUP_TIMEOUT_S = 300.0
+
+
+class ClusterError(RuntimeError):
+    """An instance died, timed out or failed a step; the cluster must be restarted."""
+
+
+class RequestView(Protocol):
+    params: object
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+
+
+@dataclass
+class _Instance:
+    rank: int
+    conn: Connection
+    process: object | None     # multiprocessing.Process for local instances
+    ready: Ready | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ClusterExecutor:
+    def __init__(self, instances: list[_Instance], listener: Listener) -> None:
+        self.instances = sorted(instances, key=lambda i: i.rank)
+        self._listener = listener
+        self.broken: str | None = None
+        # rank -> request_id -> output tokens that instance has seen (for RequestSync)
+        self._known: dict[int, dict[str, int]] = {i.rank: {} for i in self.instances}
+
+    @property
+    def num_instances(self) -> int:
+        return len(self.instances)
+
+    @property
+    def blocks_per_instance(self) -> int:
+        return min(i.ready.num_blocks for i in self.instances)
+
+    # ----- starting ------------------------------------------------------------------
+    @classmethod
+    def start_local(cls, config: EngineConfig, model_config, weights) -> "ClusterExecutor":
+        """Spawn config.instances processes on this machine (gloo over loopback)."""
+        import torch.multiprocessing as tmp
+
+        from loong.serve.instance_main import run_instance
+
+        n = config.instances
+        key = secrets.token_bytes(16)
+        listener = Listener(("127.0.0.1", 0), authkey=key)
+        ctx = tmp.get_context("spawn")
+        procs = []
+        for r in range(n):
+            p = ctx.Process(target=run_instance, args=(listener.address, key, r, n,
+                                                       (model_config, weights)),
+                            name=f"loong-instance-{r}", daemon=True)
+            p.start()
+            procs.append(p)
+        init = f"tcp://127.0.0.1:{_free_port()}"
+        return cls._handshake(config, listener, n, init, procs)
+
+    @classmethod
+    def attach(cls, config: EngineConfig, address: str, key: bytes) -> "ClusterExecutor":
+        """Wait for config.instances torchrun-started instances to connect to `address`."""
+        host, _, port = address.rpartition(":")
+        listener = Listener((host or "127.0.0.1", int(port)), authkey=key)
+        return cls._handshake(config, listener, config.instances, "env://", None)
+
+    @classmethod
+    def _handshake(cls, config: EngineConfig, listener: Listener, n: int, init: str,
+                   procs) -> "ClusterExecutor":
+        conns: queue.Queue = queue.Queue()
+
+        def accept() -> None:
+            for _ in range(n):
+                try:
+                    conns.put(listener.accept())
+                except Exception as e:   # listener closed or a bad key
+                    conns.put(e)
+                    return
+
+        threading.Thread(target=accept, daemon=True, name="loong-accept").start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        instances: dict[int, _Instance] = {}
+        try:
+            while len(instances) < n:
+                _check_procs(procs, "while starting")
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"only {len(instances)} of {n} instances connected within "
+                                       f"{STARTUP_TIMEOUT_S:.0f}s")
+                try:
+                    c = conns.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if isinstance(c, Exception):
+                    raise ClusterError(f"accepting instances failed: {c}")
+                hello = c.recv()
+                if not isinstance(hello, Hello) or hello.world_size != n or hello.rank in instances:
+                    raise ClusterError(f"unexpected hello {hello!r} (expected world size {n})")
+                instances[hello.rank] = _Instance(hello.rank, c, procs[hello.rank] if procs else None)
+            threads = config.instance_threads or max(1, (os.cpu_count() or 1) // n)
+            setup = Setup(config, init, threads, config.data_plane_timeout_s)
+            for inst in instances.values():
+                inst.conn.send(setup)
+            ex = cls(list(instances.values()), listener)
+            for inst in ex.instances:
+                inst.ready = ex._recv(inst, "starting (loading the model)", STARTUP_TIMEOUT_S)
+            return ex
+        except BaseException:
+            for inst in instances.values():
+                inst.conn.close()
+            for p in procs or ():
+                p.kill()
+            listener.close()
+            raise
+
+    # ----- running -------------------------------------------------------------------
+    def execute(self, plan: ClusterStepPlan, requests: Mapping[str, RequestView]) -> ClusterStepResult:
+        """Run one plan on the instances it involves; raises ClusterError on any failure."""
+        if self.broken:
+            raise ClusterError(f"the cluster is down ({self.broken}); start a new one")
+        check_plan(plan, self.num_instances)
+        involved: set[int] = set()
+        for g in plan.groups():
+            involved.update(g.members)
+        for m in plan.migrations:
+            involved.update((m.src, m.dst))
+        if plan.releases:
+            involved.update(i.rank for i in self.instances)
+        for rid in plan.releases:
+            for known in self._known.values():
+                known.pop(rid, None)
+        syncs = self._syncs(plan, requests)
+        for r in sorted(involved):
+            self._send(self.instances[r], InstanceStep(plan, tuple(syncs.get(r, ()))))
+        result = ClusterStepResult(plan.step)
+        errors = []
+        for r in sorted(involved):
+            res: InstanceResult = self._recv(self.instances[r], f"step {plan.step}")
+            if res.error:
+                errors.append(res.error)
+                continue
+            for rid, tok in res.sampled.items():
+                if rid in result.sampled:
+                    errors.append(f"{rid!r} sampled by two instances")
+                result.sampled[rid] = tok
+                self._known[r][rid] = self._known[r].get(rid, 0) + 1
+            result.logprobs.update(res.logprobs)
+            result.logits.update(res.logits)
+            result.shard_tokens[r] = res.shard_tokens
+            result.free_blocks[r] = res.free_blocks
+            result.counters[r] = res.counters
+        if errors:
+            if any("DataPlaneError" in e or "failed after" in e for e in errors):
+                self.broken = errors[0].splitlines()[0]
+            raise ClusterError("; ".join(errors))
+        return result
+
+    def _syncs(self, plan: ClusterStepPlan, requests: Mapping[str, RequestView]
+               ) -> dict[int, list[RequestSync]]:
+        """Sampling state for each instance that samples a request this step."""
+        samplers: list[tuple[int, str]] = []
+        for g in plan.prefills:
+            n = len(g.members)
+            for it in g.items:
+                samplers.append((g.members[(len(it.token_ids) - 1) % n], it.request_id))
+        for g in plan.decodes:
+            samplers.extend((it.master, it.request_id) for it in g.items)
+        out: dict[int, list[RequestSync]] = {}
+        for r, rid in samplers:
+            req = requests[rid]
+            known = self._known[r].get(rid)
+            outs = tuple(req.output_token_ids)
+            if known is None:
+                s = RequestSync(rid, req.params, tuple(req.prompt_token_ids), outs)
+            elif known < len(outs):
+                s = RequestSync(rid, None, None, outs[known:])
+            else:
+                continue
+            self._known[r][rid] = len(outs)
+            out.setdefault(r, []).append(s)
+        return out
+
+    def inspect(self, rank: int, what: str, request_id: str | None = None):
+        """Test hook: 'kv' (a shard's raw KV), 'shards' or 'integrity' of one instance."""
+        inst = self.instances[rank]
+        self._send(inst, Inspect(what, request_id))
+        return self._recv(inst, f"inspect {what}")
+
+    # ----- transport -----------------------------------------------------------------
+    def _send(self, inst: _Instance, msg) -> None:
+        try:
+            inst.conn.send(msg)
+        except (OSError, EOFError) as e:
+            self._fail(f"instance {inst.rank} is unreachable ({e})")
+
+    def _recv(self, inst: _Instance, what: str, timeout_s: float | None = None):
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            try:
+                if inst.conn.poll(0.2):
+                    return inst.conn.recv()
+            except (OSError, EOFError):
+                self._fail(f"instance {inst.rank} closed its connection {what}")
+            p = inst.process
+            if p is not None and p.exitcode is not None:
+                self._fail(f"instance {inst.rank} exited with code {p.exitcode} {what}")
+            if deadline is not None and time.monotonic() > deadline:
+                self._fail(f"instance {inst.rank} did not answer within {timeout_s:.0f}s {what}")
+
+    def _fail(self, why: str):
+        self.broken = why
+        raise ClusterError(f"{why}; the cluster is down: start a new one")
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        for inst in self.instances:
+            try:
+                inst.conn.send(Shutdown())
+            except Exception:
+                pass
+        deadline = time.monotonic() + timeout_s
+        for inst in self.instances:
+            p = inst.process
+            if p is not None:
+                p.join(max(0.0, deadline - time.monotonic()))
+                if p.exitcode is None:
+                    p.kill()
+                    p.join(1.0)
+            inst.conn.close()
+        self._listener.close()
+        self.broken = self.broken or "shut down"
+
+
+def _check_procs(procs, what: str) -> None:
+    for r, p in enumerate(procs or ()):
+        if p.exitcode is not None:
+            raise ClusterError(f"instance {r} exited with code {p.exitcode} {what}; see its "
+                               f"output above")

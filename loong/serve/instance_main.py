@@ -1,0 +1,146 @@
+"""Instance process entry point: connect to the manager, join the data plane, run steps.
+
+Owns: the instance side of the control protocol (Hello -> Setup -> Ready, then
+InstanceStep -> InstanceResult until Shutdown) and building the instance's model and KV pool.
+Started by the local launcher (`loong.serve.cluster_executor.start_local_cluster`, weights
+handed over in shared memory) or by torchrun:
+
+    LOONG_CLUSTER_KEY=<hex> torchrun --nproc-per-node N -m loong.serve.instance_main \\
+        --manager HOST:PORT
+
+(rank and world size from torchrun's RANK / WORLD_SIZE, the data plane from MASTER_ADDR /
+MASTER_PORT; the manager must be waiting with `LLM(..., instances=N, cluster_address=...)`).
+A data-plane failure (dead peer, timeout) is reported to the manager, then the process exits:
+the world group cannot be trusted after it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import traceback
+from multiprocessing.connection import Client
+
+DEFAULT_KEY_ENV = "LOONG_CLUSTER_KEY"
+
+
+def _build(setup, loaded, rank: int):
+    import torch
+
+    from loong.engine.llm_engine import CPU_DEFAULT_KV_BYTES, resolve_device, resolve_dtype
+    from loong.kv.block_pool import BlockPool
+    from loong.kv.cache_pool import KVCachePool, num_blocks_for
+    from loong.model.llama import LlamaModel
+    from loong.model.loader import load_model_files
+
+    cfg = setup.config
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    dtype = resolve_dtype(cfg.dtype, device)
+    if loaded is None:
+        loaded_model = load_model_files(cfg.model)
+        model_cfg, weights = loaded_model.config, loaded_model.weights
+    else:
+        model_cfg, weights = loaded
+    max_len = cfg.max_model_len or model_cfg.max_position_embeddings
+    model = LlamaModel(model_cfg, dtype, device, max_positions=max_len)
+    model.load_hf_weights(weights)
+    model.eval()
+    kv_bytes = cfg.kv_memory_bytes
+    if cfg.kv_capacity_tokens is None and kv_bytes is None:
+        kv_bytes = CPU_DEFAULT_KV_BYTES // max(1, cfg.instances)
+    blocks = num_blocks_for(model_cfg, dtype, cfg.block_size, cfg.kv_capacity_tokens, kv_bytes)
+    pool = BlockPool(blocks, cfg.block_size)
+    cache = KVCachePool(model_cfg, blocks, cfg.block_size, dtype, device)
+    return model, pool, cache, tuple(model_cfg.eos_token_ids)
+
+
+def run_instance(address, authkey: bytes, rank: int, world_size: int, loaded=None) -> None:
+    """Serve one instance until Shutdown. `loaded`: (ModelConfig, weights) or None (load)."""
+    conn = Client(address, authkey=authkey)
+    from loong.worker.messages import (Hello, Inspect, InstanceResult, InstanceStep, Ready,
+                                       Shutdown)
+    conn.send(Hello(rank, world_size, os.getpid()))
+    setup = conn.recv()
+    import torch
+    import torch.distributed as dist
+
+    from loong import ops
+    from loong.worker.comm import Comm, DataPlaneError
+    from loong.worker.instance import InstanceWorker
+
+    torch.set_num_threads(max(1, setup.num_threads))
+    dist.init_process_group("gloo", init_method=setup.init_method, rank=rank,
+                            world_size=world_size,
+                            timeout=datetime.timedelta(seconds=setup.data_plane_timeout_s))
+    model, pool, cache, eos = _build(setup, loaded, rank)
+    comm = Comm(rank, world_size, setup.data_plane_timeout_s)
+    worker = InstanceWorker(rank, model, pool, cache, comm, eos)
+    conn.send(Ready(rank, pool.num_blocks, pool.block_size, cache.nbytes, ops.csrc_available()))
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except EOFError:
+                return      # the manager went away
+            if isinstance(msg, Shutdown):
+                return
+            if isinstance(msg, Inspect):
+                conn.send(_inspect(worker, msg))
+                continue
+            assert isinstance(msg, InstanceStep), type(msg)
+            try:
+                conn.send(worker.execute(msg))
+            except DataPlaneError as e:
+                conn.send(InstanceResult(rank, msg.plan.step, error=str(e)))
+                return
+            except Exception as e:     # report, keep serving: the plan was at fault
+                conn.send(InstanceResult(rank, msg.plan.step, error=(
+                    f"instance {rank}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}")))
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+        conn.close()
+
+
+def _inspect(worker, msg):
+    if msg.what == "kv":
+        return worker.shard_kv(msg.request_id)
+    if msg.what == "integrity":
+        try:
+            worker.check_integrity()
+            return None
+        except AssertionError as e:
+            return str(e)
+    if msg.what == "shards":
+        return worker.shards.summary(), worker.pool.num_free
+    return f"unknown inspect {msg.what!r}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loong.serve.instance_main",
+                                 description="Run one Loong instance under torchrun.")
+    ap.add_argument("--manager", required=True, help="HOST:PORT the manager listens on")
+    ap.add_argument("--key-env", default=DEFAULT_KEY_ENV,
+                    help="environment variable holding the shared cluster key (hex)")
+    args = ap.parse_args(argv)
+    host, _, port = args.manager.rpartition(":")
+    key = os.environ.get(args.key_env)
+    if not key:
+        print(f"error: set {args.key_env} to the manager's cluster key", file=sys.stderr)
+        return 2
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            print(f"error: {var} is not set; start this module with torchrun", file=sys.stderr)
+            return 2
+    run_instance((host, int(port)), bytes.fromhex(key), int(os.environ["RANK"]),
+                 int(os.environ["WORLD_SIZE"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
