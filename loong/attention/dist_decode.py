@@ -15,7 +15,6 @@ Must not import: model, engine or scheduler code.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +68,6 @@ class DistDecodeAttention:
     def _layer(self, layer: int, q, k, v):
         ex, comm, be = self.ex, self.comm, self.backend
         h, d, dev = self.num_heads, self.head_dim, self.cache.kv.device
-        t0 = time.perf_counter()
         if q is not None:
             self.cache.write(layer, ex.new_slots, k, v)
         k_cache, v_cache = self.cache.layer(layer)
@@ -86,24 +84,19 @@ class DistDecodeAttention:
             out, lse = be.paged_decode_attention(q, k_cache, v_cache, ex.own.tables,
                                                  ex.own.lens, self.scale)
             out = out.float()
-        comm.counters.compute_s += time.perf_counter() - t0
         for m, rows in ex.from_masters.items():
             comm.wait(recv_q[m])
-            t1 = time.perf_counter()
             o, l = be.paged_decode_attention(q_in[m], k_cache, v_cache, rows.tables, rows.lens,
                                              self.scale)
             buf = torch.cat([o.float(), l.unsqueeze(-1)], dim=-1)
             sends.append(comm.isend(buf, m, TAG_DECODE_PARTIAL))
-            comm.counters.compute_s += time.perf_counter() - t1
         if pending:
             comm.wait(*pending)
-        t2 = time.perf_counter()
         for p, rows in ex.to_peers.items():
             part = partials[p]
             mo, ml = ops.lse_merge(out.index_select(0, rows), lse.index_select(0, rows),
                                    part[..., :d], part[..., d])
             out.index_copy_(0, rows, mo)
             lse.index_copy_(0, rows, ml)
-        comm.counters.compute_s += time.perf_counter() - t2
         comm.wait(*sends)
         return None if q is None else out.to(q.dtype)

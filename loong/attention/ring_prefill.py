@@ -15,7 +15,6 @@ Must not import: model, engine or scheduler code.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -132,14 +131,12 @@ class RingPrefillAttention:
                 if lay.totals[nsrc]:
                     pending.append(comm.irecv(nxt, self.prev_rank, TAG_RING_KV))
                 comm.counters.ring_steps += 1
-            t0 = time.perf_counter()
             self._attend_chunk(q, cur, src, outs, lses)
             copy = self.copies[s]
             if copy is not None:
                 rows, slots = copy
                 self.cache.write(layer, slots, cur[0].index_select(0, rows),
                                  cur[1].index_select(0, rows))
-            comm.counters.compute_s += time.perf_counter() - t0
             if pending:
                 comm.wait(*pending)
             if nxt is not None:

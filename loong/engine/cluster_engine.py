@@ -50,7 +50,8 @@ class ClusterEngine(LLMEngine):
         self.capacity_tokens = ex.blocks_per_instance * cfg.block_size * ex.num_instances
         self._creqs: dict[str, _ClusterRequest] = {}
         self.counters = {i: InstanceCounters() for i in range(ex.num_instances)}
-        self.want_logits = False          # tests: keep the last step's logits
+        self.want_logits = False          # tests: collect sampled rows' logits in .logits
+        self.logits: dict = {}
         self.last_result: ClusterStepResult | None = None
         self.last_plan: ClusterStepPlan | None = None
 
@@ -74,7 +75,10 @@ class ClusterEngine(LLMEngine):
                                    plan.decodes, plan.preempted, want_logits=True)
         if plan.is_empty:
             if self.policy.waiting and not self.policy.running:
-                raise RuntimeError("the cluster policy cannot place the waiting requests")
+                raise RuntimeError(
+                    f"the cluster policy cannot place request {self.policy.waiting[0].rid!r} "
+                    f"({len(self.policy.waiting[0].tokens)} tokens) on its prefill group; use "
+                    f"a larger prefill_group_size or kv_capacity_tokens")
             return None
         scheduled = [it.request_id for g in plan.groups() for it in g.items]
         self._mark_scheduled(scheduled)
@@ -83,6 +87,7 @@ class ClusterEngine(LLMEngine):
         for rid, tok in result.sampled.items():
             self._creqs[rid].output_token_ids.append(tok)
         self._account_cluster(plan, result)
+        self.logits.update(result.logits)
         self.last_plan, self.last_result = plan, result
         return StepOutcome(scheduled, list(plan.preempted), result.sampled, result.logprobs)
 
@@ -102,8 +107,8 @@ class ClusterEngine(LLMEngine):
         return updated
 
     def flush(self) -> None:
-        """Run a step now if only releases or migrations are pending (frees KV at once)."""
-        plan = self.policy.schedule()
+        """Run pending releases and migrations now, without prefill or decode."""
+        plan = self.policy.schedule(maintenance_only=True)
         if not plan.is_empty:
             self.policy.update(self.executor.execute(plan, self._creqs))
 

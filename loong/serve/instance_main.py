@@ -19,10 +19,12 @@ import argparse
 import datetime
 import os
 import sys
+import time
 import traceback
 from multiprocessing.connection import Client
 
 DEFAULT_KEY_ENV = "LOONG_CLUSTER_KEY"
+CONNECT_TIMEOUT_S = 120.0
 
 
 def _build(setup, loaded, rank: int):
@@ -59,7 +61,7 @@ def _build(setup, loaded, rank: int):
 
 def run_instance(address, authkey: bytes, rank: int, world_size: int, loaded=None) -> None:
     """Serve one instance until Shutdown. `loaded`: (ModelConfig, weights) or None (load)."""
-    conn = Client(address, authkey=authkey)
+    conn = _connect(address, authkey)
     from loong.worker.messages import (Hello, Inspect, InstanceResult, InstanceStep, Ready,
                                        Shutdown)
     conn.send(Hello(rank, world_size, os.getpid()))
@@ -105,6 +107,21 @@ def run_instance(address, authkey: bytes, rank: int, world_size: int, loaded=Non
         except Exception:
             pass
         conn.close()
+
+
+def _connect(address, authkey: bytes, timeout_s: float = CONNECT_TIMEOUT_S):
+    """Connect to the manager, retrying while it is not listening yet (torchrun may start
+    instances before the manager)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return Client(address, authkey=authkey)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise ConnectionRefusedError(
+                    f"no Loong manager listening at {address[0]}:{address[1]} after "
+                    f"{timeout_s:.0f}s; start it first (LLM(..., cluster_address=...))") from None
+            time.sleep(0.2)
 
 
 def _inspect(worker, msg):

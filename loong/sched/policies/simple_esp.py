@@ -108,20 +108,23 @@ class SimpleESPPolicy:
         return bool(self.waiting or self.running or self._releases or self._migrations)
 
     # ----- planning ------------------------------------------------------------------
-    def schedule(self) -> ClusterStepPlan:
+    def schedule(self, maintenance_only: bool = False) -> ClusterStepPlan:
+        """The next step's plan. `maintenance_only`: only pending releases and migrations
+        (no prefill, no decode), e.g. to free KV at once when a request ends."""
         self._step += 1
         prefills: tuple[PrefillGroupPlan, ...] = ()
         decodes: tuple[DecodeGroupPlan, ...] = ()
         preempted: list[str] = []
-        if self.waiting and not (self.running and self._last_prefill):
-            g = self._plan_prefill()
-            if g is not None:
-                prefills = (g,)
-        if not prefills and self.running:
-            d = self._plan_decode(preempted)
-            if d is not None:
-                decodes = (d,)
-        self._last_prefill = bool(prefills)
+        if not maintenance_only:
+            if self.waiting and not (self.running and self._last_prefill):
+                g = self._plan_prefill()
+                if g is not None:
+                    prefills = (g,)
+            if not prefills and self.running:
+                d = self._plan_decode(preempted)
+                if d is not None:
+                    decodes = (d,)
+            self._last_prefill = bool(prefills)
         plan = ClusterStepPlan(self._step, tuple(self._releases), tuple(self._migrations),
                                prefills, decodes, tuple(preempted))
         self._releases, self._migrations = [], []
@@ -200,11 +203,16 @@ class SimpleESPPolicy:
 
         forced: list[int | None] = [None] * len(batch)
         if cfg.decode_masters:
-            k = min(cfg.decode_masters, cfg.num_instances)
-            shift = self._step if cfg.rotate_masters else 0
-            order = [(shift + j) % cfg.num_instances for j in range(cfg.num_instances)]
-            masters = order[:k]
-            per = -(-len(batch) // k)
+            # k masters among the instances with free blocks (most free first), optionally
+            # rotating through them step by step; a forced master without room for a
+            # request's next token falls back to the request's own choice below.
+            open_ = sorted((i for i in range(cfg.num_instances) if self.free(i) > 0),
+                           key=lambda i: (-self.free(i), i)) or [0]
+            if cfg.rotate_masters:
+                shift = self._step % len(open_)
+                open_ = open_[shift:] + open_[:shift]
+            masters = open_[:min(cfg.decode_masters, len(open_))]
+            per = -(-len(batch) // len(masters))
             forced = [masters[i // per] for i in range(len(batch))]
         out = []
         for r, want in zip(batch, forced):
