@@ -50,7 +50,7 @@ class ClusterEngine(LLMEngine):
         self.capacity_tokens = ex.blocks_per_instance * cfg.block_size * ex.num_instances
         self._creqs: dict[str, _ClusterRequest] = {}
         self.counters = {i: InstanceCounters() for i in range(ex.num_instances)}
-        self.want_logits = False          # tests: collect sampled rows' logits in .logits
+        self.want_logits = False          # tests: keep each request's prefill logits in .logits
         self.logits: dict = {}
         self.last_result: ClusterStepResult | None = None
         self.last_plan: ClusterStepPlan | None = None
@@ -87,7 +87,8 @@ class ClusterEngine(LLMEngine):
         for rid, tok in result.sampled.items():
             self._creqs[rid].output_token_ids.append(tok)
         self._account_cluster(plan, result)
-        self.logits.update(result.logits)
+        for rid, row in result.logits.items():
+            self.logits.setdefault(rid, row)      # the prefill's (first sampled) row
         self.last_plan, self.last_result = plan, result
         return StepOutcome(scheduled, list(plan.preempted), result.sampled, result.logprobs)
 

@@ -233,9 +233,10 @@ class ClusterExecutor:
                     return inst.conn.recv()
             except (OSError, EOFError):
                 self._fail(f"instance {inst.rank} closed its connection {what}")
-            p = inst.process
-            if p is not None and p.exitcode is not None:
-                self._fail(f"instance {inst.rank} exited with code {p.exitcode} {what}")
+            for other in self.instances:      # a dead peer would stall this one's step
+                p = other.process
+                if p is not None and p.exitcode is not None:
+                    self._fail(f"instance {other.rank} exited with code {p.exitcode} {what}")
             if deadline is not None and time.monotonic() > deadline:
                 self._fail(f"instance {inst.rank} did not answer within {timeout_s:.0f}s {what}")
 
