@@ -1,6 +1,7 @@
 """The `loong` console script.
 
-`loong generate --prompt TEXT [--max-tokens N]` runs the offline engine; several
+`loong generate --prompt TEXT [--max-tokens N] [--instances N]` runs the offline engine
+(on N instance processes with the ESP data plane when N > 1); several
 `--prompt`s or a `--prompts-file` (one prompt per line) make a batch with a progress bar.
 Errors in the input exit with status 2 and a one-line message naming the field.
 """
@@ -21,6 +22,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-num-seqs", type=int, default=128)
+    g.add_argument("--instances", type=int, default=1,
+                   help="instance processes (ESP data plane); KV options are per instance")
+    g.add_argument("--decode-masters", type=int, default=None,
+                   help="decode masters per step (default: sticky, scale up when full)")
+    g.add_argument("--prefill-group-size", type=int, default=None,
+                   help="instances per prefill group (default: all)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -38,7 +45,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loong", description="Loong: long-context LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate text offline on one instance")
+    gen = sub.add_parser("generate", help="generate text offline (one instance or a local cluster)")
     gen.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     gen.add_argument("--prompts-file", default=None, help="file with one prompt per line")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
@@ -62,8 +69,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_capacity_tokens=args.kv_capacity_tokens,
               block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_num_seqs=args.max_num_seqs)
+              max_num_seqs=args.max_num_seqs, instances=args.instances,
+              decode_masters=args.decode_masters, prefill_group_size=args.prefill_group_size)
     load_s = time.perf_counter() - t0
+    try:
+        return _generate(args, llm, prompts, params, load_s)
+    finally:
+        llm.close()
+
+
+def _generate(args, llm, prompts, params, load_s: float) -> int:
     t0 = time.perf_counter()
     show_bar = len(prompts) > 1 and sys.stderr.isatty()
     if args.chat:
@@ -82,7 +97,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     total = sum(len(o.token_ids) for o in outs)
     print(f"loaded model in {load_s:.1f}s; generated {total} tokens for {len(outs)} prompts in "
           f"{gen_s:.2f}s ({total / max(gen_s, 1e-9):.1f} tok/s)", file=sys.stderr)
+    if hasattr(llm.engine, "cluster_stats"):
+        print(_describe_cluster(llm.engine.cluster_stats()), file=sys.stderr)
     return 0
+
+
+def _describe_cluster(stats: dict) -> str:
+    p = stats["policy"]
+    lines = [f"cluster: {p['prefill_steps']} prefill steps (group sizes {p['group_sizes']}), "
+             f"{p['decode_steps']} decode steps (masters per step {p['masters']}), "
+             f"{p['scale_ups']} scale-ups, {p['migrations']} migrations, "
+             f"{p['preemptions']} preemptions"]
+    for r, c in sorted(stats["instances"].items()):
+        lines.append(f"  instance {r}: sent {c['bytes_sent'] / 2**20:.1f} MiB, received "
+                     f"{c['bytes_recv'] / 2**20:.1f} MiB, {c['ring_steps']} ring steps, "
+                     f"compute {c['compute_s']:.2f}s, waiting on peers {c['comm_wait_s']:.2f}s")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
