@@ -74,7 +74,11 @@ def run_instance(address, authkey: bytes, rank: int, world_size: int, loaded=Non
     from loong.worker.instance import InstanceWorker
 
     torch.set_num_threads(max(1, setup.num_threads))
-    dist.init_process_group("gloo", init_method=setup.init_method, rank=rank,
+    # NCCL between GPU instances (one rank per GPU), gloo on CPU: the same P2P code.
+    # (The NCCL path has not run yet: no multi-GPU machine so far.)
+    from loong.engine.llm_engine import resolve_device
+    backend = "nccl" if resolve_device(setup.config.device).type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=setup.init_method, rank=rank,
                             world_size=world_size,
                             timeout=datetime.timedelta(seconds=setup.data_plane_timeout_s))
     model, pool, cache, eos = _build(setup, loaded, rank)
