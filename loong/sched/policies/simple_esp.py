@@ -3,7 +3,8 @@
 Owns: the waiting queue and running set of a cluster, the placement of every running
 request (tokens per instance) and a mirror of every instance's block use, and turning them
 into `ClusterStepPlan`s: striped prefill over a group with fill-the-fullest-first keep
-ranges (proactive scale-down), multi-master decode (sticky masters, or a forced number of
+ranges (proactive scale-down), run beside the decode group on the instances it leaves idle
+(or alone when none are), multi-master decode (sticky masters, or a forced number of
 masters that may rotate every step), scale-up onto an instance with room when a master is
 full, migrations asked for by the caller, and newest-first preemption by recompute.
 It is the stand-in until the elastic policy (LoongServe's four steps) exists.
@@ -30,6 +31,7 @@ class ESPPolicyConfig:
     prefill_group_size: int | None = None   # None: every instance
     decode_masters: int | None = None       # None: sticky masters, scale up when full
     rotate_masters: bool = False            # with decode_masters: a new master set each step
+    concurrent_prefill: bool = True         # prefill on instances the decode group leaves idle
 
 
 @dataclass
@@ -116,14 +118,26 @@ class SimpleESPPolicy:
         decodes: tuple[DecodeGroupPlan, ...] = ()
         preempted: list[str] = []
         if not maintenance_only:
-            if self.waiting and not (self.running and self._last_prefill):
-                g = self._plan_prefill()
+            held = {i for r in self.running.values() for i in r.placement}
+            idle = [i for i in range(self.cfg.num_instances) if i not in held]
+            if self.waiting and (not self.running or (not self._last_prefill and not (
+                    self.cfg.concurrent_prefill and idle))):
+                # An exclusive prefill step (decodes wait one step): nothing is running, or
+                # no instance is free of decode KV to prefill beside them.
+                g = self._plan_prefill(range(self.cfg.num_instances))
                 if g is not None:
                     prefills = (g,)
             if not prefills and self.running:
                 d = self._plan_decode(preempted)
                 if d is not None:
                     decodes = (d,)
+                if self.waiting and self.cfg.concurrent_prefill:
+                    # Refill the instances the decode group leaves alone, concurrently.
+                    busy = set(d.members) if d is not None else set()
+                    free_insts = [i for i in range(self.cfg.num_instances) if i not in busy]
+                    g = self._plan_prefill(free_insts) if free_insts else None
+                    if g is not None:
+                        prefills = (g,)
             self._last_prefill = bool(prefills)
         plan = ClusterStepPlan(self._step, tuple(self._releases), tuple(self._migrations),
                                prefills, decodes, tuple(preempted))
@@ -131,11 +145,11 @@ class SimpleESPPolicy:
         check_plan(plan, self.cfg.num_instances)
         return plan
 
-    def _plan_prefill(self) -> PrefillGroupPlan | None:
+    def _plan_prefill(self, allowed) -> PrefillGroupPlan | None:
         cfg, bs = self.cfg, self.cfg.block_size
         k = min(cfg.prefill_group_size or cfg.num_instances, cfg.num_instances)
         # The k instances with the most free blocks; keep ranges fill the fullest first.
-        members = sorted(range(cfg.num_instances), key=lambda i: (-self.free(i), i))[:k]
+        members = sorted(allowed, key=lambda i: (-self.free(i), i))[:k]
         fill = sorted(members, key=lambda i: (self.used[i], -i), reverse=True)
         free = {i: self.free(i) for i in members}
         items: list[PrefillItem] = []
