@@ -182,9 +182,10 @@ class ClusterExecutor:
             result.free_blocks[r] = res.free_blocks
             result.counters[r] = res.counters
         if errors:
-            if any("DataPlaneError" in e or "failed after" in e for e in errors):
-                self.broken = errors[0].splitlines()[0]
-            raise ClusterError("; ".join(errors))
+            # Some members may have applied part of the step: the policy's view no longer
+            # matches the instances', so the cluster cannot go on.
+            self.broken = errors[0].splitlines()[0]
+            raise ClusterError("; ".join(errors) + "; the cluster is down: start a new one")
         return result
 
     def _syncs(self, plan: ClusterStepPlan, requests: Mapping[str, RequestView]
