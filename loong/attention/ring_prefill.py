@@ -177,6 +177,6 @@ class RingPrefillAttention:
                 lses[i][rows] = ml
 
 
-def plan_keep_counts(layout: RingLayout, keep: list[list[tuple[int, int]]]) -> list[int]:
+def plan_keep_counts(keep: list[list[tuple[int, int]]]) -> list[int]:
     """Tokens each request stores on this member (sum of its kept range lengths)."""
     return [sum(e - b for b, e in ranges) for ranges in keep]

@@ -57,10 +57,16 @@ class ClusterEngine(LLMEngine):
 
     # ----- backend hooks -------------------------------------------------------------
     def _backend_add(self, rid: str, ids: list[int], params: SamplingParams) -> None:
-        if len(ids) + 1 > self.capacity_tokens:
-            raise InvalidRequestError("prompt", f"{len(ids)} tokens do not fit the cluster's KV "
-                                      f"capacity of {self.capacity_tokens} tokens; add instances "
-                                      f"or raise kv_capacity_tokens")
+        max_prompt, max_total = self.policy.max_prompt_tokens(), self.policy.max_request_tokens()
+        if len(ids) > max_prompt:
+            raise InvalidRequestError("prompt", f"{len(ids)} tokens do not fit the KV of one "
+                                      f"prefill group ({max_prompt} tokens); add instances, "
+                                      f"raise kv_capacity_tokens or prefill_group_size")
+        if len(ids) + params.max_tokens - 1 > max_total:
+            raise InvalidRequestError(
+                "max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
+                f"needs more KV than the cluster holds ({max_total} tokens); lower max_tokens, "
+                f"add instances or raise kv_capacity_tokens")
         self.policy.add(rid, ids)
         self._creqs[rid] = _ClusterRequest(params, list(ids))
 
@@ -83,7 +89,11 @@ class ClusterEngine(LLMEngine):
         scheduled = [it.request_id for g in plan.groups() for it in g.items]
         self._mark_scheduled(scheduled)
         result = self.executor.execute(plan, self._creqs)
-        self.policy.update(result)
+        try:
+            self.policy.update(result)
+        except Exception as e:     # the policy's view and the instances' diverged
+            self.executor.broken = f"policy and instances disagree: {e}"
+            raise
         for rid, tok in result.sampled.items():
             self._creqs[rid].output_token_ids.append(tok)
         self._account_cluster(plan, result)

@@ -180,7 +180,10 @@ def check_plan(plan: ClusterStepPlan, num_instances: int) -> None:
             if it.context_len != it.position:
                 raise PlanError(f"decode of {it.request_id!r}: shards hold {it.context_len} tokens, "
                                 f"position is {it.position}")
+    released = set(plan.releases)
     for m in plan.migrations:
+        if m.request_id in released:
+            raise PlanError(f"request {m.request_id!r} is both released and migrated")
         if m.src == m.dst or m.num_tokens <= 0:
             raise PlanError(f"bad migration {m}")
         for inst in (m.src, m.dst):

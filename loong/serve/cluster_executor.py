@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, Listener
+from multiprocessing.connection import wait as mp_wait
 from typing import Mapping, Protocol, Sequence
 
 from loong.config import EngineConfig
@@ -142,7 +143,8 @@ class ClusterExecutor:
                 inst.conn.close()
             for p in procs or ():
                 p.kill()
-            listener.close()
+                p.join(2.0)
+            _close_listener(listener)
             raise
 
     # ----- running -------------------------------------------------------------------
@@ -165,15 +167,10 @@ class ClusterExecutor:
         for r in sorted(involved):
             self._send(self.instances[r], InstanceStep(plan, tuple(syncs.get(r, ()))))
         result = ClusterStepResult(plan.step)
-        errors = []
-        for r in sorted(involved):
-            res: InstanceResult = self._recv(self.instances[r], f"step {plan.step}")
-            if res.error:
-                errors.append(res.error)
-                continue
+        for r, res in self._gather(sorted(involved), f"step {plan.step}").items():
             for rid, tok in res.sampled.items():
                 if rid in result.sampled:
-                    errors.append(f"{rid!r} sampled by two instances")
+                    self._fail(f"{rid!r} sampled by two instances in step {plan.step}")
                 result.sampled[rid] = tok
                 self._known[r][rid] = self._known[r].get(rid, 0) + 1
             result.logprobs.update(res.logprobs)
@@ -181,12 +178,31 @@ class ClusterExecutor:
             result.shard_tokens[r] = res.shard_tokens
             result.free_blocks[r] = res.free_blocks
             result.counters[r] = res.counters
-        if errors:
-            # Some members may have applied part of the step: the policy's view no longer
-            # matches the instances', so the cluster cannot go on.
-            self.broken = errors[0].splitlines()[0]
-            raise ClusterError("; ".join(errors) + "; the cluster is down: start a new one")
         return result
+
+    def _gather(self, ranks: list[int], what: str) -> dict[int, InstanceResult]:
+        """Every rank's result, in whatever order they come. The first error fails the step
+        at once: its peers may be blocked on the failed instance until their timeout."""
+        pending = {self.instances[r].conn: r for r in ranks}
+        out: dict[int, InstanceResult] = {}
+        while pending:
+            try:
+                ready = mp_wait(list(pending), timeout=0.2)
+            except OSError as e:
+                self._fail(f"waiting for instances failed ({e}) {what}")
+            for conn in ready:
+                r = pending.pop(conn)
+                try:
+                    res = conn.recv()
+                except (OSError, EOFError):
+                    self._fail(f"instance {r} closed its connection during {what}")
+                if res.error:
+                    # Members may have applied part of the step: the policy's view no
+                    # longer matches the instances', so the cluster cannot go on.
+                    self._fail(f"{res.error.rstrip()}\n(during {what})")
+                out[r] = res
+            self._check_alive(what)
+        return out
 
     def _syncs(self, plan: ClusterStepPlan, requests: Mapping[str, RequestView]
                ) -> dict[int, list[RequestSync]]:
@@ -234,16 +250,40 @@ class ClusterExecutor:
                     return inst.conn.recv()
             except (OSError, EOFError):
                 self._fail(f"instance {inst.rank} closed its connection {what}")
-            for other in self.instances:      # a dead peer would stall this one's step
-                p = other.process
-                if p is not None and p.exitcode is not None:
-                    self._fail(f"instance {other.rank} exited with code {p.exitcode} {what}")
+            self._check_alive(what)
             if deadline is not None and time.monotonic() > deadline:
                 self._fail(f"instance {inst.rank} did not answer within {timeout_s:.0f}s {what}")
 
+    def _check_alive(self, what: str) -> None:
+        for inst in self.instances:      # a dead peer would stall the others' steps
+            p = inst.process
+            if p is not None and p.exitcode is not None:
+                last = None
+                try:                     # an instance reports its error, then exits
+                    if inst.conn.poll(0):
+                        last = inst.conn.recv()
+                except (OSError, EOFError):
+                    pass
+                if getattr(last, "error", None):
+                    self._fail(f"{last.error.rstrip()}\n(during {what})")
+                self._fail(f"instance {inst.rank} exited with code {p.exitcode} during {what}")
+
     def _fail(self, why: str):
-        self.broken = why
-        raise ClusterError(f"{why}; the cluster is down: start a new one")
+        """Take the cluster down (stop every instance) and raise ClusterError."""
+        self.broken = why.splitlines()[0]
+        self._stop_processes(grace_s=0.0)
+        raise ClusterError(f"{why}\nThe cluster is down: start a new one.")
+
+    def _stop_processes(self, grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        for inst in self.instances:
+            p = inst.process
+            if p is None:
+                continue
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.exitcode is None:
+                p.kill()
+                p.join(2.0)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         for inst in self.instances:
@@ -251,17 +291,22 @@ class ClusterExecutor:
                 inst.conn.send(Shutdown())
             except Exception:
                 pass
-        deadline = time.monotonic() + timeout_s
+        self._stop_processes(grace_s=timeout_s)
         for inst in self.instances:
-            p = inst.process
-            if p is not None:
-                p.join(max(0.0, deadline - time.monotonic()))
-                if p.exitcode is None:
-                    p.kill()
-                    p.join(1.0)
             inst.conn.close()
-        self._listener.close()
+        _close_listener(self._listener)
         self.broken = self.broken or "shut down"
+
+
+def _close_listener(listener: Listener) -> None:
+    """Close the listener and wake a thread blocked in its accept()."""
+    sock = getattr(getattr(listener, "_listener", None), "_socket", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    listener.close()
 
 
 def _check_procs(procs, what: str) -> None:

@@ -2,7 +2,7 @@
 
 Owns: the instance side of the control protocol (Hello -> Setup -> Ready, then
 InstanceStep -> InstanceResult until Shutdown) and building the instance's model and KV pool.
-Started by the local launcher (`loong.serve.cluster_executor.start_local_cluster`, weights
+Started by the local launcher (`ClusterExecutor.start_local`, weights
 handed over in shared memory) or by torchrun:
 
     LOONG_CLUSTER_KEY=<hex> torchrun --nproc-per-node N -m loong.serve.instance_main \\
@@ -10,8 +10,8 @@ handed over in shared memory) or by torchrun:
 
 (rank and world size from torchrun's RANK / WORLD_SIZE, the data plane from MASTER_ADDR /
 MASTER_PORT; the manager must be waiting with `LLM(..., instances=N, cluster_address=...)`).
-A data-plane failure (dead peer, timeout) is reported to the manager, then the process exits:
-the world group cannot be trusted after it.
+A failed step (dead peer, data-plane timeout, a plan this instance cannot apply) is reported
+to the manager, then the process exits: neither the world group nor its KV can be trusted.
 """
 from __future__ import annotations
 
@@ -82,6 +82,8 @@ def run_instance(address, authkey: bytes, rank: int, world_size: int, loaded=Non
                             world_size=world_size,
                             timeout=datetime.timedelta(seconds=setup.data_plane_timeout_s))
     model, pool, cache, eos = _build(setup, loaded, rank)
+    # Requests without their own seed share this generator: reproducible per (seed, rank).
+    torch.manual_seed(setup.config.seed * 1_000_003 + rank)
     comm = Comm(rank, world_size, setup.data_plane_timeout_s)
     worker = InstanceWorker(rank, model, pool, cache, comm, eos)
     conn.send(Ready(rank, pool.num_blocks, pool.block_size, cache.nbytes, ops.csrc_available()))
@@ -98,13 +100,17 @@ def run_instance(address, authkey: bytes, rank: int, world_size: int, loaded=Non
                 continue
             assert isinstance(msg, InstanceStep), type(msg)
             try:
-                conn.send(worker.execute(msg))
-            except DataPlaneError as e:
-                conn.send(InstanceResult(rank, msg.plan.step, error=str(e)))
-                return
-            except Exception as e:     # report, keep serving: the plan was at fault
-                conn.send(InstanceResult(rank, msg.plan.step, error=(
-                    f"instance {rank}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}")))
+                result = worker.execute(msg)
+            except Exception as e:
+                # The step failed part way: sends may still be in flight and peers blocked
+                # on us, and our KV no longer matches the plan. Report and exit at once
+                # (no clean teardown: it could block on the broken group).
+                why = str(e) if isinstance(e, DataPlaneError) else (
+                    f"instance {rank}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}")
+                conn.send(InstanceResult(rank, msg.plan.step, error=why))
+                conn.close()
+                os._exit(1)
+            conn.send(result)
     finally:
         try:
             dist.destroy_process_group()

@@ -107,7 +107,7 @@ class InstanceWorker:
                 raise PlanMismatchError(f"instance {self.rank} already holds KV of "
                                         f"{it.request_id!r}; release it before a new prefill")
         keep_slots = [self.shards.append(it.request_id, c) if c else []
-                      for it, c in zip(g.items, plan_keep_counts(layout, keep))]
+                      for it, c in zip(g.items, plan_keep_counts(keep))]
         attn = RingPrefillAttention(self.comm, members, pos, layout, keep, keep_slots,
                                     self.cache, self.scale)
         ids: list[int] = []

@@ -155,3 +155,35 @@ def test_cluster_policy_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None; import loong.sched.cluster_plan, "
             "loong.sched.policies.simple_esp, loong.kv.shards")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_finishing_a_request_drops_its_pending_migration():
+    policy = SimpleESPPolicy(ESPPolicyConfig(2, 10, 4))
+    cluster = FakeCluster(2, 10, 4)
+    policy.add("a", list(range(12)))
+    policy.update(cluster.run(policy.schedule()))
+    (src,) = policy.placement("a")
+    policy.request_migration("a", src, 1 - src, 4)
+    policy.finish("a")
+    plan = policy.schedule()
+    assert plan.releases == ("a",) and plan.migrations == ()
+    policy.update(cluster.run(plan))
+    assert policy.used == [0, 0]
+    with pytest.raises(PlanError, match="released and migrated"):
+        from loong.sched.cluster_plan import MigrationPlan
+        check_plan(ClusterStepPlan(9, releases=("a",), migrations=(MigrationPlan("a", 0, 1, 4),)), 2)
+
+
+def test_a_head_request_too_big_for_the_idle_instances_gets_an_exclusive_prefill():
+    policy = SimpleESPPolicy(ESPPolicyConfig(4, 8, 4))      # 32 tokens per instance
+    cluster = FakeCluster(4, 8, 4)
+    policy.add("a", list(range(20)))
+    policy.update(cluster.run(policy.schedule()))
+    policy.add("b", list(range(100)))                        # needs all four instances
+    policy.add("c", list(range(5)))
+    plan = policy.schedule()          # 'b' does not fit on the three idle instances
+    assert plan.decodes and not plan.prefills
+    policy.update(cluster.run(plan))
+    plan = policy.schedule()          # so the next step prefills it on all four, alone
+    assert [it.request_id for g in plan.prefills for it in g.items] == ["b"]
+    assert plan.prefills[0].members == (0, 1, 2, 3) and not plan.decodes

@@ -55,6 +55,7 @@ class SimpleESPPolicy:
         self._seq = 0
         self._step = 0
         self._last_prefill = False
+        self._side_blocked = False      # the last side-by-side prefill could not place anyone
         self._releases: list[str] = []
         self._migrations: list[MigrationPlan] = []
         self.stats = {"prefill_steps": 0, "decode_steps": 0, "scale_ups": 0, "preemptions": 0,
@@ -74,6 +75,7 @@ class SimpleESPPolicy:
         if r is not None:
             self._drop_placement(r)
             self._releases.append(rid)
+        self._migrations = [m for m in self._migrations if m.request_id != rid]
 
     def request_migration(self, rid: str, src: int, dst: int, num_tokens: int) -> None:
         """Queue a move of the last `num_tokens` of rid's shard on src to dst (next plan)."""
@@ -102,6 +104,18 @@ class SimpleESPPolicy:
     def placement(self, rid: str) -> dict[int, int]:
         return dict(self.running[rid].placement)
 
+    def max_request_tokens(self) -> int:
+        """The most KV one request may need (prompt + output): all instances, each shard
+        wasting under one block."""
+        n, bs = self.cfg.num_instances, self.cfg.block_size
+        return n * self.cfg.blocks_per_instance * bs - (n - 1) * bs
+
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt one prefill group can hold."""
+        k = min(self.cfg.prefill_group_size or self.cfg.num_instances, self.cfg.num_instances)
+        bs = self.cfg.block_size
+        return k * self.cfg.blocks_per_instance * bs - (k - 1) * bs
+
     def free(self, inst: int) -> int:
         return self.cfg.blocks_per_instance - self.used[inst]
 
@@ -120,10 +134,11 @@ class SimpleESPPolicy:
         if not maintenance_only:
             held = {i for r in self.running.values() for i in r.placement}
             idle = [i for i in range(self.cfg.num_instances) if i not in held]
-            if self.waiting and (not self.running or (not self._last_prefill and not (
-                    self.cfg.concurrent_prefill and idle))):
+            if self.waiting and (not self.running or (not self._last_prefill and (
+                    not (self.cfg.concurrent_prefill and idle) or self._side_blocked))):
                 # An exclusive prefill step (decodes wait one step): nothing is running, or
-                # no instance is free of decode KV to prefill beside them.
+                # no instance is free of decode KV to prefill beside them, or the head of
+                # the queue did not fit on the instances the decode group left idle.
                 g = self._plan_prefill(range(self.cfg.num_instances))
                 if g is not None:
                     prefills = (g,)
@@ -138,6 +153,7 @@ class SimpleESPPolicy:
                     g = self._plan_prefill(free_insts) if free_insts else None
                     if g is not None:
                         prefills = (g,)
+                    self._side_blocked = g is None
             self._last_prefill = bool(prefills)
         plan = ClusterStepPlan(self._step, tuple(self._releases), tuple(self._migrations),
                                prefills, decodes, tuple(preempted))
@@ -245,6 +261,7 @@ class SimpleESPPolicy:
         del self.running[r.rid]
         self._drop_placement(r)
         self._releases.append(r.rid)
+        self._migrations = [m for m in self._migrations if m.request_id != r.rid]
         r.master = None
         self.waiting.appendleft(r)
         self.stats["preemptions"] += 1
