@@ -242,8 +242,8 @@ class SimpleESPPolicy:
                 shift = self._step % len(open_)
                 open_ = open_[shift:] + open_[:shift]
             masters = open_[:min(cfg.decode_masters, len(open_))]
-            per = -(-len(batch) // len(masters))
-            forced = [masters[i // per] for i in range(len(batch))]
+            k = len(masters)     # contiguous mini-batches, sizes differing by one at most
+            forced = [masters[i * k // len(batch)] for i in range(len(batch))]
         out = []
         for r, want in zip(batch, forced):
             cands = [want] if want is not None else []
