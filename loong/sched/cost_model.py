@@ -1,0 +1,222 @@
+"""Cost model: predicted step times for prefill groups, decode groups and KV migration.
+
+Owns: `CostModel` (LoongServe's prefill form T_g = A_g + B_g * sum(l) + C_g * sum(l^2) per
+group size g; a decode step T = a + b * (largest mini-batch) + c * (most context tokens one
+member reads); migration time from bandwidth), fitting those forms from profile samples by
+relative-error least squares (`fit_prefill`, `fit_decode`, with the mean relative error on
+held-out points), JSON round trips, and the presets (`PRESETS`; their derivations are in
+`loong/sched/presets/*.md`).
+Pure Python + numpy: never imports torch (the policy and the simulator use it).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PrefillCoeffs:
+    a_ms: float
+    b_ms_per_token: float
+    c_ms_per_token2: float
+
+    def time_ms(self, sum_l: float, sum_l2: float) -> float:
+        return self.a_ms + self.b_ms_per_token * sum_l + self.c_ms_per_token2 * sum_l2
+
+
+@dataclass(frozen=True)
+class DecodeCoeffs:
+    a_ms: float                   # per step: weights read, launches, sampling
+    b_ms_per_request: float       # per request of the largest mini-batch
+    c_ms_per_context_token: float  # per KV token read by the busiest member
+
+    def time_ms(self, batch: int, context_tokens: int) -> float:
+        return self.a_ms + self.b_ms_per_request * batch + self.c_ms_per_context_token * context_tokens
+
+
+@dataclass(frozen=True)
+class CostModel:
+    name: str
+    prefill: dict[int, PrefillCoeffs]          # group size -> coefficients
+    decode: DecodeCoeffs
+    migration_bytes_per_s: float
+    kv_bytes_per_token: int
+    tokens_per_instance: int                   # KV capacity of one instance
+    notes: str = ""
+    fit_error: dict = field(default_factory=dict)   # mean relative errors of the fit
+
+    # ----- predictions ---------------------------------------------------------------
+    def prefill_coeffs(self, g: int) -> PrefillCoeffs:
+        """Coefficients for group size g; sizes not profiled scale from the nearest smaller
+        one as ideal sequence parallelism (B and C divided by the size ratio, A kept)."""
+        if g < 1:
+            raise ValueError(f"group size must be >= 1, got {g}")
+        if g in self.prefill:
+            return self.prefill[g]
+        known = sorted(self.prefill)
+        base = max([k for k in known if k < g], default=known[0])
+        c = self.prefill[base]
+        r = g / base
+        return PrefillCoeffs(c.a_ms, c.b_ms_per_token / r, c.c_ms_per_token2 / r)
+
+    def prefill_ms(self, g: int, lengths: Iterable[int]) -> float:
+        ls = list(lengths)
+        return self.prefill_coeffs(g).time_ms(sum(ls), sum(x * x for x in ls))
+
+    def prefill_ms_sums(self, g: int, sum_l: float, sum_l2: float) -> float:
+        return self.prefill_coeffs(g).time_ms(sum_l, sum_l2)
+
+    def decode_ms(self, max_mini_batch: int, max_member_context: int) -> float:
+        return self.decode.time_ms(max_mini_batch, max_member_context)
+
+    def migration_ms(self, tokens: int) -> float:
+        return tokens * self.kv_bytes_per_token / self.migration_bytes_per_s * 1e3
+
+    # ----- persistence ---------------------------------------------------------------
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["prefill"] = {str(k): v for k, v in d["prefill"].items()}
+        return json.dumps(d, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CostModel":
+        d = json.loads(text)
+        try:
+            prefill = {int(k): PrefillCoeffs(**v) for k, v in d["prefill"].items()}
+            return cls(d["name"], prefill, DecodeCoeffs(**d["decode"]),
+                       float(d["migration_bytes_per_s"]), int(d["kv_bytes_per_token"]),
+                       int(d["tokens_per_instance"]), d.get("notes", ""), d.get("fit_error", {}))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"cost model JSON is missing or has a bad field: {e}") from e
+
+
+# ----- fitting ---------------------------------------------------------------------------
+def _fit_relative(features: np.ndarray, t: np.ndarray, weight_power: float) -> np.ndarray:
+    """Least squares on relative error, rows weighted by t**weight_power (LoongServe's
+    recipe), with coefficients kept >= 0 by dropping features that come out negative."""
+    active = list(range(features.shape[1]))
+    while True:
+        w = np.sqrt(t ** weight_power) / t
+        coef, *_ = np.linalg.lstsq(features[:, active] * w[:, None], t * w, rcond=None)
+        if (coef >= 0).all() or len(active) == 1:
+            out = np.zeros(features.shape[1])
+            out[active] = np.maximum(coef, 0.0)
+            return out
+        active.pop(int(np.argmin(coef)))
+
+
+def mean_relative_error(pred: Sequence[float], actual: Sequence[float]) -> float:
+    p, a = np.asarray(pred, float), np.asarray(actual, float)
+    return float(np.mean(np.abs(p - a) / a))
+
+
+@dataclass(frozen=True)
+class PrefillSample:
+    group_size: int
+    lengths: tuple[int, ...]
+    time_ms: float
+
+
+@dataclass(frozen=True)
+class DecodeSample:
+    max_mini_batch: int
+    max_member_context: int
+    time_ms: float
+
+
+def fit_prefill(samples: Sequence[PrefillSample], holdout_every: int = 5
+                ) -> tuple[dict[int, PrefillCoeffs], dict[int, float]]:
+    """Fit (A, B, C) per group size. Every `holdout_every`-th sample of a size is held out
+    (when the size has at least 6 samples): returns (coefficients, held-out mean relative
+    error per size); the final coefficients use every sample."""
+    by_g: dict[int, list[PrefillSample]] = {}
+    for s in samples:
+        if s.time_ms <= 0 or not s.lengths:
+            raise ValueError(f"bad prefill sample {s}")
+        by_g.setdefault(s.group_size, []).append(s)
+    coeffs, errors = {}, {}
+
+    def design(rows):
+        return (np.array([[1.0, sum(r.lengths), sum(x * x for x in r.lengths)] for r in rows]),
+                np.array([r.time_ms for r in rows]))
+
+    for g, rows in sorted(by_g.items()):
+        if len(rows) >= 6 and holdout_every > 1:
+            train = [r for i, r in enumerate(rows) if i % holdout_every]
+            test = [r for i, r in enumerate(rows) if not i % holdout_every]
+            x, t = design(train)
+            c = PrefillCoeffs(*_fit_relative(x, t, 0.1))
+            errors[g] = mean_relative_error(
+                [c.time_ms(sum(r.lengths), sum(v * v for v in r.lengths)) for r in test],
+                [r.time_ms for r in test])
+        x, t = design(rows)
+        coeffs[g] = PrefillCoeffs(*_fit_relative(x, t, 0.1))
+    return coeffs, errors
+
+
+def fit_decode(samples: Sequence[DecodeSample], holdout_every: int = 5
+               ) -> tuple[DecodeCoeffs, float | None]:
+    """Fit (a, b, c) of the decode step; returns (coefficients, held-out mean relative error)."""
+    rows = list(samples)
+    if not rows or any(s.time_ms <= 0 for s in rows):
+        raise ValueError("decode samples must be non-empty with positive times")
+
+    def design(rs):
+        return (np.array([[1.0, r.max_mini_batch, r.max_member_context] for r in rs]),
+                np.array([r.time_ms for r in rs]))
+
+    err = None
+    if len(rows) >= 6 and holdout_every > 1:
+        train = [r for i, r in enumerate(rows) if i % holdout_every]
+        test = [r for i, r in enumerate(rows) if not i % holdout_every]
+        c = DecodeCoeffs(*_fit_relative(*design(train), 0.5))
+        err = mean_relative_error([c.time_ms(r.max_mini_batch, r.max_member_context) for r in test],
+                                  [r.time_ms for r in test])
+    return DecodeCoeffs(*_fit_relative(*design(rows), 0.5)), err
+
+
+# ----- presets -----------------------------------------------------------------------------
+def _a800_lwm7b_tp2() -> CostModel:
+    """LWM-Text-7B (Llama-2-7B shapes, fp16) on TP2 instances of A800-80GB, as LoongServe
+    ran it (4 instances per node). Derivation: loong/sched/presets/A800_LWM7B.md."""
+    b1, c1 = 0.03727, 7.27e-7           # one TP2 instance, from Figure 3's SP4 x TP2 rows
+    prefill = {}
+    for g in range(1, 9):
+        eff = 0.98 ** (g - 1)            # ring synchronisation loss per extra member
+        prefill[g] = PrefillCoeffs(15.0 + 4.0 * (g - 1), b1 / (g * eff), c1 / (g * eff))
+    return CostModel(
+        "a800-lwm7b-tp2", prefill, DecodeCoeffs(10.0, 0.08, 1.64e-4),
+        migration_bytes_per_s=400e9 * 2, kv_bytes_per_token=512 * 1024,
+        tokens_per_instance=210_000,
+        notes="derived from LoongServe's published figures and first principles; "
+              "see loong/sched/presets/A800_LWM7B.md")
+
+
+PRESETS = {"a800-lwm7b-tp2": _a800_lwm7b_tp2}
+
+
+def get_preset(name: str) -> CostModel:
+    if name not in PRESETS:
+        raise ValueError(f"unknown cost-model preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def load_cost_model(name_or_path: str) -> CostModel:
+    """A preset name, or a path to a JSON file written by `CostModel.to_json`."""
+    if name_or_path in PRESETS:
+        return get_preset(name_or_path)
+    try:
+        with open(name_or_path, encoding="utf-8") as f:
+            return CostModel.from_json(f.read())
+    except FileNotFoundError:
+        raise ValueError(f"cost model {name_or_path!r} is neither a preset {sorted(PRESETS)} "
+                         f"nor a JSON file") from None
+
+
+def ideal_prefill_speedup(model: CostModel, lengths: Sequence[int], g: int) -> float:
+    """T_1 / T_g for one batch: how much a group of g speeds this prefill up."""
+    return model.prefill_ms(1, lengths) / model.prefill_ms(g, lengths) if g >= 1 else math.nan
