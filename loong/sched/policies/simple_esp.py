@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from loong.sched.cluster_plan import (ClusterStepPlan, ClusterStepResult, DecodeGroupPlan,
                                       DecodeItem, KeepRange, MigrationPlan, PlanError,
@@ -56,6 +57,7 @@ class SimpleESPPolicy:
         self._step = 0
         self._last_prefill = False
         self._side_blocked = False      # the last side-by-side prefill could not place anyone
+        self._in_flight: set[str] = set()   # requests in a group that has not reported yet
         self._releases: list[str] = []
         self._migrations: list[MigrationPlan] = []
         self.stats = {"prefill_steps": 0, "decode_steps": 0, "scale_ups": 0, "preemptions": 0,
@@ -72,6 +74,7 @@ class SimpleESPPolicy:
             if q.rid == rid:
                 self.waiting.remove(q)
         r = self.running.pop(rid, None)
+        self._in_flight.discard(rid)
         if r is not None:
             self._drop_placement(r)
             self._releases.append(rid)
@@ -124,33 +127,41 @@ class SimpleESPPolicy:
         return bool(self.waiting or self.running or self._releases or self._migrations)
 
     # ----- planning ------------------------------------------------------------------
-    def schedule(self, maintenance_only: bool = False) -> ClusterStepPlan:
-        """The next step's plan. `maintenance_only`: only pending releases and migrations
-        (no prefill, no decode), e.g. to free KV at once when a request ends."""
+    def schedule(self, maintenance_only: bool = False, busy: frozenset[int] = frozenset()
+                 ) -> ClusterStepPlan:
+        """The next step's plan over the instances not in `busy`.
+
+        `maintenance_only`: only pending releases and migrations (no prefill, no decode),
+        e.g. to free KV at once when a request ends. `busy`: instances still running a
+        group of an earlier plan (asynchronous executors such as the simulator); requests
+        whose group has not reported yet are not scheduled again.
+        """
         self._step += 1
         prefills: tuple[PrefillGroupPlan, ...] = ()
         decodes: tuple[DecodeGroupPlan, ...] = ()
         preempted: list[str] = []
-        if not maintenance_only:
+        n = self.cfg.num_instances
+        free = [i for i in range(n) if i not in busy]
+        if not maintenance_only and free:
             held = {i for r in self.running.values() for i in r.placement}
-            idle = [i for i in range(self.cfg.num_instances) if i not in held]
+            idle = [i for i in free if i not in held]
             if self.waiting and (not self.running or (not self._last_prefill and (
                     not (self.cfg.concurrent_prefill and idle) or self._side_blocked))):
                 # An exclusive prefill step (decodes wait one step): nothing is running, or
                 # no instance is free of decode KV to prefill beside them, or the head of
                 # the queue did not fit on the instances the decode group left idle.
-                g = self._plan_prefill(range(self.cfg.num_instances))
+                g = self._plan_prefill(free)
                 if g is not None:
                     prefills = (g,)
             if not prefills and self.running:
-                d = self._plan_decode(preempted)
+                d = self._plan_decode(preempted, set(busy))
                 if d is not None:
                     decodes = (d,)
                 if self.waiting and self.cfg.concurrent_prefill:
                     # Refill the instances the decode group leaves alone, concurrently.
-                    busy = set(d.members) if d is not None else set()
-                    free_insts = [i for i in range(self.cfg.num_instances) if i not in busy]
-                    g = self._plan_prefill(free_insts) if free_insts else None
+                    taken = set(d.members) if d is not None else set()
+                    rest = [i for i in free if i not in taken]
+                    g = self._plan_prefill(rest) if rest else None
                     if g is not None:
                         prefills = (g,)
                     self._side_blocked = g is None
@@ -158,7 +169,9 @@ class SimpleESPPolicy:
         plan = ClusterStepPlan(self._step, tuple(self._releases), tuple(self._migrations),
                                prefills, decodes, tuple(preempted))
         self._releases, self._migrations = [], []
-        check_plan(plan, self.cfg.num_instances)
+        for g in plan.groups():
+            self._in_flight.update(it.request_id for it in g.items)
+        check_plan(plan, n)
         return plan
 
     def _plan_prefill(self, allowed) -> PrefillGroupPlan | None:
@@ -194,16 +207,19 @@ class SimpleESPPolicy:
         gs[len(members)] = gs.get(len(members), 0) + 1
         return PrefillGroupPlan(tuple(sorted(members)), tuple(items))
 
-    def _plan_decode(self, preempted: list[str]) -> DecodeGroupPlan | None:
+    def _plan_decode(self, preempted: list[str], busy: set[int]) -> DecodeGroupPlan | None:
         cfg, bs = self.cfg, self.cfg.block_size
         while True:
-            batch = sorted(self.running.values(), key=lambda r: r.seq)[:cfg.max_num_seqs]
+            # Requests whose last group has reported and whose KV is on free instances.
+            ready = [r for r in self.running.values() if r.rid not in self._in_flight
+                     and not busy.intersection(r.placement)]
+            batch = sorted(ready, key=lambda r: r.seq)[:cfg.max_num_seqs]
             if not batch:
                 return None
-            chosen = self._choose_masters(batch)
+            chosen = self._choose_masters(batch, busy)
             if chosen is not None:
                 break
-            victim = max(self.running.values(), key=lambda r: r.seq)
+            victim = max(batch, key=lambda r: r.seq)
             self._preempt(victim)
             preempted.append(victim.rid)
         items = []
@@ -223,7 +239,7 @@ class SimpleESPPolicy:
         ms[nm] = ms.get(nm, 0) + 1
         return DecodeGroupPlan(tuple(members), tuple(items))
 
-    def _choose_masters(self, batch: list[_Req]) -> list[int] | None:
+    def _choose_masters(self, batch: list[_Req], busy: set[int] = frozenset()) -> list[int] | None:
         """A master per request with room for its next token, or None (preempt first)."""
         cfg, bs = self.cfg, self.cfg.block_size
         extra = [0] * cfg.num_instances                  # blocks reserved this step
@@ -236,8 +252,9 @@ class SimpleESPPolicy:
             # k masters among the instances with free blocks (most free first), optionally
             # rotating through them step by step; a forced master without room for a
             # request's next token falls back to the request's own choice below.
-            open_ = sorted((i for i in range(cfg.num_instances) if self.free(i) > 0),
-                           key=lambda i: (-self.free(i), i)) or [0]
+            open_ = sorted((i for i in range(cfg.num_instances)
+                            if self.free(i) > 0 and i not in busy),
+                           key=lambda i: (-self.free(i), i)) or [min(set(range(cfg.num_instances)) - busy)]
             if cfg.rotate_masters:
                 shift = self._step % len(open_)
                 open_ = open_[shift:] + open_[:shift]
@@ -250,7 +267,7 @@ class SimpleESPPolicy:
             if r.master is not None:
                 cands.append(r.master)
             cands += sorted(range(cfg.num_instances), key=lambda i: (-(self.free(i) - extra[i]), i))
-            m = next((c for c in cands if room(c, r)), None)
+            m = next((c for c in cands if c not in busy and room(c, r)), None)
             if m is None:
                 return None
             extra[m] += 1 if r.placement.get(m, 0) % bs == 0 else 0
@@ -272,11 +289,14 @@ class SimpleESPPolicy:
         r.placement = {}
 
     # ----- results -------------------------------------------------------------------
-    def update(self, result: ClusterStepResult) -> None:
+    def update(self, result: ClusterStepResult, done: Iterable[str] | None = None) -> None:
+        """Apply a step's (or, for asynchronous executors, one group's) result. `done`: the
+        requests whose group finished (default: the sampled ones)."""
         for rid, tok in result.sampled.items():
             r = self.running.get(rid)
             if r is not None:
                 r.tokens.append(tok)
+        self._in_flight.difference_update(result.sampled if done is None else done)
         self.check_against(result)
 
     def check_against(self, result: ClusterStepResult) -> None:

@@ -1,0 +1,206 @@
+"""Discrete-event simulator: the same cluster policy as the real executor, times from a model.
+
+Owns: the event loop (arrivals, group completions), the simulated executor (applies plans to
+per-instance `ShardTable`s, the instance-side bookkeeping the real instances use, and takes
+each group's duration from a `CostModel`), token timing per request, and the resulting
+`RequestRecord`s and run statistics.
+
+Groups run asynchronously: a group occupies its instances from its start until its
+predicted end; meanwhile the policy may start other groups on the other instances (it is
+told which are busy). KV is allocated when a group starts; its tokens appear when it ends.
+Migrations in a plan delay the groups that involve their instances (or occupy the two
+instances on their own). Deterministic: no randomness here (workloads and arrivals carry
+the seed), ties broken by event order.
+Never imports torch.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+from loong.kv.block_pool import BlockPool
+from loong.kv.shards import ShardTable
+from loong.sched.cluster_plan import (ClusterStepPlan, ClusterStepResult, DecodeGroupPlan,
+                                      PrefillGroupPlan)
+from loong.sched.cost_model import CostModel
+from loong.sched.metrics import RequestRecord
+
+SIM_TOKEN = 1      # the token id every simulated sample returns
+
+
+class ClusterPolicy(Protocol):
+    def add(self, rid: str, prompt_token_ids: list[int]) -> None: ...
+    def finish(self, rid: str) -> None: ...
+    def schedule(self, maintenance_only: bool = False, busy: frozenset[int] = frozenset()
+                 ) -> ClusterStepPlan: ...
+    def update(self, result: ClusterStepResult, done=None) -> None: ...
+
+
+class SimRequest(Protocol):
+    input_len: int
+    output_len: int
+    arrival_s: float | None
+
+
+@dataclass
+class _ReqState:
+    rid: str
+    input_len: int
+    output_len: int
+    arrival_s: float
+    first_scheduled_s: float | None = None
+    first_token_s: float | None = None
+    produced: int = 0
+
+
+@dataclass
+class SimResult:
+    records: list[RequestRecord]
+    end_s: float
+    stats: dict = field(default_factory=dict)
+
+
+class Simulator:
+    def __init__(self, policy: ClusterPolicy, cost: CostModel, num_instances: int,
+                 blocks_per_instance: int, block_size: int, check_every_step: bool = True) -> None:
+        self.policy, self.cost = policy, cost
+        self.n = num_instances
+        self.tables = [ShardTable(BlockPool(blocks_per_instance, block_size))
+                       for _ in range(num_instances)]
+        self.check = check_every_step
+        self.stats = {"groups": 0, "prefill_groups": 0, "decode_groups": 0, "plans": 0,
+                      "busy_instance_s": 0.0, "prefill_group_sizes": {}, "migrations": 0}
+
+    # ----- the simulated executor ----------------------------------------------------
+    def _apply(self, plan: ClusterStepPlan) -> dict[int, float]:
+        """Apply a plan's KV effects now; return extra busy time per instance (migrations)."""
+        for rid in plan.releases:
+            for t in self.tables:
+                t.release(rid)
+        extra: dict[int, float] = {}
+        for m in plan.migrations:
+            have = self.tables[m.src].tokens(m.request_id)
+            self.tables[m.src].truncate(m.request_id, have - m.num_tokens)
+            self.tables[m.dst].append(m.request_id, m.num_tokens)
+            dt = self.cost.migration_ms(m.num_tokens) / 1e3
+            for i in (m.src, m.dst):
+                extra[i] = extra.get(i, 0.0) + dt
+            self.stats["migrations"] += 1
+        for g in plan.prefills:
+            for it in g.items:
+                for kr in it.keep:
+                    self.tables[kr.instance].append(it.request_id, kr.end - kr.begin)
+        for g in plan.decodes:
+            for it in g.items:
+                self.tables[it.master].append(it.request_id, 1)
+        return extra
+
+    def _duration_s(self, g: PrefillGroupPlan | DecodeGroupPlan) -> float:
+        if isinstance(g, PrefillGroupPlan):
+            return self.cost.prefill_ms(len(g.members), [len(it.token_ids) for it in g.items]) / 1e3
+        per_master: dict[int, int] = {}
+        per_member: dict[int, int] = {}
+        for it in g.items:
+            per_master[it.master] = per_master.get(it.master, 0) + 1
+            for inst, t in it.shards:
+                per_member[inst] = per_member.get(inst, 0) + t
+            per_member[it.master] = per_member.get(it.master, 0) + 1
+        return self.cost.decode_ms(max(per_master.values()), max(per_member.values())) / 1e3
+
+    def _result(self, plan_step: int, g) -> ClusterStepResult:
+        res = ClusterStepResult(plan_step)
+        for it in g.items:
+            res.sampled[it.request_id] = SIM_TOKEN
+        if self.check:
+            for i in g.members:
+                res.shard_tokens[i] = self.tables[i].summary()
+                res.free_blocks[i] = self.tables[i].pool.num_free
+        return res
+
+    # ----- the event loop --------------------------------------------------------------
+    def run(self, requests: Sequence[SimRequest], max_events: int = 50_000_000) -> SimResult:
+        """Serve every request; arrival_s None counts as 0."""
+        order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s or 0.0, i))
+        states = {f"r{i}": _ReqState(f"r{i}", requests[i].input_len, requests[i].output_len,
+                                     float(requests[i].arrival_s or 0.0)) for i in order}
+        arrivals = [f"r{i}" for i in order]
+        events: list = []          # (time, seq, group, plan_step, instances)
+        seq = itertools.count()
+        busy: set[int] = set()
+        now, a = 0.0, 0
+        unfinished = len(states)
+        records: list[RequestRecord] = []
+        for _ in range(max_events):
+            while a < len(arrivals) and states[arrivals[a]].arrival_s <= now:
+                st = states[arrivals[a]]
+                # Token ids do not matter to the policy; lengths do.
+                self.policy.add(st.rid, [SIM_TOKEN] * st.input_len)
+                a += 1
+            if unfinished == 0:
+                break
+            plan = self.policy.schedule(busy=frozenset(busy))
+            if not plan.is_empty:
+                self.stats["plans"] += 1
+                extra = self._apply(plan)
+                for g in plan.groups():
+                    for it in g.items:
+                        st = states[it.request_id]
+                        if st.first_scheduled_s is None:
+                            st.first_scheduled_s = now
+                    dt = self._duration_s(g) + max((extra.pop(i, 0.0) for i in g.members), default=0.0)
+                    busy.update(g.members)
+                    heapq.heappush(events, (now + dt, next(seq), g, plan.step, tuple(g.members)))
+                    self._count(g, dt)
+                for i, dt in extra.items():        # migrations outside any group
+                    busy.add(i)
+                    heapq.heappush(events, (now + dt, next(seq), None, plan.step, (i,)))
+                continue                           # more may fit on the remaining instances
+            next_arrival = states[arrivals[a]].arrival_s if a < len(arrivals) else None
+            if not events and next_arrival is None:
+                raise RuntimeError(f"simulation stuck at t={now:.3f}s with {unfinished} "
+                                   f"unfinished requests and nothing running (the policy "
+                                   f"cannot place them)")
+            if events and (next_arrival is None or events[0][0] <= next_arrival):
+                t, _, g, step, insts = heapq.heappop(events)
+                now = t
+                busy.difference_update(insts)
+                if g is None:
+                    continue
+                res = self._result(step, g)
+                self.policy.update(res, done=[it.request_id for it in g.items])
+                for it in g.items:
+                    st = states[it.request_id]
+                    st.produced += 1
+                    if st.first_token_s is None:
+                        st.first_token_s = now
+                    if st.produced >= st.output_len:
+                        records.append(RequestRecord(st.rid, st.arrival_s, st.first_token_s, now,
+                                                     st.input_len, st.output_len,
+                                                     st.first_scheduled_s))
+                        self.policy.finish(st.rid)
+                        unfinished -= 1
+            else:
+                now = next_arrival
+        else:
+            raise RuntimeError(f"simulation did not finish within {max_events} events")
+        # Release what the last finishes left behind, then check nothing leaked.
+        plan = self.policy.schedule(maintenance_only=True)
+        self._apply(plan)
+        leaked = {i: t.summary() for i, t in enumerate(self.tables) if t.summary()}
+        if leaked:
+            raise AssertionError(f"KV left after every request finished: {leaked}")
+        records.sort(key=lambda r: int(r.request_id[1:]))
+        return SimResult(records, now, self.stats)
+
+    def _count(self, g, dt: float) -> None:
+        s = self.stats
+        s["groups"] += 1
+        s["busy_instance_s"] += dt * len(g.members)
+        if isinstance(g, PrefillGroupPlan):
+            s["prefill_groups"] += 1
+            k = len(g.members)
+            s["prefill_group_sizes"][k] = s["prefill_group_sizes"].get(k, 0) + 1
+        else:
+            s["decode_groups"] += 1
