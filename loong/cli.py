@@ -52,7 +52,47 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object per output")
     _add_engine_args(gen)
     _add_sampling_args(gen)
+    sim = sub.add_parser("sim", help="simulate a cluster serving a workload (no model, no GPU)")
+    sim.add_argument("--workload", required=True,
+                     help="sharegpt, leval, lveval, mixed, zipf-<alpha>, azure-code, azure-conv, "
+                          "mooncake, arxiv or jsonl:PATH")
+    sim.add_argument("--policy", default="elastic", help="elastic, static-sp or simple")
+    sim.add_argument("--instances", type=int, default=4)
+    sim.add_argument("--rate", type=float, default=1.0,
+                     help="requests/s; 0 replays a trace's real arrival times")
+    sim.add_argument("--requests", type=int, default=500)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--preset", default="a800-lwm7b-tp2",
+                     help="cost-model preset name or a JSON file from the profiler")
+    sim.add_argument("--data-dir", default=None,
+                     help="folder with the trace files (default: ../shared/data when present)")
+    sim.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"])
+    sim.add_argument("--cv", type=float, default=1.0, help="gamma arrivals' coefficient of variation")
+    sim.add_argument("--json", default=None, help="write the metrics JSON here")
     return parser
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from loong.sim.run import run_simulation
+    from loong.sim.workloads import default_data_dir
+    out = run_simulation(args.workload, args.policy, args.instances,
+                         None if args.rate == 0 else args.rate, args.requests, args.seed,
+                         args.preset, args.data_dir or default_data_dir(), args.arrival, args.cv)
+    m = out["metrics"]
+    print(f"{args.policy} on {args.instances} instances, {args.workload} at "
+          f"{args.rate or 'trace'} req/s, {m['count']} requests, {out['simulated_s']:.1f} s "
+          f"simulated in {out['wall_s']:.1f} s")
+    for k in ("ttft", "tpot", "e2e", "per_token", "input_token", "output_token"):
+        v = m.get(k)
+        if v:
+            print(f"  {k:13s} mean {v['mean'] * 1e3:10.2f} ms  p50 {v['p50'] * 1e3:10.2f}  "
+                  f"p90 {v['p90'] * 1e3:10.2f}  p99 {v['p99'] * 1e3:10.2f}")
+    if m.get("slo"):
+        print(f"  normalized by the paper's SLO: {m['slo']['normalized']}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1)
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -120,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "sim":
+            return cmd_sim(args)
     except ValueError as e:  # InvalidRequestError and ModelLoadError are ValueErrors
         print(f"loong: error: {e}", file=sys.stderr)
         return 2

@@ -33,6 +33,8 @@ class ESPPolicyConfig:
     decode_masters: int | None = None       # None: sticky masters, scale up when full
     rotate_masters: bool = False            # with decode_masters: a new master set each step
     concurrent_prefill: bool = True         # prefill on instances the decode group leaves idle
+    balanced_keep: bool = False             # keep KV spread evenly over the group (static SP:
+                                            # no scale-down) instead of fullest-first
 
 
 @dataclass
@@ -188,7 +190,8 @@ class SimpleESPPolicy:
             n = len(r.tokens)
             if items and total + n > cfg.max_prefill_tokens:
                 break
-            keep, trial = _fill(n, fill, free, bs)
+            keep, trial = (_spread(n, sorted(members), free, bs) if cfg.balanced_keep
+                           else _fill(n, fill, free, bs))
             if keep is None:
                 break
             free = trial
@@ -331,3 +334,19 @@ def _fill(n: int, fill: list[int], free: dict[int, int], bs: int
         free[inst] -= _blocks(take, bs)
         pos += take
     return (keep, free) if pos == n else (None, free)
+
+
+def _spread(n: int, members: list[int], free: dict[int, int], bs: int
+            ) -> tuple[list[KeepRange] | None, dict[int, int]]:
+    """Keep ranges splitting n tokens evenly over members (static SP: no scale-down)."""
+    free = dict(free)
+    k = min(len(members), n)
+    keep, pos = [], 0
+    for j, inst in enumerate(members[:k]):
+        take = n // k + (1 if j < n % k else 0)
+        if _blocks(take, bs) > free[inst]:
+            return None, free
+        keep.append(KeepRange(inst, pos, pos + take))
+        free[inst] -= _blocks(take, bs)
+        pos += take
+    return keep, free
