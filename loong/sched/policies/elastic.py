@@ -22,8 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loong.sched.cluster_plan import (ClusterStepPlan, DecodeGroupPlan, PrefillGroupPlan,
-                                      PrefillItem, check_plan)
+from loong.sched.cluster_plan import ClusterStepPlan, DecodeGroupPlan, PrefillGroupPlan, check_plan
 from loong.sched.cost_model import CostModel
 from loong.sched.policies.dp_batching import dp_batching
 from loong.sched.policies.simple_esp import ESPPolicyConfig, SimpleESPPolicy, _blocks, _fill
@@ -146,15 +145,8 @@ class ElasticPolicy(SimpleESPPolicy):
                     continue
                 free = trial
                 self.waiting.remove(r)
-                items.append(PrefillItem(r.rid, tuple(r.tokens), tuple(keep)))
-                for kr in keep:
-                    r.placement[kr.instance] = kr.end - kr.begin
-                    self.used[kr.instance] += _blocks(kr.end - kr.begin, bs)
-                r.master = keep[-1].instance
-                self.running[r.rid] = r
-            if items:
-                self.stats["prefill_steps"] += 1
-                gs = self.stats["group_sizes"]
-                gs[len(members)] = gs.get(len(members), 0) + 1
-                groups.append(PrefillGroupPlan(tuple(sorted(members)), tuple(items)))
+                items.append(self._admit(r, keep))
+            g = self._prefill_group(members, items)
+            if g is not None:
+                groups.append(g)
         return groups

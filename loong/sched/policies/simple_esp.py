@@ -196,13 +196,20 @@ class SimpleESPPolicy:
                 break
             free = trial
             total += n
-            self.waiting.popleft()
-            items.append(PrefillItem(r.rid, tuple(r.tokens), tuple(keep)))
-            for kr in keep:
-                r.placement[kr.instance] = kr.end - kr.begin
-                self.used[kr.instance] += _blocks(kr.end - kr.begin, bs)
-            r.master = keep[-1].instance
-            self.running[r.rid] = r
+            self.waiting.remove(r)
+            items.append(self._admit(r, keep))
+        return self._prefill_group(members, items)
+
+    def _admit(self, r: _Req, keep: list[KeepRange]) -> PrefillItem:
+        """Start prefilling r with these keep ranges: placement, block mirror, running."""
+        for kr in keep:
+            r.placement[kr.instance] = kr.end - kr.begin
+            self.used[kr.instance] += _blocks(kr.end - kr.begin, self.cfg.block_size)
+        r.master = keep[-1].instance
+        self.running[r.rid] = r
+        return PrefillItem(r.rid, tuple(r.tokens), tuple(keep))
+
+    def _prefill_group(self, members, items: list[PrefillItem]) -> PrefillGroupPlan | None:
         if not items:
             return None
         self.stats["prefill_steps"] += 1
