@@ -8,6 +8,7 @@ inherited from LLMEngine unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -47,7 +48,6 @@ class ClusterEngine(LLMEngine):
             max_prefill_tokens=cfg.max_num_batched_tokens * ex.num_instances,
             max_num_seqs=cfg.max_num_seqs, prefill_group_size=cfg.prefill_group_size,
             decode_masters=cfg.decode_masters, rotate_masters=cfg.rotate_masters))
-        self.capacity_tokens = ex.blocks_per_instance * cfg.block_size * ex.num_instances
         self._creqs: dict[str, _ClusterRequest] = {}
         self.counters = {i: InstanceCounters() for i in range(ex.num_instances)}
         self.want_logits = False          # tests: keep each request's prefill logits in .logits
@@ -77,8 +77,7 @@ class ClusterEngine(LLMEngine):
     def _backend_step(self) -> StepOutcome | None:
         plan = self.policy.schedule()
         if self.want_logits:
-            plan = ClusterStepPlan(plan.step, plan.releases, plan.migrations, plan.prefills,
-                                   plan.decodes, plan.preempted, want_logits=True)
+            plan = dataclasses.replace(plan, want_logits=True)
         if plan.is_empty:
             if self.policy.waiting and not self.policy.running:
                 raise RuntimeError(

@@ -11,7 +11,6 @@ Pure Python + numpy: never imports torch (the policy and the simulator use it).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
@@ -215,8 +214,3 @@ def load_cost_model(name_or_path: str) -> CostModel:
     except FileNotFoundError:
         raise ValueError(f"cost model {name_or_path!r} is neither a preset {sorted(PRESETS)} "
                          f"nor a JSON file") from None
-
-
-def ideal_prefill_speedup(model: CostModel, lengths: Sequence[int], g: int) -> float:
-    """T_1 / T_g for one batch: how much a group of g speeds this prefill up."""
-    return model.prefill_ms(1, lengths) / model.prefill_ms(g, lengths) if g >= 1 else math.nan

@@ -78,9 +78,6 @@ class Comm:
         finally:
             self.counters.comm_wait_s += time.perf_counter() - t0
 
-    def send(self, t: torch.Tensor, peer: int, tag: int) -> None:
-        self.wait(self.isend(t, peer, tag))
-
     def recv(self, t: torch.Tensor, peer: int, tag: int) -> torch.Tensor:
         self.wait(self.irecv(t, peer, tag))
         return t

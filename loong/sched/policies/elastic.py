@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loong.sched.cluster_plan import ClusterStepPlan, DecodeGroupPlan, PrefillGroupPlan, check_plan
+from loong.sched.cluster_plan import ClusterStepPlan, DecodeGroupPlan, PrefillGroupPlan
 from loong.sched.cost_model import CostModel
 from loong.sched.policies.dp_batching import dp_batching
 from loong.sched.policies.simple_esp import ESPPolicyConfig, SimpleESPPolicy, _blocks, _fill
@@ -81,13 +81,7 @@ class ElasticPolicy(SimpleESPPolicy):
                 k = len(prefills)
                 ps = self.stats["prefill_groups_per_step"]
                 ps[k] = ps.get(k, 0) + 1
-        plan = ClusterStepPlan(self._step, tuple(self._releases), tuple(self._migrations),
-                               tuple(prefills), decodes, tuple(preempted))
-        self._releases, self._migrations = [], []
-        for g in plan.groups():
-            self._in_flight.update(it.request_id for it in g.items)
-        check_plan(plan, n)
-        return plan
+        return self._emit(prefills, decodes, preempted)
 
     # ----- step 1: dispatch ------------------------------------------------------------
     def _head_fits_beside_decodes(self, free: list[int]) -> bool:

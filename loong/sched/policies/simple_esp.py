@@ -168,12 +168,17 @@ class SimpleESPPolicy:
                         prefills = (g,)
                     self._side_blocked = g is None
             self._last_prefill = bool(prefills)
+        return self._emit(prefills, decodes, preempted)
+
+    def _emit(self, prefills, decodes, preempted: list[str]) -> ClusterStepPlan:
+        """The step's plan: pending releases and migrations plus these groups, checked;
+        the groups' requests are in flight until their results come back."""
         plan = ClusterStepPlan(self._step, tuple(self._releases), tuple(self._migrations),
-                               prefills, decodes, tuple(preempted))
+                               tuple(prefills), tuple(decodes), tuple(preempted))
         self._releases, self._migrations = [], []
         for g in plan.groups():
             self._in_flight.update(it.request_id for it in g.items)
-        check_plan(plan, n)
+        check_plan(plan, self.cfg.num_instances)
         return plan
 
     def _plan_prefill(self, allowed) -> PrefillGroupPlan | None:
