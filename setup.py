@@ -7,7 +7,7 @@ setup(
     description="Long-context LLM serving with elastic sequence parallelism",
     python_requires=">=3.10",
     packages=find_packages(include=["loong", "loong.*"]),
-    package_data={"loong": ["ARCHITECTURE.md"]},
+    package_data={"loong": ["ARCHITECTURE.md", "sched/presets/*.json", "sched/presets/*.md"]},
     install_requires=[
         "torch>=2.4",
         "numpy",

@@ -11,6 +11,7 @@ Pure Python + numpy: never imports torch (the policy and the simulator use it).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
@@ -196,21 +197,34 @@ def _a800_lwm7b_tp2() -> CostModel:
 
 
 PRESETS = {"a800-lwm7b-tp2": _a800_lwm7b_tp2}
+# Presets measured by `loong profile` ship as JSON beside their write-ups.
+PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
+
+
+def preset_names() -> list[str]:
+    files = [f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".json")] \
+        if os.path.isdir(PRESET_DIR) else []
+    return sorted(set(PRESETS) | set(files))
 
 
 def get_preset(name: str) -> CostModel:
-    if name not in PRESETS:
-        raise ValueError(f"unknown cost-model preset {name!r}; known: {sorted(PRESETS)}")
-    return PRESETS[name]()
+    if name in PRESETS:
+        return PRESETS[name]()
+    path = os.path.join(PRESET_DIR, name + ".json")
+    if "/" not in name and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return CostModel.from_json(f.read())
+    raise ValueError(f"unknown cost-model preset {name!r}; known: {preset_names()}")
 
 
 def load_cost_model(name_or_path: str) -> CostModel:
-    """A preset name, or a path to a JSON file written by `CostModel.to_json`."""
-    if name_or_path in PRESETS:
+    """A preset name (built in or a JSON file in loong/sched/presets/), or a path to a JSON
+    file written by `CostModel.to_json`."""
+    if name_or_path in preset_names():
         return get_preset(name_or_path)
     try:
         with open(name_or_path, encoding="utf-8") as f:
             return CostModel.from_json(f.read())
     except FileNotFoundError:
-        raise ValueError(f"cost model {name_or_path!r} is neither a preset {sorted(PRESETS)} "
+        raise ValueError(f"cost model {name_or_path!r} is neither a preset {preset_names()} "
                          f"nor a JSON file") from None
