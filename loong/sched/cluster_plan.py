@@ -77,6 +77,30 @@ class DecodeGroupPlan:
 
 
 @dataclass(frozen=True)
+class ChunkItem:
+    """Compute tokens [start, start + len(token_ids)) of one request on a replica: a prompt
+    chunk (chunked prefill) or one decode token. KV of [0, start) is already held by the
+    replica; `keep` tiles [start, start + len) over the replica's members. `sample`: the
+    chunk ends at the request's last known token, so the next one is sampled."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    start: int
+    sample: bool
+    keep: tuple[KeepRange, ...]
+
+
+@dataclass(frozen=True)
+class BatchGroupPlan:
+    """One continuous-batching iteration of a replica: `members` act as one tensor-parallel
+    unit (the chunked-prefill and PD-disaggregation baselines). Simulated; the real
+    executor does not run these groups yet."""
+
+    members: tuple[int, ...]
+    items: tuple[ChunkItem, ...]
+
+
+@dataclass(frozen=True)
 class MigrationPlan:
     """Move the last `num_tokens` tokens (storage order) of a shard from `src` to `dst`."""
 
@@ -95,15 +119,17 @@ class ClusterStepPlan:
     migrations: tuple[MigrationPlan, ...] = ()
     prefills: tuple[PrefillGroupPlan, ...] = ()
     decodes: tuple[DecodeGroupPlan, ...] = ()
+    batches: tuple[BatchGroupPlan, ...] = ()  # replica iterations (baselines)
     preempted: tuple[str, ...] = ()           # released this step to be recomputed later
     want_logits: bool = False                 # return the sampled rows' logits (tests)
 
     @property
     def is_empty(self) -> bool:
-        return not (self.releases or self.migrations or self.prefills or self.decodes)
+        return not (self.releases or self.migrations or self.prefills or self.decodes
+                    or self.batches)
 
-    def groups(self) -> list[PrefillGroupPlan | DecodeGroupPlan]:
-        return [*self.prefills, *self.decodes]
+    def groups(self) -> list[PrefillGroupPlan | DecodeGroupPlan | BatchGroupPlan]:
+        return [*self.prefills, *self.decodes, *self.batches]
 
 
 @dataclass
@@ -142,7 +168,8 @@ def check_plan(plan: ClusterStepPlan, num_instances: int) -> None:
     """Structural invariants every executor relies on; raises PlanError naming the fault."""
     used: dict[int, str] = {}
     for g in plan.groups():
-        kind = "prefill" if isinstance(g, PrefillGroupPlan) else "decode"
+        kind = ("prefill" if isinstance(g, PrefillGroupPlan) else
+                "decode" if isinstance(g, DecodeGroupPlan) else "batch")
         if not g.members or len(set(g.members)) != len(g.members):
             raise PlanError(f"{kind} group members {g.members} must be distinct and non-empty")
         for m in g.members:
@@ -180,6 +207,21 @@ def check_plan(plan: ClusterStepPlan, num_instances: int) -> None:
             if it.context_len != it.position:
                 raise PlanError(f"decode of {it.request_id!r}: shards hold {it.context_len} tokens, "
                                 f"position is {it.position}")
+    for g in plan.batches:
+        for it in g.items:
+            _check_once(it.request_id, seen)
+            if not it.token_ids or it.start < 0:
+                raise PlanError(f"batch item of {it.request_id!r} has no tokens or a bad start")
+            pos, end = it.start, it.start + len(it.token_ids)
+            for kr in it.keep:
+                if kr.instance not in g.members:
+                    raise PlanError(f"{it.request_id!r} keeps KV on {kr.instance}, not in replica {g.members}")
+                if kr.begin != pos or kr.end <= kr.begin:
+                    raise PlanError(f"{it.request_id!r}: keep ranges must tile [{it.start}, {end}) "
+                                    f"in order; got {it.keep}")
+                pos = kr.end
+            if pos != end:
+                raise PlanError(f"{it.request_id!r}: keep ranges cover up to {pos}, the chunk ends at {end}")
     released = set(plan.releases)
     for m in plan.migrations:
         if m.request_id in released:

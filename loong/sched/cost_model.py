@@ -48,6 +48,10 @@ class CostModel:
     tokens_per_instance: int                   # KV capacity of one instance
     notes: str = ""
     fit_error: dict = field(default_factory=dict)   # mean relative errors of the fit
+    # Replicas of k instances acting as one tensor-parallel unit (the chunked-prefill and
+    # PD-disaggregation baselines); k = 1 falls back to `prefill[1]` and `decode`.
+    tp_prefill: dict[int, PrefillCoeffs] = field(default_factory=dict)
+    tp_decode: dict[int, DecodeCoeffs] = field(default_factory=dict)
 
     # ----- predictions ---------------------------------------------------------------
     def prefill_coeffs(self, g: int) -> PrefillCoeffs:
@@ -73,13 +77,45 @@ class CostModel:
     def decode_ms(self, max_mini_batch: int, max_member_context: int) -> float:
         return self.decode.time_ms(max_mini_batch, max_member_context)
 
+    def replica_coeffs(self, k: int) -> tuple[PrefillCoeffs, DecodeCoeffs]:
+        """Coefficients of a replica of k instances (tensor parallel over them). Sizes not
+        given scale ideally from one instance (every term divided by k)."""
+        if k < 1:
+            raise ValueError(f"replica size must be >= 1, got {k}")
+        p1, d1 = self.prefill_coeffs(1), self.decode
+        pre = self.tp_prefill.get(k) or (p1 if k == 1 else PrefillCoeffs(
+            p1.a_ms, p1.b_ms_per_token / k, p1.c_ms_per_token2 / k))
+        dec = self.tp_decode.get(k) or (d1 if k == 1 else DecodeCoeffs(
+            d1.a_ms / k, d1.b_ms_per_request / k, d1.c_ms_per_context_token / k))
+        return pre, dec
+
+    def batch_ms(self, k: int, chunks: Iterable[tuple[int, int]],
+                 decode_contexts: Sequence[int]) -> float:
+        """One iteration of a k-instance replica running a mixed batch (continuous batching,
+        chunked prefill). `chunks`: (tokens already held, chunk length) per prompt chunk;
+        `decode_contexts`: the context length of each decode request.
+
+        A chunk of n tokens after p held costs the prefill form with l^2 replaced by
+        (p + n)^2 - p^2 (its causal attention over the prefix); each decode token adds one
+        token of linear work and its context read. Without chunks it is the decode step."""
+        pre, dec = self.replica_coeffs(k)
+        d, ctx = len(decode_contexts), sum(decode_contexts)
+        sum_n = sum_sq = 0
+        for p, n in chunks:
+            sum_n += n
+            sum_sq += (p + n) * (p + n) - p * p
+        if sum_n == 0:
+            return dec.time_ms(d, ctx)
+        return pre.time_ms(sum_n + d, sum_sq) + dec.c_ms_per_context_token * ctx
+
     def migration_ms(self, tokens: int) -> float:
         return tokens * self.kv_bytes_per_token / self.migration_bytes_per_s * 1e3
 
     # ----- persistence ---------------------------------------------------------------
     def to_json(self) -> str:
         d = asdict(self)
-        d["prefill"] = {str(k): v for k, v in d["prefill"].items()}
+        for key in ("prefill", "tp_prefill", "tp_decode"):
+            d[key] = {str(k): v for k, v in d[key].items()}
         return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
@@ -89,7 +125,9 @@ class CostModel:
             prefill = {int(k): PrefillCoeffs(**v) for k, v in d["prefill"].items()}
             return cls(d["name"], prefill, DecodeCoeffs(**d["decode"]),
                        float(d["migration_bytes_per_s"]), int(d["kv_bytes_per_token"]),
-                       int(d["tokens_per_instance"]), d.get("notes", ""), d.get("fit_error", {}))
+                       int(d["tokens_per_instance"]), d.get("notes", ""), d.get("fit_error", {}),
+                       {int(k): PrefillCoeffs(**v) for k, v in d.get("tp_prefill", {}).items()},
+                       {int(k): DecodeCoeffs(**v) for k, v in d.get("tp_decode", {}).items()})
         except (KeyError, TypeError) as e:
             raise ValueError(f"cost model JSON is missing or has a bad field: {e}") from e
 
@@ -192,6 +230,10 @@ def _a800_lwm7b_tp2() -> CostModel:
         "a800-lwm7b-tp2", prefill, DecodeCoeffs(10.0, 0.08, 1.64e-4),
         migration_bytes_per_s=400e9 * 2, kv_bytes_per_token=512 * 1024,
         tokens_per_instance=210_000,
+        # TP4 and TP8 over 2 and 4 instances (the baselines' replicas): TP8 fitted to
+        # Figure 3's TP8 rows, TP4 in between (geometric); see A800_LWM7B.md.
+        tp_prefill={2: PrefillCoeffs(15.0, 0.02371, 3.58e-7), 4: PrefillCoeffs(15.0, 0.01509, 1.759e-7)},
+        tp_decode={2: DecodeCoeffs(10.0, 0.035, 8.2e-5), 4: DecodeCoeffs(9.85, 0.0157, 4.1e-5)},
         notes="derived from LoongServe's published figures and first principles; "
               "see loong/sched/presets/A800_LWM7B.md")
 

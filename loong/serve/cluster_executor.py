@@ -153,6 +153,9 @@ class ClusterExecutor:
         if self.broken:
             raise ClusterError(f"the cluster is down ({self.broken}); start a new one")
         check_plan(plan, self.num_instances)
+        if plan.batches:
+            raise ValueError("plan: replica batch groups (the chunked-prefill and pd-disagg "
+                             "baselines) run in the simulator only; use an ESP policy here")
         involved: set[int] = set()
         for g in plan.groups():
             involved.update(g.members)

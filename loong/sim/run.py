@@ -13,7 +13,10 @@ from typing import Callable
 from loong.sched.cost_model import CostModel, load_cost_model
 from loong.sched.metrics import PAPER_SLOS, summarize
 from loong.sched.policies.elastic import ElasticPolicy
+from loong.sched.policies.pd_disagg import PDDisaggPolicy
+from loong.sched.policies.replica_batching import ReplicaConfig, ReplicaPolicy
 from loong.sched.policies.simple_esp import ESPPolicyConfig, SimpleESPPolicy
+from loong.sched.queues import QueueDiscipline
 from loong.sim.arrivals import assign_arrivals, gamma_arrivals, poisson_arrivals
 from loong.sim.simulator import Simulator
 from loong.sim.workloads import build_workload
@@ -36,14 +39,51 @@ def _static_sp(cfg: ESPPolicyConfig, cost: CostModel):
         balanced_keep=True))
 
 
-POLICIES: dict[str, Callable] = {"elastic": _elastic, "static-sp": _static_sp, "simple": _simple}
+# The paper's baselines on one 8-GPU node (4 of our TP2 instances): LightLLM SplitFuse and
+# vLLM as one TP8 replica (4 instances), DistServe as a TP4 prefill replica and a TP2 x PP2
+# decode replica (2 instances each). Token budgets per workload are the paper's SplitFuse
+# block sizes.
+SPLITFUSE_BUDGET = {"sharegpt": 256, "leval": 2048, "lveval": 16384, "mixed": 2048, "zipf": 512}
+
+
+def default_replica_size(policy: str, instances: int) -> int:
+    if policy == "pd-disagg":
+        return 2 if instances % 4 == 0 else 1
+    return 4 if instances % 4 == 0 else instances
+
+
+def _replica_cfg(cfg: ESPPolicyConfig, replica_size: int | None, budget: int | None,
+                 policy: str) -> ReplicaConfig:
+    k = replica_size or default_replica_size(policy, cfg.num_instances)
+    return ReplicaConfig(cfg.num_instances, cfg.blocks_per_instance, cfg.block_size,
+                         replica_size=k, token_budget=budget,
+                         max_num_seqs=cfg.max_num_seqs, max_prefill_tokens=cfg.max_prefill_tokens)
+
+
+def _chunked(cfg, cost, replica_size=None, token_budget=2048):
+    return ReplicaPolicy(_replica_cfg(cfg, replica_size, token_budget, "chunked-prefill"))
+
+
+def _vllm(cfg, cost, replica_size=None, token_budget=None):
+    return ReplicaPolicy(_replica_cfg(cfg, replica_size, None, "vllm"))
+
+
+def _pd(cfg, cost, replica_size=None, token_budget=None):
+    rc = _replica_cfg(cfg, replica_size, None, "pd-disagg")
+    return PDDisaggPolicy(rc, prefill_instances=max(rc.replica_size, cfg.num_instances // 2))
+
+
+POLICIES: dict[str, Callable] = {"elastic": _elastic, "static-sp": _static_sp, "simple": _simple,
+                                 "chunked-prefill": _chunked, "vllm": _vllm, "pd-disagg": _pd}
+REPLICA_POLICIES = ("chunked-prefill", "vllm", "pd-disagg")
 
 
 def run_simulation(workload: str, policy: str = "elastic", instances: int = 4,
                    rate: float | None = 1.0, requests: int | None = 500, seed: int = 0,
                    preset: str = "a800-lwm7b-tp2", data_dir: str | None = None,
                    arrival: str = "poisson", cv: float = 1.0, block_size: int = 16,
-                   max_num_seqs: int = 1024) -> dict:
+                   max_num_seqs: int = 1024, queue: str = "fcfs",
+                   replica_size: int | None = None, token_budget: int | None = None) -> dict:
     """Simulate one run; returns a JSON-ready dict (config, metrics, simulator and policy
     statistics). rate None replays a trace's real arrival times."""
     if policy not in POLICIES:
@@ -65,23 +105,32 @@ def run_simulation(workload: str, policy: str = "elastic", instances: int = 4,
     else:
         raise ValueError(f"arrival: {arrival!r} is not 'poisson' or 'gamma'")
     blocks = cost.tokens_per_instance // block_size
-    capacity = instances * blocks * block_size
-    too_long = [r for r in reqs if r.input_len + r.output_len > capacity - instances * block_size]
-    if too_long:
-        raise ValueError(f"workload: {len(too_long)} requests need more KV than {instances} "
-                         f"instances hold ({capacity} tokens), e.g. {too_long[0].input_len} "
-                         f"prompt tokens; use more instances")
     cfg = ESPPolicyConfig(instances, blocks, block_size, max_prefill_tokens=500_000,
                           max_num_seqs=max_num_seqs)
-    pol = POLICIES[policy](cfg, cost)
+    base = workload.split(":")[0]
+    if policy in REPLICA_POLICIES:
+        budget = token_budget or SPLITFUSE_BUDGET.get("zipf" if base.startswith("zipf") else base, 2048)
+        pol = POLICIES[policy](cfg, cost, replica_size, budget)
+    else:
+        pol = POLICIES[policy](cfg, cost)
+    pol.queue = QueueDiscipline(queue, cost)
+    capacity = pol.max_request_tokens()
+    too_long = [r for r in reqs if r.input_len + r.output_len > capacity]
+    if too_long:
+        raise ValueError(f"workload: {len(too_long)} requests need more KV than one {policy} "
+                         f"{'replica' if policy in REPLICA_POLICIES else 'cluster'} of "
+                         f"{instances} instances holds ({capacity} tokens), e.g. "
+                         f"{too_long[0].input_len}+{too_long[0].output_len} tokens; use more "
+                         f"instances or a larger replica")
     t0 = time.perf_counter()
     res = Simulator(pol, cost, instances, blocks, block_size).run(reqs)
     wall = time.perf_counter() - t0
-    base = workload.split(":")[0]
     slo = PAPER_SLOS.get(base) or (PAPER_SLOS["mixed"] if base.startswith("zipf") else None)
     metrics = summarize(res.records, slo)
     return {"config": {"workload": workload, "policy": policy, "instances": instances,
                        "rate": rate, "requests": n, "seed": seed, "preset": preset,
-                       "arrival": arrival, "cv": cv, "block_size": block_size},
+                       "arrival": arrival, "cv": cv, "block_size": block_size, "queue": queue,
+                       "replica_size": getattr(getattr(pol, "cfg", None), "replica_size", None),
+                       "token_budget": getattr(getattr(pol, "cfg", None), "token_budget", None)},
             "metrics": metrics, "simulated_s": res.end_s, "wall_s": wall,
             "simulator": res.stats, "policy": pol.stats}

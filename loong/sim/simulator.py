@@ -22,8 +22,8 @@ from typing import Protocol, Sequence
 
 from loong.kv.block_pool import BlockPool
 from loong.kv.shards import ShardTable
-from loong.sched.cluster_plan import (ClusterStepPlan, ClusterStepResult, DecodeGroupPlan,
-                                      PrefillGroupPlan)
+from loong.sched.cluster_plan import (BatchGroupPlan, ClusterStepPlan, ClusterStepResult,
+                                      DecodeGroupPlan, PrefillGroupPlan)
 from loong.sched.cost_model import CostModel
 from loong.sched.metrics import RequestRecord
 
@@ -95,9 +95,18 @@ class Simulator:
         for g in plan.decodes:
             for it in g.items:
                 self.tables[it.master].append(it.request_id, 1)
+        for g in plan.batches:
+            for it in g.items:
+                for kr in it.keep:
+                    self.tables[kr.instance].append(it.request_id, kr.end - kr.begin)
         return extra
 
-    def _duration_s(self, g: PrefillGroupPlan | DecodeGroupPlan) -> float:
+    def _duration_s(self, g: PrefillGroupPlan | DecodeGroupPlan | BatchGroupPlan) -> float:
+        if isinstance(g, BatchGroupPlan):
+            # One-token items are decodes (their context is `start`); longer ones chunks.
+            chunks = [(it.start, len(it.token_ids)) for it in g.items if len(it.token_ids) > 1]
+            decodes = [it.start for it in g.items if len(it.token_ids) == 1]
+            return self.cost.batch_ms(len(g.members), chunks, decodes) / 1e3
         if isinstance(g, PrefillGroupPlan):
             return self.cost.prefill_ms(len(g.members), [len(it.token_ids) for it in g.items]) / 1e3
         per_master: dict[int, int] = {}
@@ -111,7 +120,7 @@ class Simulator:
 
     def _result(self, plan_step: int, g) -> ClusterStepResult:
         res = ClusterStepResult(plan_step)
-        for it in g.items:
+        for it in _sampled_items(g):
             res.sampled[it.request_id] = SIM_TOKEN
         if self.check:
             for i in g.members:
@@ -154,6 +163,10 @@ class Simulator:
                     heapq.heappush(events, (now + dt, next(seq), g, plan.step, tuple(g.members)))
                     self._count(g, dt)
                 for i, dt in extra.items():        # migrations outside any group
+                    if i in busy:
+                        # The instance is running an earlier group: the transfer overlaps
+                        # it (copy engines, as DistServe's KV pull), no extra time.
+                        continue
                     busy.add(i)
                     heapq.heappush(events, (now + dt, next(seq), None, plan.step, (i,)))
                 continue                           # more may fit on the remaining instances
@@ -170,7 +183,7 @@ class Simulator:
                     continue
                 res = self._result(step, g)
                 self.policy.update(res, done=[it.request_id for it in g.items])
-                for it in g.items:
+                for it in _sampled_items(g):
                     st = states[it.request_id]
                     st.produced += 1
                     if st.first_token_s is None:
@@ -198,9 +211,16 @@ class Simulator:
         s = self.stats
         s["groups"] += 1
         s["busy_instance_s"] += dt * len(g.members)
-        if isinstance(g, PrefillGroupPlan):
+        if isinstance(g, BatchGroupPlan):
+            s["batch_groups"] = s.get("batch_groups", 0) + 1
+        elif isinstance(g, PrefillGroupPlan):
             s["prefill_groups"] += 1
             k = len(g.members)
             s["prefill_group_sizes"][k] = s["prefill_group_sizes"].get(k, 0) + 1
         else:
             s["decode_groups"] += 1
+
+
+def _sampled_items(g):
+    """Items of a group that sample a token (every item but a replica's mid-prompt chunks)."""
+    return [it for it in g.items if getattr(it, "sample", True)]

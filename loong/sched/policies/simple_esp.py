@@ -13,6 +13,7 @@ because a shard of t tokens always occupies exactly ceil(t / block_size) blocks.
 """
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -20,6 +21,7 @@ from typing import Iterable
 from loong.sched.cluster_plan import (ClusterStepPlan, ClusterStepResult, DecodeGroupPlan,
                                       DecodeItem, KeepRange, MigrationPlan, PlanError,
                                       PrefillGroupPlan, PrefillItem, check_plan)
+from loong.sched.queues import QueueDiscipline
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class _Req:
     tokens: list[int]                         # prompt + outputs so far
     placement: dict[int, int] = field(default_factory=dict)   # instance -> tokens held
     master: int | None = None
+    prompt_len: int = 0
+    qkey: tuple = ()                          # queue-discipline sort key while waiting
 
 
 class SimpleESPPolicy:
@@ -62,13 +66,22 @@ class SimpleESPPolicy:
         self._in_flight: set[str] = set()   # requests in a group that has not reported yet
         self._releases: list[str] = []
         self._migrations: list[MigrationPlan] = []
+        # The waiting queue's order (FCFS unless a caller sets another discipline).
+        self.queue = QueueDiscipline()
         self.stats = {"prefill_steps": 0, "decode_steps": 0, "scale_ups": 0, "preemptions": 0,
                       "migrations": 0, "migrated_tokens": 0, "group_sizes": {}, "masters": {}}
 
     # ----- requests ------------------------------------------------------------------
     def add(self, rid: str, prompt_token_ids: list[int]) -> None:
-        self.waiting.append(_Req(rid, self._seq, list(prompt_token_ids)))
+        self._enqueue(_Req(rid, self._seq, list(prompt_token_ids),
+                           prompt_len=len(prompt_token_ids)), preempted=False)
         self._seq += 1
+
+    def _enqueue(self, r: _Req, preempted: bool) -> None:
+        """Insert r into the waiting queue at its discipline's place (stable)."""
+        r.qkey = self.queue.key(r.seq, r.prompt_len, len(r.tokens), preempted)
+        i = bisect.bisect_right(self.waiting, r.qkey, key=lambda q: q.qkey)
+        self.waiting.insert(i, r)
 
     def finish(self, rid: str) -> None:
         """Drop a request (finished or aborted); its KV is released with the next plan."""
@@ -78,6 +91,7 @@ class SimpleESPPolicy:
         r = self.running.pop(rid, None)
         self._in_flight.discard(rid)
         if r is not None:
+            self.queue.predictor.observe(r.prompt_len, len(r.tokens) - r.prompt_len)
             self._drop_placement(r)
             self._releases.append(rid)
         self._migrations = [m for m in self._migrations if m.request_id != rid]
@@ -173,8 +187,9 @@ class SimpleESPPolicy:
     def _emit(self, prefills, decodes, preempted: list[str]) -> ClusterStepPlan:
         """The step's plan: pending releases and migrations plus these groups, checked;
         the groups' requests are in flight until their results come back."""
-        plan = ClusterStepPlan(self._step, tuple(self._releases), tuple(self._migrations),
-                               tuple(prefills), tuple(decodes), tuple(preempted))
+        plan = ClusterStepPlan(self._step, releases=tuple(self._releases),
+                               migrations=tuple(self._migrations), prefills=tuple(prefills),
+                               decodes=tuple(decodes), preempted=tuple(preempted))
         self._releases, self._migrations = [], []
         for g in plan.groups():
             self._in_flight.update(it.request_id for it in g.items)
@@ -295,7 +310,7 @@ class SimpleESPPolicy:
         self._releases.append(r.rid)
         self._migrations = [m for m in self._migrations if m.request_id != r.rid]
         r.master = None
-        self.waiting.appendleft(r)
+        self._enqueue(r, preempted=True)
         self.stats["preemptions"] += 1
 
     def _drop_placement(self, r: _Req) -> None:

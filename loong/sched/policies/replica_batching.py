@@ -1,0 +1,330 @@
+"""ReplicaPolicy: the data-parallel baselines, each request served whole by one replica.
+
+A replica is a fixed tuple of instances acting as one tensor-parallel unit (a replica of
+one instance is plain data parallelism). Requests join the least-loaded replica when they
+arrive (KV in use plus queued prompts: a load balancer in front of replicas) and stay
+there. Each replica runs continuous batching on its own, one `BatchGroupPlan` per
+iteration:
+- chunked prefill (vLLM/Sarathi, LightLLM SplitFuse): `token_budget` tokens per iteration,
+  running decodes first, then the unfinished prompt chunks, then new requests;
+- without a budget (vLLM v0.3, the paper's vLLM baseline): a prefill-only iteration of
+  whole prompts whenever the queue's head fits, decode iterations otherwise.
+Admission needs free blocks for the request's whole remaining tokens plus a watermark;
+a decode that cannot grow preempts the replica's newest request by recompute. The KV of a
+replica's requests is spread over its members (most room first), which is how much room
+tensor parallelism gives. `PDDisaggPolicy` (pd_disagg.py) builds on this with prefill and
+decode roles. Pure Python: never imports torch. Invariant: the block mirror `used` equals
+what the instances hold (a shard of t tokens occupies ceil(t / block_size) blocks).
+"""
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from loong.sched.cluster_plan import (BatchGroupPlan, ChunkItem, ClusterStepPlan,
+                                      ClusterStepResult, KeepRange, MigrationPlan, PlanError,
+                                      check_plan)
+from loong.sched.queues import QueueDiscipline
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    num_instances: int
+    blocks_per_instance: int
+    block_size: int
+    replica_size: int = 1               # instances per replica (tensor parallel over them)
+    token_budget: int | None = 2048     # tokens per iteration; None: whole prompts, prefill first
+    max_num_seqs: int = 256             # running requests per replica
+    max_prefill_tokens: int = 500_000   # per prefill-only iteration (no budget)
+    watermark: float = 0.01             # share of a replica's blocks kept free at admission
+
+    def __post_init__(self) -> None:
+        if self.replica_size < 1 or self.num_instances % self.replica_size:
+            raise ValueError(f"replica_size: {self.replica_size} must divide the "
+                             f"{self.num_instances} instances")
+        if self.token_budget is not None and self.token_budget < 1:
+            raise ValueError(f"token_budget: must be >= 1 or None, got {self.token_budget}")
+
+
+@dataclass
+class _Req:
+    rid: str
+    seq: int
+    tokens: list[int]                   # prompt + outputs so far
+    prompt_len: int
+    replica: int
+    computed: int = 0                   # tokens whose KV the replica holds
+    placement: dict[int, int] = field(default_factory=dict)
+    qkey: tuple = ()
+
+
+class ReplicaPolicy:
+    def __init__(self, cfg: ReplicaConfig, replicas: list[tuple[int, ...]] | None = None,
+                 roles: list[str] | None = None) -> None:
+        self.cfg = cfg
+        k = cfg.replica_size
+        self.replicas = replicas or [tuple(range(i, i + k)) for i in range(0, cfg.num_instances, k)]
+        # "mixed": prefill and decode; "prefill"/"decode": PD disaggregation's roles.
+        self.roles = roles or ["mixed"] * len(self.replicas)
+        self.used = [0] * cfg.num_instances
+        self.waiting = [deque() for _ in self.replicas]
+        self.running: list[dict[str, _Req]] = [{} for _ in self.replicas]
+        self.reqs: dict[str, _Req] = {}
+        self._in_flight: dict[str, int] = {}     # request -> tokens of its planned chunk
+        self._releases: list[str] = []
+        self._migrations: list[MigrationPlan] = []
+        self._seq = 0
+        self._step = 0
+        self.queue = QueueDiscipline()
+        self.stats = {"iterations": 0, "prefill_only": 0, "mixed": 0, "decode_only": 0,
+                      "preemptions": 0, "transfers": 0, "transferred_tokens": 0}
+
+    # ----- requests ------------------------------------------------------------------
+    def add(self, rid: str, prompt_token_ids: list[int]) -> None:
+        r = _Req(rid, self._seq, list(prompt_token_ids), len(prompt_token_ids), replica=-1)
+        self._seq += 1
+        self.reqs[rid] = r
+        self._enqueue(r, self._least_loaded(r, "prefill"), preempted=False)
+
+    def finish(self, rid: str) -> None:
+        r = self.reqs.pop(rid, None)
+        if r is None:
+            return
+        self._in_flight.pop(rid, None)
+        if r in self.waiting[r.replica]:
+            self.waiting[r.replica].remove(r)
+        self.running[r.replica].pop(rid, None)
+        self.queue.predictor.observe(r.prompt_len, len(r.tokens) - r.prompt_len)
+        if r.placement:
+            self._drop(r)
+            self._releases.append(rid)
+
+    def _least_loaded(self, r: _Req, want: str) -> int:
+        """The replica with the least KV in use plus queued prompt blocks, among those of
+        role `want` ("prefill": replicas that take new requests; "decode")."""
+        ok = [i for i, role in enumerate(self.roles)
+              if role == "mixed" or role == want]
+
+        def load(i: int) -> tuple[float, int]:
+            queued = sum(_blocks(len(q.tokens), self.cfg.block_size) for q in self.waiting[i])
+            return ((sum(self.used[m] for m in self.replicas[i]) + queued)
+                    / len(self.replicas[i]), i)
+        return min(ok, key=load)
+
+    def _enqueue(self, r: _Req, replica: int, preempted: bool) -> None:
+        r.replica = replica
+        r.qkey = self.queue.key(r.seq, r.prompt_len, len(r.tokens), preempted)
+        q = self.waiting[replica]
+        q.insert(bisect.bisect_right(q, r.qkey, key=lambda x: x.qkey), r)
+
+    def max_request_tokens(self) -> int:
+        """The most KV one request may need: the smallest replica it may run on."""
+        bs = self.cfg.block_size
+        return min(len(m) for m in self.replicas) * (self.cfg.blocks_per_instance - 1) * bs
+
+    def free(self, inst: int) -> int:
+        return self.cfg.blocks_per_instance - self.used[inst]
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.reqs or self._releases or self._migrations)
+
+    # ----- planning ------------------------------------------------------------------
+    def schedule(self, maintenance_only: bool = False, busy: frozenset[int] = frozenset()
+                 ) -> ClusterStepPlan:
+        self._step += 1
+        batches: list[BatchGroupPlan] = []
+        preempted: list[str] = []
+        if not maintenance_only:
+            self._before_replicas()
+            for i, members in enumerate(self.replicas):
+                if busy.intersection(members):
+                    continue
+                g = self._plan_replica(i, preempted)
+                if g is not None:
+                    batches.append(g)
+        plan = ClusterStepPlan(self._step, releases=tuple(self._releases),
+                               migrations=tuple(self._migrations), batches=tuple(batches),
+                               preempted=tuple(preempted))
+        self._releases, self._migrations = [], []
+        for g in batches:
+            for it in g.items:
+                self._in_flight[it.request_id] = len(it.token_ids)
+        check_plan(plan, self.cfg.num_instances)
+        return plan
+
+    def _before_replicas(self) -> None:
+        """Hook run before the replicas are planned (PD: KV transfers)."""
+
+    def _plan_replica(self, i: int, preempted: list[str]) -> BatchGroupPlan | None:
+        cfg, role = self.cfg, self.roles[i]
+        items: list[ChunkItem] = []
+        budget = cfg.token_budget
+        admit_first = role == "prefill" or (role == "mixed" and budget is None and self._head_fits(i))
+        if not admit_first and role != "prefill":
+            self._plan_decodes(i, items, preempted, budget)
+        if role != "decode" and (budget is not None or admit_first):
+            left = (budget - len(items)) if budget is not None else cfg.max_prefill_tokens
+            self._plan_chunks(i, items, left, whole=budget is None)
+        if not items:
+            return None
+        n_dec = sum(1 for it in items if self._is_decode(it))
+        kind = ("decode_only" if n_dec == len(items) else "prefill_only" if n_dec == 0 else "mixed")
+        self.stats[kind] += 1
+        self.stats["iterations"] += 1
+        return BatchGroupPlan(self.replicas[i], tuple(items))
+
+    def _is_decode(self, it: ChunkItem) -> bool:
+        return len(it.token_ids) == 1 and it.start > 0
+
+    def _decoding(self, r: _Req) -> bool:
+        return r.computed > 0 and len(r.tokens) - r.computed == 1
+
+    def _plan_decodes(self, i: int, items: list[ChunkItem], preempted: list[str],
+                      budget: int | None) -> None:
+        members = self.replicas[i]
+        todo = sorted((r for r in self.running[i].values()
+                       if self._decoding(r) and r.rid not in self._in_flight and self._may_decode(r)),
+                      key=lambda r: r.seq)
+        while todo and (budget is None or len(items) < budget):
+            r = todo[0]
+            keep = self._place(r, 1, members)
+            if keep is None:
+                # No block for r's next token: preempt the replica's newest request not
+                # already planned this step (r itself when it is the newest).
+                planned = {it.request_id for it in items}
+                victim = max((q for q in self.running[i].values()
+                              if q.rid not in planned and q.rid not in self._in_flight),
+                             key=lambda q: q.seq)
+                self._preempt(victim, preempted)
+                if victim in todo:
+                    todo.remove(victim)
+                continue
+            todo.pop(0)
+            items.append(ChunkItem(r.rid, (r.tokens[-1],), r.computed, True, keep))
+
+    def _may_decode(self, r: _Req) -> bool:
+        return True
+
+    def _plan_chunks(self, i: int, items: list[ChunkItem], left: int, whole: bool) -> None:
+        """Unfinished prompts first, then new requests in queue order, within `left`
+        tokens; `whole`: prompts are never split (one longer prompt may run alone)."""
+        cfg, members = self.cfg, self.replicas[i]
+        for r in sorted(self.running[i].values(), key=lambda r: r.seq):
+            if left <= 0:
+                return
+            rest = len(r.tokens) - r.computed
+            if rest > 1 or (r.computed == 0 and rest == 1):
+                if r.rid in self._in_flight:
+                    continue
+                n = rest if whole else min(rest, left)
+                keep = self._place(r, n, members)
+                if keep is None:
+                    continue
+                items.append(self._chunk(r, n, keep))
+                left -= n
+        cap = len(members) * cfg.blocks_per_instance
+        reserve = int(cfg.watermark * cap)
+        q = self.waiting[i]
+        while q and left > 0 and len(self.running[i]) < cfg.max_num_seqs:
+            r = q[0]
+            total = len(r.tokens)
+            if whole and items and total > left:
+                break
+            free = sum(self.free(m) for m in members)
+            if _blocks(total, cfg.block_size) > free - reserve:
+                break                                    # FCFS: the head waits for room
+            n = total if whole else min(total, left)
+            keep = self._place(r, n, members)
+            if keep is None:
+                break
+            q.popleft()
+            self.running[i][r.rid] = r
+            items.append(self._chunk(r, n, keep))
+            left -= n
+
+    def _head_fits(self, i: int) -> bool:
+        q = self.waiting[i]
+        if not q or len(self.running[i]) >= self.cfg.max_num_seqs:
+            return False
+        cap = len(self.replicas[i]) * self.cfg.blocks_per_instance
+        free = sum(self.free(m) for m in self.replicas[i]) - int(self.cfg.watermark * cap)
+        return _blocks(len(q[0].tokens), self.cfg.block_size) <= free
+
+    def _chunk(self, r: _Req, n: int, keep: list[KeepRange]) -> ChunkItem:
+        s = r.computed
+        return ChunkItem(r.rid, tuple(r.tokens[s:s + n]), s, s + n == len(r.tokens), tuple(keep))
+
+    def _room(self, r: _Req, m: int) -> int:
+        """Tokens r may still add on member m (free blocks plus its last block's slack)."""
+        return self.free(m) * self.cfg.block_size + (-r.placement.get(m, 0)) % self.cfg.block_size
+
+    def _place(self, r: _Req, n: int, members: Iterable[int]) -> list[KeepRange] | None:
+        """Keep ranges for r's next n tokens over members (most room first), committed to
+        the placement and block mirror; None (nothing changed) when they do not fit."""
+        order = sorted(members, key=lambda m: (-self._room(r, m), m))
+        if sum(self._room(r, m) for m in order) < n:
+            return None
+        keep, pos = [], r.computed
+        for m in order:
+            take = min(n - (pos - r.computed), self._room(r, m))
+            if take <= 0:
+                continue
+            self._grow(r, m, take)
+            keep.append(KeepRange(m, pos, pos + take))
+            pos += take
+            if pos - r.computed == n:
+                break
+        return keep
+
+    def _grow(self, r: _Req, m: int, tokens: int) -> None:
+        bs = self.cfg.block_size
+        t = r.placement.get(m, 0)
+        self.used[m] += _blocks(t + tokens, bs) - _blocks(t, bs)
+        r.placement[m] = t + tokens
+
+    def _drop(self, r: _Req) -> None:
+        for m, t in r.placement.items():
+            self.used[m] -= _blocks(t, self.cfg.block_size)
+        r.placement = {}
+
+    def _preempt(self, r: _Req, preempted: list[str]) -> None:
+        """Recompute later: drop r's KV, queue it again (PD: on a prefill replica)."""
+        self.running[r.replica].pop(r.rid)
+        self._drop(r)
+        self._releases.append(r.rid)
+        self._migrations = [m for m in self._migrations if m.request_id != r.rid]
+        r.computed = 0
+        target = r.replica if self.roles[r.replica] != "decode" else self._least_loaded(r, "prefill")
+        self._enqueue(r, target, preempted=True)
+        preempted.append(r.rid)
+        self.stats["preemptions"] += 1
+
+    # ----- results -------------------------------------------------------------------
+    def update(self, result: ClusterStepResult, done: Iterable[str] | None = None) -> None:
+        for rid in (result.sampled if done is None else done):
+            n = self._in_flight.pop(rid, 0)
+            r = self.reqs.get(rid)
+            if r is not None:
+                r.computed += n
+        for rid, tok in result.sampled.items():
+            r = self.reqs.get(rid)
+            if r is not None:
+                r.tokens.append(tok)
+        self.check_against(result)
+
+    def check_against(self, result: ClusterStepResult) -> None:
+        for inst, held in result.shard_tokens.items():
+            want = {rid: r.placement[inst] for rid, r in self.reqs.items()
+                    if r.placement.get(inst, 0) > 0}
+            if held != want:
+                raise PlanError(f"instance {inst} holds {held}, the policy expects {want}")
+            if result.free_blocks.get(inst, self.free(inst)) != self.free(inst):
+                raise PlanError(f"instance {inst} reports {result.free_blocks[inst]} free blocks, "
+                                f"the policy expects {self.free(inst)}")
+
+
+def _blocks(tokens: int, bs: int) -> int:
+    return -(-tokens // bs)
