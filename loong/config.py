@@ -44,7 +44,13 @@ class EngineConfig:
     instance_threads: int | None = None
     # A data-plane send/recv that does not complete in this time fails the step.
     data_plane_timeout_s: float = 120.0
-    # Cluster policy knobs (SimpleESPPolicy): prefill group size (None = all instances),
+    # Cluster policy: "elastic" (LoongServe's scheduling) or "simple" (SimpleESPPolicy,
+    # whose knobs follow). None: elastic, unless a SimpleESPPolicy knob below is set.
+    policy: str | None = None
+    # The elastic policy's cost model: a preset name or a CostModel JSON path. None: the
+    # profiled CPU preset where it exists, else the A800 one (only ratios matter to it).
+    cost_model: str | None = None
+    # SimpleESPPolicy knobs: prefill group size (None = all instances),
     # decode masters per step (None = sticky, scale up when full), rotate the master set.
     prefill_group_size: int | None = None
     decode_masters: int | None = None
@@ -61,6 +67,8 @@ class EngineConfig:
             raise InvalidRequestError("instances", f"must be a positive int, got {self.instances!r}")
         if not (isinstance(self.data_plane_timeout_s, (int, float)) and self.data_plane_timeout_s > 0):
             raise InvalidRequestError("data_plane_timeout_s", f"must be > 0, got {self.data_plane_timeout_s!r}")
+        if self.policy not in (None, "elastic", "simple"):
+            raise InvalidRequestError("policy", f"{self.policy!r} is not 'elastic' or 'simple'")
         for name in ("prefill_group_size", "decode_masters", "instance_threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

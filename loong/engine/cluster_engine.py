@@ -1,6 +1,6 @@
 """ClusterEngine: the engine front end over N instance processes (the ESP data plane).
 
-Owns: wiring a cluster policy (`SimpleESPPolicy` until the elastic one lands) to a
+Owns: wiring a cluster policy (`ElasticPolicy` by default, `SimpleESPPolicy` on request) to a
 `ClusterExecutor`, per-request state the executor syncs to samplers, cluster statistics
 (steps, group sizes, masters, scale-ups, migrations, per-instance bytes and time), and
 shutting the processes down. Request handling (validation, detokenizing, stops) is
@@ -17,6 +17,8 @@ from loong.errors import InvalidRequestError
 from loong.model.loader import LoadedModel
 from loong.sampling_params import SamplingParams
 from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult, InstanceCounters
+from loong.sched.cost_model import load_cost_model, preset_names
+from loong.sched.policies.elastic import ElasticPolicy
 from loong.sched.policies.simple_esp import ESPPolicyConfig, SimpleESPPolicy
 from loong.serve.cluster_executor import ClusterExecutor
 
@@ -43,11 +45,23 @@ class ClusterEngine(LLMEngine):
             self.executor = ClusterExecutor.start_local(cfg, loaded.config, loaded.weights)
         ex = self.executor
         self.block_size = cfg.block_size
-        self.policy = SimpleESPPolicy(ESPPolicyConfig(
+        pcfg = ESPPolicyConfig(
             ex.num_instances, ex.blocks_per_instance, cfg.block_size,
             max_prefill_tokens=cfg.max_num_batched_tokens * ex.num_instances,
             max_num_seqs=cfg.max_num_seqs, prefill_group_size=cfg.prefill_group_size,
-            decode_masters=cfg.decode_masters, rotate_masters=cfg.rotate_masters))
+            decode_masters=cfg.decode_masters, rotate_masters=cfg.rotate_masters)
+        knobs = (cfg.prefill_group_size, cfg.decode_masters, cfg.rotate_masters or None)
+        kind = cfg.policy or ("simple" if any(k is not None for k in knobs) else "elastic")
+        if kind == "elastic":
+            name = cfg.cost_model or ("cpu-smollm2-135m" if "cpu-smollm2-135m" in preset_names()
+                                      else "a800-lwm7b-tp2")
+            try:
+                cost = load_cost_model(name)
+            except ValueError as e:
+                raise InvalidRequestError("cost_model", str(e)) from None
+            self.policy = ElasticPolicy(pcfg, cost)
+        else:
+            self.policy = SimpleESPPolicy(pcfg)
         self._creqs: dict[str, _ClusterRequest] = {}
         self.counters = {i: InstanceCounters() for i in range(ex.num_instances)}
         self.want_logits = False          # tests: keep each request's prefill logits in .logits

@@ -285,3 +285,31 @@ def test_bf16_cluster_prefill_logits_are_as_close_as_a_bf16_single_forward(tiny_
             err_cluster = (logits[o.request_id].float() - want).abs().max().item()
             assert err_cluster <= 2 * err_single + 1e-3, (len(ids), err_cluster, err_single)
         assert_clean(llm)
+
+
+def test_elastic_policy_is_the_default_and_matches_single_instance(tiny_loaded, tiny_path, want):
+    """The engine's default cluster policy is LoongServe's elastic one; driven by the real
+    instances with staggered arrivals (prefill beside decodes, DP batching, scale-ups) it
+    gives the single instance's greedy tokens and leaves every instance clean."""
+    from loong.sched.policies.elastic import ElasticPolicy
+    with start_cluster(tiny_loaded, tiny_path, instances=N, kv_capacity_tokens=128,
+                       block_size=4) as llm:
+        eng = llm.engine
+        assert type(eng.policy) is ElasticPolicy
+        ids = {eng.add_request(p, GREEDY): i for i, p in enumerate(PROMPTS[:2])}
+        outs, step, prefill_steps = {}, 0, 0
+        while eng.has_unfinished():
+            if step in (2, 5):
+                for i in ((2, 3) if step == 2 else (4,)):
+                    ids[eng.add_request(PROMPTS[i], GREEDY)] = i
+            for o in eng.step():
+                if o.finished:
+                    outs[ids[o.request_id]] = o.token_ids
+            prefill_steps += bool(eng.last_plan.prefills)
+            step += 1
+        assert [outs[i] for i in range(5)] == want
+        assert prefill_steps >= 2
+        assert_clean(llm)
+    from loong import LLM
+    with pytest.raises(Exception, match="policy"):
+        LLM(tiny_path, loaded=tiny_loaded, instances=2, policy="fifo")
