@@ -120,9 +120,12 @@ class ReplicaPolicy:
         q.insert(bisect.bisect_right(q, r.qkey, key=lambda x: x.qkey), r)
 
     def max_request_tokens(self) -> int:
-        """The most KV one request may need: the smallest replica it may run on."""
-        bs = self.cfg.block_size
-        return min(len(m) for m in self.replicas) * (self.cfg.blocks_per_instance - 1) * bs
+        """The most KV one request may need: what the smallest replica it may run on admits
+        (its blocks less the watermark, less one block of slack per member)."""
+        cfg = self.cfg
+        k = min(len(m) for m in self.replicas)
+        blocks = k * cfg.blocks_per_instance
+        return (blocks - int(cfg.watermark * blocks) - k) * cfg.block_size
 
     def free(self, inst: int) -> int:
         return self.cfg.blocks_per_instance - self.used[inst]

@@ -1,0 +1,226 @@
+"""Rate sweep: LoongServe's Figure 10 comparison in the simulator.
+
+For each workload (ShareGPT, L-Eval, LV-Eval, Mixed) and policy (elastic, static SP,
+chunked prefill, PD disaggregation, and vLLM v0.3-style continuous batching), simulate
+the paper's setting (one node of 8 A800s = 4 TP2 instances, LWM-Text-7B; preset
+`a800-lwm7b-tp2`) at increasing Poisson request rates, and read off the max throughput:
+the rate where the mean per-token latency crosses the paper's SLO (linear interpolation,
+as `ae-plot-fig-10-11-12.py`). Writes every point to JSON, one PNG with a panel per
+workload (normalized per-token latency vs rate; needs matplotlib, skipped without), and
+prints the table of max-throughput ratios (elastic over each baseline) beside the paper's.
+
+    python experiments/rate_sweep.py                 # full sweep (about 10-20 min, 2 cores)
+    python experiments/rate_sweep.py --quick         # shorter runs, fewer rates (~5 min)
+
+Needs ../shared/data (the traces; LV-Eval is synthesized). Differences from the paper
+are discussed in experiments/rate_sweep.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from loong.sched.metrics import max_rate_under_slo  # noqa: E402
+from loong.sim.run import run_simulation  # noqa: E402
+from loong.sim.workloads import default_data_dir  # noqa: E402
+
+WORKLOADS = ("sharegpt", "leval", "lveval", "mixed")
+POLICIES = ("elastic", "static-sp", "chunked-prefill", "pd-disagg", "vllm")
+# Rates swept (req/s): the paper's LoongServe ranges, extended down for the baselines.
+RATES = {
+    "sharegpt": [1, 2, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32, 36, 40],
+    "leval": [0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.2, 1.5, 1.8, 2.1, 2.4, 2.8, 3.2],
+    "lveval": [0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3],
+    "mixed": [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0],
+}
+# The paper's max throughput (req/s, Figure 10; loongserve-mechanics.md section 4) and the
+# baseline each of our policies stands for.
+PAPER_RATE = {
+    "sharegpt": {"elastic": 29.47, "vllm": 6.35, "pd-disagg": 10.37, "chunked-prefill": 23.13},
+    "leval": {"elastic": 2.42, "vllm": 1.14, "pd-disagg": 0.415, "chunked-prefill": 1.23},
+    "lveval": {"elastic": 0.201, "vllm": 0.090, "chunked-prefill": 0.082},
+    "mixed": {"elastic": 0.553, "vllm": 0.208, "chunked-prefill": 0.144},
+}
+PAPER_NAME = {"chunked-prefill": "LightLLM-SF", "pd-disagg": "DistServe", "vllm": "vLLM",
+              "static-sp": "w/o ESP", "elastic": "LoongServe"}
+
+
+def _point(args: tuple) -> dict:
+    workload, policy, rate, duration, cap, seed, data_dir = args
+    # A fixed span of arrivals (not a fixed count): past the cluster's capacity the queue
+    # then grows for the whole span and the latency curve turns up sharply, as it does on
+    # a real server; a fixed count would cap the queue and flatten the curve.
+    requests = int(min(cap, max(100, rate * duration)))
+    try:
+        out = run_simulation(workload, policy, instances=4, rate=rate, requests=requests,
+                             seed=seed, data_dir=data_dir)
+    except (ValueError, RuntimeError) as e:     # the policy cannot hold this workload
+        return {"workload": workload, "policy": policy, "rate": rate, "error": str(e)}
+    m = out["metrics"]
+    return {"workload": workload, "policy": policy, "rate": rate, "requests": requests,
+            "normalized": m["slo"]["normalized"], "per_token_ms": m["per_token"]["mean"] * 1e3,
+            "ttft_p50_s": m["ttft"]["p50"], "tpot_mean_ms": m["tpot"]["mean"] * 1e3,
+            "simulated_s": out["simulated_s"], "wall_s": out["wall_s"]}
+
+
+def sweep(workloads, policies, rates, duration, cap, seed, data_dir, jobs, log) -> list[dict]:
+    """Every (workload, policy) pair over its rates, stopping two rates past the SLO; a
+    pair still under it after its last rate goes on at 1.5x steps (8 more at most)."""
+    points: list[dict] = []
+    pending = {(w, p): list(rates[w]) for w in workloads for p in policies}
+    over = {k: 0 for k in pending}
+    extra = {k: 0 for k in pending}
+    last = {k: rates[k[0]][-1] for k in pending}
+    with ProcessPoolExecutor(jobs) as pool:
+        while pending:
+            batch = []
+            for key, rs in list(pending.items()):
+                # Extend only while the span of arrivals stays whole (under the cap);
+                # a capped run would flatten the curve and fake a high crossing.
+                if (not rs and over[key] == 0 and extra[key] < 8
+                        and last[key] * 1.5 * duration <= cap):
+                    extra[key] += 1
+                    last[key] = round(last[key] * 1.5, 4)
+                    rs.append(last[key])
+                if not rs or over[key] >= 2:
+                    del pending[key]
+                    continue
+                batch.append((*key, rs.pop(0), duration, cap, seed, data_dir))
+            for pt in pool.map(_point, batch):
+                points.append(pt)
+                key = (pt["workload"], pt["policy"])
+                if "error" in pt:
+                    over[key] = 99
+                    log(f"  {key[0]:9s} {key[1]:16s} cannot run: {pt['error'][:90]}")
+                    continue
+                v = pt["normalized"]["per_token"]
+                over[key] += v > 1.0
+                log(f"  {key[0]:9s} {key[1]:16s} rate {pt['rate']:6.3f}  per-token/SLO "
+                    f"{v:7.3f}  ({pt['wall_s']:.1f} s)")
+    return points
+
+
+def crossings(points: list[dict]) -> dict:
+    out: dict = {}
+    for w in WORKLOADS:
+        for p in POLICIES:
+            err = next((x["error"] for x in points if x["workload"] == w and x["policy"] == p
+                        and "error" in x), None)
+            if err is not None:        # some run could not hold the workload's requests
+                out.setdefault(w, {})[p] = {"rate": None, "crossed": False, "error": err}
+                continue
+            pts = sorted((x for x in points if x["workload"] == w and x["policy"] == p
+                          and "error" not in x), key=lambda x: x["rate"])
+            if not pts:
+                continue
+            c = max_rate_under_slo([x["rate"] for x in pts],
+                                   [x["normalized"]["per_token"] for x in pts])
+            out.setdefault(w, {})[p] = None if c is None else {"rate": c.rate, "crossed": c.crossed}
+    return out
+
+
+def table(cross: dict) -> str:
+    rows = ["| workload | policy (paper's) | max rate ours | paper | elastic / it, ours | paper | ours / paper |",
+            "|---|---|---|---|---|---|---|"]
+    for w, per in cross.items():
+        el = per.get("elastic")
+        for p, c in per.items():
+            paper = PAPER_RATE.get(w, {}).get(p)
+            if c is not None and c.get("error"):
+                ours = "cannot hold it"
+            else:
+                ours = "below sweep" if c is None else f"{c['rate']:.3g}{'' if c['crossed'] else '+'}"
+            ratio = (el["rate"] / c["rate"]) if (el and el["rate"] and c and c["rate"]) else None
+            pel = PAPER_RATE.get(w, {}).get("elastic")
+            pratio = (pel / paper) if (paper and pel and p != "elastic") else None
+            rel = (ratio / pratio) if (ratio and pratio) else None
+            rows.append(f"| {w} | {p} ({PAPER_NAME[p]}) | {ours} | {paper or '-'} | "
+                        f"{'-' if p == 'elastic' or ratio is None else f'{ratio:.2f}x'} | "
+                        f"{'-' if pratio is None else f'{pratio:.2f}x'} | "
+                        f"{'-' if rel is None else f'{rel:.2f}'} |")
+    return "\n".join(rows)
+
+
+def plot(points: list[dict], path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(WORKLOADS), figsize=(4.2 * len(WORKLOADS), 3.6))
+    for ax, w in zip(axes, WORKLOADS):
+        for p in POLICIES:
+            pts = sorted((x for x in points if x["workload"] == w and x["policy"] == p
+                          and "error" not in x), key=lambda x: x["rate"])
+            if pts:
+                ax.plot([x["rate"] for x in pts], [x["normalized"]["per_token"] for x in pts],
+                        marker="o", ms=3, label=p)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_ylim(0, 2.0)
+        ax.set_title(w)
+        ax.set_xlabel("request rate (req/s)")
+    axes[0].set_ylabel("per-token latency / SLO")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="60 s of arrivals (at most 3,000 requests), every other rate")
+    ap.add_argument("--duration", type=float, default=None,
+                    help="seconds of arrivals per point (default 300)")
+    ap.add_argument("--max-requests", type=int, default=None,
+                    help="requests per point at most (default 20000)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                  "results", "rate_sweep"))
+    a = ap.parse_args(argv)
+    data_dir = a.data_dir or default_data_dir()
+    if data_dir is None or not os.path.isdir(data_dir):
+        print("rate_sweep: needs the traces directory (../shared/data); pass --data-dir",
+              file=sys.stderr)
+        return 2
+    workloads = [w for w in a.workloads.split(",") if w]
+    policies = [p for p in a.policies.split(",") if p]
+    for w in workloads:
+        if w not in RATES:
+            print(f"rate_sweep: --workloads: {w!r} is not one of {list(RATES)}", file=sys.stderr)
+            return 2
+    duration = a.duration or (60.0 if a.quick else 300.0)
+    cap = a.max_requests or (3000 if a.quick else 20000)
+    rates = {w: (r[::2] if a.quick else r) for w, r in RATES.items()}
+    t0 = time.time()
+    print(f"rate sweep: {len(workloads)} workloads x {len(policies)} policies, {duration:g} s "
+          f"of Poisson arrivals per point (at most {cap} requests), seed {a.seed}")
+    points = sweep(workloads, policies, rates, duration, cap, a.seed, data_dir, a.jobs,
+                   lambda s: print(s, flush=True))
+    cross = crossings(points)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "rate_sweep.json"), "w") as f:
+        json.dump({"duration_s": duration, "max_requests": cap, "seed": a.seed, "preset": "a800-lwm7b-tp2",
+                   "instances": 4, "points": points, "max_rate": cross}, f, indent=1)
+    png = os.path.join(a.out, "rate_sweep.png")
+    print(f"\nwrote {a.out}/rate_sweep.json" + (f" and {png}" if plot(points, png) else
+                                                  " (no PNG: pip install matplotlib)"))
+    print(f"\nmax throughput (req/s at per-token latency = SLO; '+' = never crossed, a lower "
+          f"bound), {time.time() - t0:.0f} s:\n")
+    print(table(cross))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
