@@ -22,6 +22,8 @@ setup(
     extras_require={
         "test": ["pytest", "transformers>=4.45", "accelerate", "sentencepiece"],
         "gpu": ["flash-attn"],
+        # Only the experiments' PNG plots; they print tables and write JSON without it.
+        "plots": ["matplotlib"],
     },
     entry_points={"console_scripts": ["loong=loong.cli:main"]},
 )

@@ -1,0 +1,39 @@
+"""The rate sweep's read-out: crossings per (workload, policy) and the ratio table."""
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location(
+        "rate_sweep", os.path.join(ROOT, "experiments", "rate_sweep.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _pts(policy, rates, values, workload="leval"):
+    return [{"workload": workload, "policy": policy, "rate": r,
+             "normalized": {"per_token": v}} for r, v in zip(rates, values)]
+
+
+def test_crossings_and_ratio_table(sweep):
+    points = (_pts("elastic", [1, 2, 3], [0.2, 0.6, 1.4])          # crosses at 2.5
+              + _pts("vllm", [1, 2, 3], [0.5, 1.5, 3.0])           # crosses at 1.5
+              + _pts("static-sp", [1, 2], [0.1, 0.2])              # never: 2+
+              + [{"workload": "leval", "policy": "pd-disagg", "rate": 1, "error": "too long"}])
+    cross = sweep.crossings(points)["leval"]
+    assert cross["elastic"] == {"rate": pytest.approx(2.5), "crossed": True}
+    assert cross["vllm"]["rate"] == pytest.approx(1.5)
+    assert cross["static-sp"] == {"rate": 2, "crossed": False}
+    assert cross["pd-disagg"]["error"] == "too long"
+    table = sweep.table({"leval": cross})
+    row = next(line for line in table.splitlines() if "vllm" in line)
+    # ours 2.5 / 1.5 = 1.67x; the paper's 2.42 / 1.14 = 2.12x; ours / paper = 0.79
+    assert "1.67x" in row and "2.12x" in row and "0.79" in row
+    assert "cannot hold it" in next(line for line in table.splitlines() if "pd-disagg" in line)
+    assert "2+" in next(line for line in table.splitlines() if "static-sp" in line)
