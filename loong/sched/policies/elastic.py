@@ -69,12 +69,16 @@ class ElasticPolicy(SimpleESPPolicy):
         self._prompt_len: dict[str, int] = {}
         self._out_sum, self._out_n = 0, 0
         self._head: tuple[str | None, int] = (None, 0)       # (rid, times passed over)
+        self._decoding: set[str] = set()      # requests of the decode step in flight,
+        self._decode_members: frozenset[int] = frozenset()   # its instances
+        self._decode_ms = 0.0                 # and its predicted time
         self._coeffs = [(0.0, 0.0, 0.0)] + [
             (c.a_ms, c.b_ms_per_token, c.c_ms_per_token2)
             for c in map(cost.prefill_coeffs, range(1, cfg.num_instances + 1))]
         self.stats.update({"prefill_groups_per_step": {}, "ooe_skips": 0,
                            "exclusive_prefills": 0, "paused_decodes": 0,
-                           "deferred_by_stall_rule": 0, "consolidations": 0})
+                           "deferred_by_stall_rule": 0, "consolidations": 0,
+                           "waits_for_decode_step": 0})
 
     # ----- requests --------------------------------------------------------------------
     def add(self, rid: str, prompt_token_ids: list[int]) -> None:
@@ -105,6 +109,11 @@ class ElasticPolicy(SimpleESPPolicy):
     def _out_len(self, r: _Req) -> int:
         return max(1, len(r.tokens) - self._prompt_len.get(r.rid, len(r.tokens)))
 
+    def _span(self, r: _Req) -> float:
+        """Tokens a decoder's per-token latency is normalized by: prompt + expected output."""
+        pl = self._prompt_len.get(r.rid, len(r.tokens))
+        return pl + max(float(len(r.tokens) - pl), self.avg_output_len())
+
     # ----- the step ----------------------------------------------------------------------
     def schedule(self, maintenance_only: bool = False, busy: frozenset[int] = frozenset()
                  ) -> ClusterStepPlan:
@@ -114,6 +123,20 @@ class ElasticPolicy(SimpleESPPolicy):
         prefills: list[PrefillGroupPlan] = []
         decodes: tuple[DecodeGroupPlan, ...] = ()
         preempted: list[str] = []
+        if (not maintenance_only and free and self.waiting and self._decoding
+                and not self._decoding.isdisjoint(self._in_flight)):
+            # A decode step is running; its instances are free again within one step. If
+            # the queue's head would prefill faster with them than on the instances free
+            # now by more than that wait, wait for the step's end (LoongServe's iteration
+            # boundary, where dispatch and allocation see every instance) instead of
+            # starting a prefill on whichever instances happen to be free: that would keep
+            # the instances out of step, each prefilling alone and never as a group.
+            n_head = len(self.waiting[0].tokens)
+            q_head = float(n_head) * n_head
+            soon = len(free) + sum(1 for i in self._decode_members if i in busy)
+            if self._t(len(free), n_head, q_head) - self._t(soon, n_head, q_head) > self._decode_ms:
+                maintenance_only = True
+                self.stats["waits_for_decode_step"] += 1
         if not maintenance_only and free:
             taken: set[int] = set()
             if self.waiting:
@@ -123,12 +146,26 @@ class ElasticPolicy(SimpleESPPolicy):
                 d = self._plan_decode(preempted, set(busy) | taken)
                 if d is not None:
                     decodes = (d,)
+                    self._note_decode(d)
                     self._decode_steps_since_stall += 1
             if prefills:
                 k = len(prefills)
                 ps = self.stats["prefill_groups_per_step"]
                 ps[k] = ps.get(k, 0) + 1
         return self._emit(prefills, decodes, preempted)
+
+    def _note_decode(self, d: DecodeGroupPlan) -> None:
+        """Remember the decode step just planned (its requests, instances, predicted ms)."""
+        per_master: dict[int, int] = {}
+        per_member: dict[int, int] = {}
+        for it in d.items:
+            per_master[it.master] = per_master.get(it.master, 0) + 1
+            for inst, t in it.shards:
+                per_member[inst] = per_member.get(inst, 0) + t
+        self._decoding = {it.request_id for it in d.items}
+        self._decode_members = frozenset(d.members)
+        self._decode_ms = self.cost.decode_ms(max(per_master.values()),
+                                              max(per_member.values(), default=0))
 
     def _ready(self, busy: set[int]) -> list[_Req]:
         """Running requests that could decode now: reported, KV on no busy instance."""
@@ -218,6 +255,7 @@ class ElasticPolicy(SimpleESPPolicy):
         all_blocks = sum(self.free(i) for i in usable)
         g_idle, g_all = len(idle), len(usable)
         inv_out = sum(1.0 / self._out_len(r) for r in ready)
+        avg_out = self.avg_output_len()
         head = self.waiting[0]
         if self._head[0] != head.rid:
             self._head = (head.rid, 0)
