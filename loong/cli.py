@@ -3,6 +3,8 @@
 `loong generate --prompt TEXT [--max-tokens N] [--instances N]` runs the offline engine
 (on N instance processes with the ESP data plane when N > 1); several
 `--prompt`s or a `--prompts-file` (one prompt per line) make a batch with a progress bar.
+`loong profile --instances N --out profile.json --preset-out preset.json [--quick]` measures
+local instances and fits a cost-model preset (loong/serve/profiler.py).
 Errors in the input exit with status 2 and a one-line message naming the field.
 """
 from __future__ import annotations
@@ -56,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--workload", required=True,
                      help="sharegpt, leval, lveval, mixed, zipf-<alpha>, azure-code, azure-conv, "
                           "mooncake, arxiv or jsonl:PATH")
-    sim.add_argument("--policy", default="elastic", help="elastic, static-sp or simple")
+    sim.add_argument("--policy", default="elastic",
+                     help="elastic, static-sp, chunked-prefill, vllm, pd-disagg or simple")
+    sim.add_argument("--queue", default="fcfs", help="queue discipline: fcfs, mlfq or sjf")
+    sim.add_argument("--replica-size", type=int, default=None,
+                     help="instances per baseline replica (default: the paper's TP8/TP4)")
+    sim.add_argument("--token-budget", type=int, default=None,
+                     help="chunked-prefill tokens per iteration (default: the paper's per workload)")
     sim.add_argument("--instances", type=int, default=4)
     sim.add_argument("--rate", type=float, default=1.0,
                      help="requests/s; 0 replays a trace's real arrival times")
@@ -69,7 +77,68 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"])
     sim.add_argument("--cv", type=float, default=1.0, help="gamma arrivals' coefficient of variation")
     sim.add_argument("--json", default=None, help="write the metrics JSON here")
+    prof = sub.add_parser("profile", help="measure local instances and fit a cost-model preset")
+    prof.add_argument("--instances", type=int, default=2, help="instance processes (group sizes 1..N)")
+    prof.add_argument("--model", default=None,
+                      help="GGUF file or Hugging Face directory (default: embedded SmolLM2-135M-Instruct)")
+    prof.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    prof.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    prof.add_argument("--threads", type=int, default=None,
+                      help="threads per instance (default: CPU cores / instances)")
+    prof.add_argument("--kv-capacity-tokens", type=int, default=None,
+                      help="KV per instance in tokens (default: the engine's)")
+    prof.add_argument("--quick", action="store_true", help="a small grid (about a minute on CPU)")
+    prof.add_argument("--repeats", type=int, default=None, help="repeats per point (default: the grid's)")
+    prof.add_argument("--stat", default="min", choices=["min", "median"],
+                      help="which of a point's repeats is its time")
+    prof.add_argument("--max-foreign-cpu", type=float, default=0.25,
+                      help="retry a measurement while other processes used more than this share "
+                           "of the machine's CPU (1 = never retry)")
+    prof.add_argument("--name", default=None, help="cost-model name (default: the --preset-out file name)")
+    prof.add_argument("--out", default="profile.json", help="raw samples (JSON)")
+    prof.add_argument("--preset-out", default=None, help="fitted CostModel JSON (for --preset / load_cost_model)")
+    prof.add_argument("--refit", default=None, metavar="PROFILE_JSON",
+                      help="fit from a raw profile written earlier instead of measuring")
     return parser
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+
+    for name in ("instances", "threads", "repeats", "kv_capacity_tokens"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"{name}: must be a positive int, got {v}")
+    if not 0 < args.max_foreign_cpu <= 1:
+        raise ValueError(f"max_foreign_cpu: must be in (0, 1], got {args.max_foreign_cpu}")
+    from loong.serve.profiler import default_grid, fit_profile, run_profile, summary_table
+    if args.refit:
+        with open(args.refit, encoding="utf-8") as f:
+            raw = json.load(f)
+    else:
+        from loong.engine.llm_engine import resolve_device
+        grid = default_grid(args.quick, resolve_device(args.device).type)
+        if args.repeats:
+            grid = dataclasses.replace(grid, repeats=args.repeats)
+        raw = run_profile(args.model, args.instances, device=args.device, dtype=args.dtype,
+                          threads=args.threads, grid=grid, stat=args.stat,
+                          kv_capacity_tokens=args.kv_capacity_tokens,
+                          max_foreign_cpu=args.max_foreign_cpu)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(raw, f, indent=1)
+        print(f"raw profile ({len(raw['prefill'])} prefill, {len(raw['decode'])} decode, "
+              f"{len(raw['migration'])} migration points, {raw['retries']} retries under foreign "
+              f"load, {raw['wall_s']:.0f} s) -> {args.out}")
+    name = args.name or (os.path.splitext(os.path.basename(args.preset_out))[0] if args.preset_out
+                         else "profiled")
+    cm = fit_profile(raw, name)
+    print(summary_table(cm))
+    if args.preset_out:
+        with open(args.preset_out, "w", encoding="utf-8") as f:
+            f.write(cm.to_json() + "\n")
+        print(f"cost model -> {args.preset_out}")
+    return 0
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -77,7 +146,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from loong.sim.workloads import default_data_dir
     out = run_simulation(args.workload, args.policy, args.instances,
                          None if args.rate == 0 else args.rate, args.requests, args.seed,
-                         args.preset, args.data_dir or default_data_dir(), args.arrival, args.cv)
+                         args.preset, args.data_dir or default_data_dir(), args.arrival, args.cv,
+                         queue=args.queue, replica_size=args.replica_size,
+                         token_budget=args.token_budget)
     m = out["metrics"]
     print(f"{args.policy} on {args.instances} instances, {args.workload} at "
           f"{args.rate or 'trace'} req/s, {m['count']} requests, {out['simulated_s']:.1f} s "
@@ -162,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "sim":
             return cmd_sim(args)
+        if args.command == "profile":
+            return cmd_profile(args)
     except ValueError as e:  # InvalidRequestError and ModelLoadError are ValueErrors
         print(f"loong: error: {e}", file=sys.stderr)
         return 2

@@ -90,6 +90,8 @@ def run_simulation(workload: str, policy: str = "elastic", instances: int = 4,
         raise ValueError(f"policy: {policy!r} is not one of {sorted(POLICIES)}")
     if instances < 1:
         raise ValueError(f"instances: must be >= 1, got {instances}")
+    if replica_size is not None and policy not in REPLICA_POLICIES:
+        raise ValueError(f"replica_size: only for {list(REPLICA_POLICIES)}, not {policy!r}")
     cost = load_cost_model(preset)
     reqs = build_workload(workload, data_dir, requests, seed)
     if not reqs:
