@@ -233,6 +233,20 @@ def check_plan(plan: ClusterStepPlan, num_instances: int) -> None:
                 raise PlanError(f"migration names instance {inst}; the cluster has {num_instances}")
 
 
+def check_reports(result: ClusterStepResult, requests, free) -> None:
+    """A policy's mirror against what instances report: every reporting instance holds
+    exactly the tokens `requests` (objects with `rid` and `placement`: instance -> tokens)
+    place on it, and `free(instance)` free blocks. Raises PlanError naming the instance."""
+    requests = list(requests)
+    for inst, held in result.shard_tokens.items():
+        want = {r.rid: r.placement[inst] for r in requests if r.placement.get(inst, 0) > 0}
+        if held != want:
+            raise PlanError(f"instance {inst} holds {held}, the policy expects {want}")
+        if result.free_blocks.get(inst, free(inst)) != free(inst):
+            raise PlanError(f"instance {inst} reports {result.free_blocks[inst]} free blocks, "
+                            f"the policy expects {free(inst)}")
+
+
 def _check_once(rid: str, seen: set[str]) -> None:
     if rid in seen:
         raise PlanError(f"request {rid!r} appears twice in one step")

@@ -5,9 +5,7 @@ Owns: `ProfileGrid` (what to measure; `default_grid` for CPU/GPU, full or quick)
 every size on batches of identical requests, multi-master decode groups over a KV reservoir,
 KV migrations between two instances; times each step on the manager side, the wall clock of
 `execute`, repeats each point and keeps the minimum or the median; releases KV after each
-point), `run_profile` (start a local cluster, measure, shut down), `fit_profile` (raw
-profile -> `CostModel`: relative-error least squares per group size via `fit_prefill` /
-`fit_decode`, held-out mean relative errors in `fit_error`) and `summary_table`.
+point), `run_profile` (start a local cluster, measure, shut down), and re-exports `fit_profile` / `summary_table` from `loong.sched.profile_fit`.
 Imports torch lazily (model loader, executor), in the manager process only for loading the
 weights; the policy and the simulator never import this module (they read its JSON).
 """
@@ -21,14 +19,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-import numpy as np
 
 from loong.config import EngineConfig
 from loong.sampling_params import SamplingParams
 from loong.sched.cluster_plan import (ClusterStepPlan, DecodeGroupPlan, DecodeItem, KeepRange,
                                       MigrationPlan, PrefillGroupPlan, PrefillItem)
-from loong.sched.cost_model import (CostModel, DecodeSample, PrefillSample, fit_decode,
-                                    fit_prefill, mean_relative_error)
 
 PROFILE_FORMAT = 1
 GREEDY = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
@@ -435,87 +430,5 @@ def run_profile(model: str | None = None, instances: int = 2, *, device: str = "
                 migration=migration)
 
 
-# ----- fitting -----------------------------------------------------------------------------
-def _fit_bandwidth(rows: list[dict]) -> tuple[float, float | None]:
-    """bytes/s of t = bytes / bw by relative-error least squares (through the origin, the
-    cost model's form); returns (bandwidth, mean relative error over the points)."""
-    if not rows:
-        return 0.0, None
-    x = np.array([r["bytes"] for r in rows], float)
-    t = np.array([r["time_ms"] / 1e3 for r in rows], float)
-    u = x / t                                    # minimise sum((k*x - t)/t)^2, k = 1/bw
-    k = float(np.sum(u) / np.sum(u * u))
-    return 1.0 / k, mean_relative_error(k * x, t)
-
-
-def fit_profile(raw: dict, name: str, holdout_every: int = 5) -> CostModel:
-    """Fit a CostModel from a raw profile (as written by `run_profile`)."""
-    ps = [PrefillSample(r["group_size"], (r["length"],) * r["batch"], r["time_ms"])
-          for r in raw["prefill"]]
-    ds = [DecodeSample(r["max_mini_batch"], r["max_member_context"], r["time_ms"])
-          for r in raw["decode"]]
-    if not ps or not ds:
-        raise ValueError("profile: needs prefill and decode samples")
-    pre, pre_err = fit_prefill(ps, holdout_every)
-    dec, dec_err = fit_decode(ds, holdout_every)
-    in_sample = {str(g): mean_relative_error([c.time_ms(sum(s.lengths), sum(v * v for v in s.lengths))
-                                              for s in ps if s.group_size == g],
-                                             [s.time_ms for s in ps if s.group_size == g])
-                 for g, c in pre.items()}
-    by_g: dict[int, list[DecodeSample]] = {}
-    for r, smp in zip(raw["decode"], ds):
-        by_g.setdefault(int(r.get("group_size", 0)), []).append(smp)
-    decode_by_group = {}
-    for g, rows in sorted(by_g.items()):
-        c, e = fit_decode(rows, holdout_every)
-        decode_by_group[str(g)] = dict(
-            a_ms=c.a_ms, b_ms_per_request=c.b_ms_per_request,
-            c_ms_per_context_token=c.c_ms_per_context_token, heldout_mre=e,
-            shared_fit_mre=mean_relative_error([dec.time_ms(s.max_mini_batch, s.max_member_context)
-                                                for s in rows], [s.time_ms for s in rows]))
-    bw, mig_err = _fit_bandwidth(raw.get("migration", []))
-    if bw <= 0:
-        bw = 1e9
-    m = raw.get("machine", {})
-    fit_error = dict(method=f"relative-error least squares; every {holdout_every}th point of a "
-                            f"series held out, then refitted on all points",
-                     prefill_heldout_mre={str(g): e for g, e in pre_err.items()},
-                     prefill_insample_mre=in_sample,
-                     decode_heldout_mre=dec_err,
-                     decode_by_group=decode_by_group,
-                     migration_insample_mre=mig_err,
-                     samples=dict(prefill=len(ps), decode=len(ds),
-                                  migration=len(raw.get("migration", []))))
-    notes = (f"measured by `loong profile` on {m.get('cpu', '?')} ({m.get('cpu_count', '?')} "
-             f"cores): {raw['instances']} instance(s) x {raw['threads_per_instance']} thread(s), "
-             f"{raw['device']} {raw['dtype']}, model {raw['model']['path']}; "
-             f"{raw['stat']} of repeats; wall clock of ClusterExecutor.execute")
-    return CostModel(name, pre, dec, bw, int(raw["kv_bytes_per_token"]),
-                     int(raw["tokens_per_instance"]), notes, fit_error)
-
-
-def summary_table(cm: CostModel) -> str:
-    fe = cm.fit_error
-    lines = [f"cost model {cm.name!r}",
-             "  g   A (ms)     B (ms/token)   C (ms/token^2)   held-out MRE   in-sample MRE"]
-    for g, c in sorted(cm.prefill.items()):
-        ho = fe.get("prefill_heldout_mre", {}).get(str(g))
-        ins = fe.get("prefill_insample_mre", {}).get(str(g))
-        lines.append(f"  {g:<3d} {c.a_ms:<10.3f} {c.b_ms_per_token:<14.6g} {c.c_ms_per_token2:<16.4g} "
-                     f"{_pct(ho):<14s} {_pct(ins)}")
-    d = cm.decode
-    lines.append(f"  decode: a={d.a_ms:.3f} ms, b={d.b_ms_per_request:.4g} ms/request, "
-                 f"c={d.c_ms_per_context_token:.4g} ms/context token; held-out MRE "
-                 f"{_pct(fe.get('decode_heldout_mre'))}")
-    for g, d in sorted(fe.get("decode_by_group", {}).items(), key=lambda kv: int(kv[0])):
-        lines.append(f"    g={g}: shared fit MRE {_pct(d['shared_fit_mre'])}; own fit a={d['a_ms']:.3f}, "
-                     f"b={d['b_ms_per_request']:.4g}, c={d['c_ms_per_context_token']:.4g}, "
-                     f"held-out MRE {_pct(d['heldout_mre'])}")
-    lines.append(f"  migration: {cm.migration_bytes_per_s / 1e9:.3f} GB/s "
-                 f"(MRE {_pct(fe.get('migration_insample_mre'))}); KV {cm.kv_bytes_per_token} B/token, "
-                 f"{cm.tokens_per_instance} tokens/instance")
-    return "\n".join(lines)
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
+# The fitting half is pure (no torch) and lives beside the cost model.
+from loong.sched.profile_fit import fit_profile, summary_table  # noqa: E402,F401

@@ -243,14 +243,11 @@ def test_config_knobs_validate():
     dataclasses.replace(EngineConfig(), instances=3)
 
 
-def test_prefill_beside_decode_on_disjoint_instances(cluster, want):
-    """Requests arriving while others decode are prefilled on the idle instances, in the
-    same step as the decode group; every request still matches the single instance."""
-    use_policy(cluster, prefill_group_size=2)
-    eng = cluster.engine
+def _run_staggered(eng):
+    """PROMPTS[:2] at once, 2 and 3 after two steps, 4 after five; returns (the greedy
+    tokens in prompt order, every step's plan)."""
     ids = {eng.add_request(p, GREEDY): i for i, p in enumerate(PROMPTS[:2])}
-    outs, concurrent = {}, 0
-    step = 0
+    outs, plans, step = {}, [], 0
     while eng.has_unfinished():
         if step in (2, 5):
             for i in ((2, 3) if step == 2 else (4,)):
@@ -258,15 +255,25 @@ def test_prefill_beside_decode_on_disjoint_instances(cluster, want):
         for o in eng.step():
             if o.finished:
                 outs[ids[o.request_id]] = o.token_ids
-        plan = eng.last_plan
+        plans.append(eng.last_plan)
+        step += 1
+    return [outs[i] for i in range(len(PROMPTS))], plans
+
+
+def test_prefill_beside_decode_on_disjoint_instances(cluster, want):
+    """Requests arriving while others decode are prefilled on the idle instances, in the
+    same step as the decode group; every request still matches the single instance."""
+    use_policy(cluster, prefill_group_size=2)
+    outs, plans = _run_staggered(cluster.engine)
+    concurrent = 0
+    for plan in plans:
         if plan.prefills and plan.decodes:
             concurrent += 1
             p_members = {m for g in plan.prefills for m in g.members}
             d_members = {m for g in plan.decodes for m in g.members}
             assert not p_members & d_members
-        step += 1
     assert concurrent > 0
-    assert [outs[i] for i in range(5)] == want
+    assert outs == want
     assert_clean(cluster)
 
 
@@ -296,19 +303,9 @@ def test_elastic_policy_is_the_default_and_matches_single_instance(tiny_loaded, 
                        block_size=4) as llm:
         eng = llm.engine
         assert type(eng.policy) is ElasticPolicy
-        ids = {eng.add_request(p, GREEDY): i for i, p in enumerate(PROMPTS[:2])}
-        outs, step, prefill_steps = {}, 0, 0
-        while eng.has_unfinished():
-            if step in (2, 5):
-                for i in ((2, 3) if step == 2 else (4,)):
-                    ids[eng.add_request(PROMPTS[i], GREEDY)] = i
-            for o in eng.step():
-                if o.finished:
-                    outs[ids[o.request_id]] = o.token_ids
-            prefill_steps += bool(eng.last_plan.prefills)
-            step += 1
-        assert [outs[i] for i in range(5)] == want
-        assert prefill_steps >= 2
+        outs, plans = _run_staggered(eng)
+        assert outs == want
+        assert sum(bool(p.prefills) for p in plans) >= 2
         assert_clean(llm)
     from loong import LLM
     with pytest.raises(Exception, match="policy"):

@@ -205,3 +205,18 @@ def test_sjf_beats_fcfs_on_mean_latency_when_a_long_job_arrives_first():
     mean = lambda rs: sum(r.finish_s - r.arrival_s for r in rs) / len(rs)   # noqa: E731
     assert mean(sjf) < 0.8 * mean(fcfs)
     assert sjf[0].finish_s >= fcfs[0].finish_s
+
+
+def test_every_sched_and_sim_module_imports_with_torch_blocked():
+    import subprocess
+    import sys
+    code = ("import sys, pkgutil, importlib; sys.modules['torch'] = None\n"
+            "import loong.sched, loong.sim\n"
+            "names = [m.name for pkg in (loong.sched, loong.sim) for m in "
+            "pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.')]\n"
+            "[importlib.import_module(n) for n in names]\n"
+            "assert 'torch' not in [k for k, v in sys.modules.items() if v is not None]\n"
+            "print(len(names))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) >= 15      # the walk found the whole layer

@@ -255,7 +255,6 @@ class ElasticPolicy(SimpleESPPolicy):
         all_blocks = sum(self.free(i) for i in usable)
         g_idle, g_all = len(idle), len(usable)
         inv_out = sum(1.0 / self._out_len(r) for r in ready)
-        avg_out = self.avg_output_len()
         head = self.waiting[0]
         if self._head[0] != head.rid:
             self._head = (head.rid, 0)

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from loong.sched.cluster_plan import (BatchGroupPlan, ChunkItem, ClusterStepPlan,
-                                      ClusterStepResult, KeepRange, MigrationPlan, PlanError,
-                                      check_plan)
+                                      ClusterStepResult, KeepRange, MigrationPlan, check_plan,
+                                      check_reports)
 from loong.sched.queues import QueueDiscipline
 
 
@@ -319,14 +319,8 @@ class ReplicaPolicy:
         self.check_against(result)
 
     def check_against(self, result: ClusterStepResult) -> None:
-        for inst, held in result.shard_tokens.items():
-            want = {rid: r.placement[inst] for rid, r in self.reqs.items()
-                    if r.placement.get(inst, 0) > 0}
-            if held != want:
-                raise PlanError(f"instance {inst} holds {held}, the policy expects {want}")
-            if result.free_blocks.get(inst, self.free(inst)) != self.free(inst):
-                raise PlanError(f"instance {inst} reports {result.free_blocks[inst]} free blocks, "
-                                f"the policy expects {self.free(inst)}")
+        """The instances' reports must equal the mirror (placement and free blocks)."""
+        check_reports(result, self.reqs.values(), self.free)
 
 
 def _blocks(tokens: int, bs: int) -> int:

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from loong.sched.cluster_plan import (ClusterStepPlan, ClusterStepResult, DecodeGroupPlan,
-                                      DecodeItem, KeepRange, MigrationPlan, PlanError,
-                                      PrefillGroupPlan, PrefillItem, check_plan)
+                                      DecodeItem, KeepRange, MigrationPlan,
+                                      PrefillGroupPlan, PrefillItem, check_plan,
+                                      check_reports)
 from loong.sched.queues import QueueDiscipline
 
 
@@ -331,14 +332,7 @@ class SimpleESPPolicy:
 
     def check_against(self, result: ClusterStepResult) -> None:
         """The instances' reports must equal the mirror (placement and free blocks)."""
-        for inst, held in result.shard_tokens.items():
-            want = {rid: r.placement[inst] for rid, r in self.running.items()
-                    if r.placement.get(inst, 0) > 0}
-            if held != want:
-                raise PlanError(f"instance {inst} holds {held}, the policy expects {want}")
-            if result.free_blocks.get(inst, self.free(inst)) != self.free(inst):
-                raise PlanError(f"instance {inst} reports {result.free_blocks[inst]} free blocks, "
-                                f"the policy expects {self.free(inst)}")
+        check_reports(result, self.running.values(), self.free)
 
 
 def _blocks(tokens: int, bs: int) -> int:
