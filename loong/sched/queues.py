@@ -78,10 +78,9 @@ class QueueDiscipline:
             return (work, seq)
         # Skip-join MLFQ: service attained so far (outputs produced) decides the level of a
         # request that comes back; a new one joins by its prefill time.
-        done = total_len - prompt_len
-        service = (self.cost.prefill_ms(1, [prompt_len])
-                   + done * self.cost.decode_ms(1, total_len)) if preempted else \
-            self.cost.prefill_ms(1, [prompt_len])
+        service = self.cost.prefill_ms(1, [prompt_len])
+        if preempted:
+            service += (total_len - prompt_len) * self.cost.decode_ms(1, total_len)
         level = 0
         while level < self.mlfq_levels - 1 and service > self.mlfq_quantum_ms * 2 ** level:
             level += 1

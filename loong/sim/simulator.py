@@ -76,29 +76,13 @@ class Simulator:
     # ----- the simulated executor ----------------------------------------------------
     def _apply(self, plan: ClusterStepPlan) -> dict[int, float]:
         """Apply a plan's KV effects now; return extra busy time per instance (migrations)."""
-        for rid in plan.releases:
-            for t in self.tables:
-                t.release(rid)
+        apply_plan_kv(plan, self.tables)
         extra: dict[int, float] = {}
         for m in plan.migrations:
-            have = self.tables[m.src].tokens(m.request_id)
-            self.tables[m.src].truncate(m.request_id, have - m.num_tokens)
-            self.tables[m.dst].append(m.request_id, m.num_tokens)
             dt = self.cost.migration_ms(m.num_tokens) / 1e3
             for i in (m.src, m.dst):
                 extra[i] = extra.get(i, 0.0) + dt
             self.stats["migrations"] += 1
-        for g in plan.prefills:
-            for it in g.items:
-                for kr in it.keep:
-                    self.tables[kr.instance].append(it.request_id, kr.end - kr.begin)
-        for g in plan.decodes:
-            for it in g.items:
-                self.tables[it.master].append(it.request_id, 1)
-        for g in plan.batches:
-            for it in g.items:
-                for kr in it.keep:
-                    self.tables[kr.instance].append(it.request_id, kr.end - kr.begin)
         return extra
 
     def _duration_s(self, g: PrefillGroupPlan | DecodeGroupPlan | BatchGroupPlan) -> float:
@@ -219,6 +203,31 @@ class Simulator:
             s["prefill_group_sizes"][k] = s["prefill_group_sizes"].get(k, 0) + 1
         else:
             s["decode_groups"] += 1
+
+
+def apply_plan_kv(plan: ClusterStepPlan, tables: Sequence[ShardTable],
+                  check_decode_shards: bool = False) -> None:
+    """What a plan does to the instances' shard tables, in the executors' order: releases,
+    migrations (a shard's tail moves), prefill keep ranges, replica chunks, and each
+    decode's new token on its master. `check_decode_shards`: assert every decode's shards
+    are what the tables hold before its token is appended (fake executors in tests)."""
+    for rid in plan.releases:
+        for t in tables:
+            t.release(rid)
+    for m in plan.migrations:
+        have = tables[m.src].tokens(m.request_id)
+        tables[m.src].truncate(m.request_id, have - m.num_tokens)
+        tables[m.dst].append(m.request_id, m.num_tokens)
+    for g in (*plan.prefills, *plan.batches):
+        for it in g.items:
+            for kr in it.keep:
+                tables[kr.instance].append(it.request_id, kr.end - kr.begin)
+    for g in plan.decodes:
+        for it in g.items:
+            if check_decode_shards:
+                for inst, t in it.shards:
+                    assert tables[inst].tokens(it.request_id) == t, (it, inst)
+            tables[it.master].append(it.request_id, 1)
 
 
 def _sampled_items(g):

@@ -94,12 +94,7 @@ def test_dp_batching_equals_brute_force_on_random_cases():
         obj, batches = got
         assert obj == pytest.approx(want, rel=1e-9)
         assert obj == pytest.approx(batching_objective(lengths, batches, cost), rel=1e-9)
-        assert sorted(i for b in batches for i in b.request_indices) == list(range(n))
-        used = [i for b in batches for i in b.instances]
-        assert len(used) == len(set(used))
-        caps = dict(free)
-        for b in batches:
-            assert sum(lengths[i] for i in b.request_indices) <= sum(caps[i] for i in b.instances)
+        _check_batches(lengths, free, batches)
 
 
 def test_dp_batching_gives_long_requests_more_instances():

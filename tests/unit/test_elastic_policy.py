@@ -10,13 +10,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from loong.kv.block_pool import BlockPool
-from loong.kv.shards import ShardTable
-from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult
 from loong.sched.cost_model import CostModel, DecodeCoeffs, PrefillCoeffs
 from loong.sched.policies.elastic import ElasticConfig, ElasticPolicy
 from loong.sched.policies.simple_esp import ESPPolicyConfig
 from loong.sim.simulator import Simulator
+from tests.fake_cluster import FakeCluster
 
 
 def _cost(migration_bytes_per_s=1e9) -> CostModel:
@@ -25,40 +23,10 @@ def _cost(migration_bytes_per_s=1e9) -> CostModel:
                      kv_bytes_per_token=1000, tokens_per_instance=4096)
 
 
-class FakeCluster:
-    def __init__(self, n, blocks, bs):
-        self.tables = [ShardTable(BlockPool(blocks, bs)) for _ in range(n)]
-
-    def run(self, plan: ClusterStepPlan) -> ClusterStepResult:
-        res = ClusterStepResult(plan.step)
-        for rid in plan.releases:
-            for t in self.tables:
-                t.release(rid)
-        for m in plan.migrations:
-            have = self.tables[m.src].tokens(m.request_id)
-            self.tables[m.src].truncate(m.request_id, have - m.num_tokens)
-            self.tables[m.dst].append(m.request_id, m.num_tokens)
-        for g in plan.prefills:
-            for it in g.items:
-                for kr in it.keep:
-                    self.tables[kr.instance].append(it.request_id, kr.end - kr.begin)
-                res.sampled[it.request_id] = 1
-        for g in plan.decodes:
-            for it in g.items:
-                for inst, t in it.shards:
-                    assert self.tables[inst].tokens(it.request_id) == t
-                self.tables[it.master].append(it.request_id, 1)
-                res.sampled[it.request_id] = 1
-        for i, t in enumerate(self.tables):
-            res.shard_tokens[i] = t.summary()
-            res.free_blocks[i] = t.pool.num_free
-        return res
-
-
 def _setup(n, blocks, bs, cost=None, **knobs):
     pol = ElasticPolicy(ESPPolicyConfig(n, blocks, bs, max_prefill_tokens=10**9), cost or _cost(),
                         ElasticConfig(**knobs))
-    return pol, FakeCluster(n, blocks, bs)
+    return pol, FakeCluster(n, blocks, bs, token=1)
 
 
 def _step(pol, cluster):

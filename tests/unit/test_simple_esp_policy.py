@@ -11,44 +11,11 @@ import sys
 
 import pytest
 
-from loong.kv.block_pool import BlockPool
-from loong.kv.shards import ShardTable
-from loong.sched.cluster_plan import (ClusterStepPlan, ClusterStepResult, DecodeGroupPlan,
+from loong.sched.cluster_plan import (ClusterStepPlan, DecodeGroupPlan,
                                       DecodeItem, KeepRange, PlanError, PrefillGroupPlan,
                                       PrefillItem, check_plan)
 from loong.sched.policies.simple_esp import ESPPolicyConfig, SimpleESPPolicy
-
-
-class FakeCluster:
-    """Applies plans to ShardTables; samples token 7 for every sampled request."""
-
-    def __init__(self, n: int, blocks: int, bs: int) -> None:
-        self.tables = [ShardTable(BlockPool(blocks, bs)) for _ in range(n)]
-
-    def run(self, plan: ClusterStepPlan) -> ClusterStepResult:
-        res = ClusterStepResult(plan.step)
-        for rid in plan.releases:
-            for t in self.tables:
-                t.release(rid)
-        for m in plan.migrations:
-            have = self.tables[m.src].tokens(m.request_id)
-            self.tables[m.src].truncate(m.request_id, have - m.num_tokens)
-            self.tables[m.dst].append(m.request_id, m.num_tokens)
-        for g in plan.prefills:
-            for it in g.items:
-                for kr in it.keep:
-                    self.tables[kr.instance].append(it.request_id, kr.end - kr.begin)
-                res.sampled[it.request_id] = 7
-        for g in plan.decodes:
-            for it in g.items:
-                for inst, t in it.shards:
-                    assert self.tables[inst].tokens(it.request_id) == t
-                self.tables[it.master].append(it.request_id, 1)
-                res.sampled[it.request_id] = 7
-        for i, t in enumerate(self.tables):
-            res.shard_tokens[i] = t.summary()
-            res.free_blocks[i] = t.pool.num_free
-        return res
+from tests.fake_cluster import FakeCluster
 
 
 def _drive(policy, cluster, lengths, max_tokens, on_step=None):

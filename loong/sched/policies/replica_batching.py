@@ -48,7 +48,7 @@ class ReplicaConfig:
             raise ValueError(f"token_budget: must be >= 1 or None, got {self.token_budget}")
 
 
-@dataclass
+@dataclass(eq=False)                    # identity: queues hold each request once
 class _Req:
     rid: str
     seq: int
@@ -70,6 +70,7 @@ class ReplicaPolicy:
         self.roles = roles or ["mixed"] * len(self.replicas)
         self.used = [0] * cfg.num_instances
         self.waiting = [deque() for _ in self.replicas]
+        self._queued_blocks = [0] * len(self.replicas)   # prompt blocks waiting per replica
         self.running: list[dict[str, _Req]] = [{} for _ in self.replicas]
         self.reqs: dict[str, _Req] = {}
         self._in_flight: dict[str, int] = {}     # request -> tokens of its planned chunk
@@ -93,9 +94,8 @@ class ReplicaPolicy:
         if r is None:
             return
         self._in_flight.pop(rid, None)
-        if r in self.waiting[r.replica]:
-            self.waiting[r.replica].remove(r)
-        self.running[r.replica].pop(rid, None)
+        if self.running[r.replica].pop(rid, None) is None:
+            self._dequeue(r)
         self.queue.predictor.observe(r.prompt_len, len(r.tokens) - r.prompt_len)
         if r.placement:
             self._drop(r)
@@ -108,8 +108,7 @@ class ReplicaPolicy:
               if role == "mixed" or role == want]
 
         def load(i: int) -> tuple[float, int]:
-            queued = sum(_blocks(len(q.tokens), self.cfg.block_size) for q in self.waiting[i])
-            return ((sum(self.used[m] for m in self.replicas[i]) + queued)
+            return ((sum(self.used[m] for m in self.replicas[i]) + self._queued_blocks[i])
                     / len(self.replicas[i]), i)
         return min(ok, key=load)
 
@@ -118,6 +117,11 @@ class ReplicaPolicy:
         r.qkey = self.queue.key(r.seq, r.prompt_len, len(r.tokens), preempted)
         q = self.waiting[replica]
         q.insert(bisect.bisect_right(q, r.qkey, key=lambda x: x.qkey), r)
+        self._queued_blocks[replica] += _blocks(len(r.tokens), self.cfg.block_size)
+
+    def _dequeue(self, r: _Req) -> None:
+        self.waiting[r.replica].remove(r)
+        self._queued_blocks[r.replica] -= _blocks(len(r.tokens), self.cfg.block_size)
 
     def max_request_tokens(self) -> int:
         """The most KV one request may need: what the smallest replica it may run on admits
@@ -243,7 +247,7 @@ class ReplicaPolicy:
             keep = self._place(r, n, members)
             if keep is None:
                 break
-            q.popleft()
+            self._dequeue(r)
             self.running[i][r.rid] = r
             items.append(self._chunk(r, n, keep))
             left -= n
