@@ -66,7 +66,6 @@ class ElasticPolicy(SimpleESPPolicy):
         self.cost = cost
         self.ecfg = elastic or ElasticConfig()
         self._decode_steps_since_stall = self.ecfg.max_wait_steps
-        self._prompt_len: dict[str, int] = {}
         self._out_sum, self._out_n = 0, 0
         self._head: tuple[str | None, int] = (None, 0)       # (rid, times passed over)
         self._decoding: set[str] = set()      # requests of the decode step in flight,
@@ -81,19 +80,14 @@ class ElasticPolicy(SimpleESPPolicy):
                            "waits_for_decode_step": 0})
 
     # ----- requests --------------------------------------------------------------------
-    def add(self, rid: str, prompt_token_ids: list[int]) -> None:
-        super().add(rid, prompt_token_ids)
-        self._prompt_len[rid] = len(prompt_token_ids)
-
     def finish(self, rid: str) -> None:
         """Drop a request; a running one's output length feeds the average est_wait uses."""
         r = self.running.get(rid)
         if r is not None:
-            out = len(r.tokens) - self._prompt_len.get(rid, len(r.tokens))
+            out = len(r.tokens) - r.prompt_len
             if out > 0:
                 self._out_sum += out
                 self._out_n += 1
-        self._prompt_len.pop(rid, None)
         super().finish(rid)
 
     def _t(self, g: int, s: float, q: float) -> float:
@@ -107,12 +101,7 @@ class ElasticPolicy(SimpleESPPolicy):
         return self._out_sum / self._out_n if self._out_n else self.ecfg.initial_avg_output
 
     def _out_len(self, r: _Req) -> int:
-        return max(1, len(r.tokens) - self._prompt_len.get(r.rid, len(r.tokens)))
-
-    def _span(self, r: _Req) -> float:
-        """Tokens a decoder's per-token latency is normalized by: prompt + expected output."""
-        pl = self._prompt_len.get(r.rid, len(r.tokens))
-        return pl + max(float(len(r.tokens) - pl), self.avg_output_len())
+        return max(1, len(r.tokens) - r.prompt_len)
 
     # ----- the step ----------------------------------------------------------------------
     def schedule(self, maintenance_only: bool = False, busy: frozenset[int] = frozenset()
@@ -231,12 +220,11 @@ class ElasticPolicy(SimpleESPPolicy):
         """How long decoding requests are expected to keep their instances (ms)."""
         if not ready:
             return 0.0
-        pl = self._prompt_len
         lo, hi = None, 0              # fewest and most outputs so far
         per_master: dict[int, int] = {}
         per_inst: dict[int, int] = {}
         for r in ready:
-            o = len(r.tokens) - pl.get(r.rid, 0)
+            o = len(r.tokens) - r.prompt_len
             lo = o if lo is None or o < lo else lo
             hi = o if o > hi else hi
             m = r.master
