@@ -2,7 +2,8 @@
 
 Owns: `CostModel` (LoongServe's prefill form T_g = A_g + B_g * sum(l) + C_g * sum(l^2) per
 group size g; a decode step T = a + b * (largest mini-batch) + c * (most context tokens one
-member reads); migration time from bandwidth), fitting those forms from profile samples by
+member reads), one shared fit plus optional per-decode-group-size fits; migration time from
+bandwidth), fitting those forms from profile samples by
 relative-error least squares (`fit_prefill`, `fit_decode`, with the mean relative error on
 held-out points), JSON round trips, and the presets (`PRESETS`; their derivations are in
 `loong/sched/presets/*.md`).
@@ -52,6 +53,9 @@ class CostModel:
     # PD-disaggregation baselines); k = 1 falls back to `prefill[1]` and `decode`.
     tp_prefill: dict[int, PrefillCoeffs] = field(default_factory=dict)
     tp_decode: dict[int, DecodeCoeffs] = field(default_factory=dict)
+    # Decode fitted per decode group size (instances in the group: masters and shard
+    # holders); `decode` stays the fit over all sizes. See `decode_coeffs`.
+    decode_by_group: dict[int, DecodeCoeffs] = field(default_factory=dict)
 
     # ----- predictions ---------------------------------------------------------------
     def prefill_coeffs(self, g: int) -> PrefillCoeffs:
@@ -74,8 +78,26 @@ class CostModel:
     def prefill_ms_sums(self, g: int, sum_l: float, sum_l2: float) -> float:
         return self.prefill_coeffs(g).time_ms(sum_l, sum_l2)
 
-    def decode_ms(self, max_mini_batch: int, max_member_context: int) -> float:
-        return self.decode.time_ms(max_mini_batch, max_member_context)
+    def decode_coeffs(self, group_size: int | None = None) -> DecodeCoeffs:
+        """Decode coefficients for a decode group of `group_size` instances (masters and
+        shard holders). `decode_by_group[group_size]` when fitted; for a size not fitted,
+        the nearest fitted size below it; the shared `decode` when `group_size` is None or
+        no fitted size is below it (also when `decode_by_group` is empty)."""
+        if group_size is None:
+            return self.decode
+        if group_size < 1:
+            raise ValueError(f"decode group size must be >= 1, got {group_size}")
+        if group_size in self.decode_by_group:
+            return self.decode_by_group[group_size]
+        below = [k for k in self.decode_by_group if k < group_size]
+        return self.decode_by_group[max(below)] if below else self.decode
+
+    def decode_ms(self, max_mini_batch: int, max_member_context: int,
+                  group_size: int | None = None) -> float:
+        """One decode step: `max_mini_batch` the largest master's mini-batch,
+        `max_member_context` the most KV tokens one member reads, `group_size` the decode
+        group's instance count (None: unknown, the shared fit); see `decode_coeffs`."""
+        return self.decode_coeffs(group_size).time_ms(max_mini_batch, max_member_context)
 
     def replica_coeffs(self, k: int) -> tuple[PrefillCoeffs, DecodeCoeffs]:
         """Coefficients of a replica of k instances (tensor parallel over them). Sizes not
@@ -114,7 +136,7 @@ class CostModel:
     # ----- persistence ---------------------------------------------------------------
     def to_json(self) -> str:
         d = asdict(self)
-        for key in ("prefill", "tp_prefill", "tp_decode"):
+        for key in ("prefill", "tp_prefill", "tp_decode", "decode_by_group"):
             d[key] = {str(k): v for k, v in d[key].items()}
         return json.dumps(d, indent=1, sort_keys=True)
 
@@ -127,7 +149,10 @@ class CostModel:
                        float(d["migration_bytes_per_s"]), int(d["kv_bytes_per_token"]),
                        int(d["tokens_per_instance"]), d.get("notes", ""), d.get("fit_error", {}),
                        {int(k): PrefillCoeffs(**v) for k, v in d.get("tp_prefill", {}).items()},
-                       {int(k): DecodeCoeffs(**v) for k, v in d.get("tp_decode", {}).items()})
+                       {int(k): DecodeCoeffs(**v) for k, v in d.get("tp_decode", {}).items()},
+                       # absent in presets written before per-group decode fits
+                       {int(k): DecodeCoeffs(**v)
+                        for k, v in d.get("decode_by_group", {}).items()})
         except (KeyError, TypeError) as e:
             raise ValueError(f"cost model JSON is missing or has a bad field: {e}") from e
 

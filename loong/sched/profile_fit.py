@@ -26,8 +26,16 @@ def _fit_bandwidth(rows: list[dict]) -> tuple[float, float | None]:
     return 1.0 / k, mean_relative_error(k * x, t)
 
 
+_MIN_DECODE_SAMPLES = 3        # one per coefficient (a, b, c)
+
+
 def fit_profile(raw: dict, name: str, holdout_every: int = 5) -> CostModel:
-    """Fit a CostModel from a raw profile (as written by `run_profile`)."""
+    """Fit a CostModel from a raw profile (as written by `run_profile`).
+
+    Decode is fitted twice: over every sample (`decode`, the shared fit used when a decode
+    group's size is unknown) and per decode group size (the samples' `group_size`, the
+    group's instance count) into `decode_by_group`, for each size >= 1 with at least
+    `_MIN_DECODE_SAMPLES` samples. Both fits' held-out errors are in `fit_error`."""
     ps = [PrefillSample(r["group_size"], (r["length"],) * r["batch"], r["time_ms"])
           for r in raw["prefill"]]
     ds = [DecodeSample(r["max_mini_batch"], r["max_member_context"], r["time_ms"])
@@ -43,9 +51,11 @@ def fit_profile(raw: dict, name: str, holdout_every: int = 5) -> CostModel:
     by_g: dict[int, list[DecodeSample]] = {}
     for r, smp in zip(raw["decode"], ds):
         by_g.setdefault(int(r.get("group_size", 0)), []).append(smp)
-    decode_by_group = {}
+    decode_by_group, dec_by_g = {}, {}
     for g, rows in sorted(by_g.items()):
         c, e = fit_decode(rows, holdout_every)
+        if g >= 1 and len(rows) >= _MIN_DECODE_SAMPLES:
+            dec_by_g[g] = c
         decode_by_group[str(g)] = dict(
             a_ms=c.a_ms, b_ms_per_request=c.b_ms_per_request,
             c_ms_per_context_token=c.c_ms_per_context_token, heldout_mre=e,
@@ -69,7 +79,7 @@ def fit_profile(raw: dict, name: str, holdout_every: int = 5) -> CostModel:
              f"{raw['device']} {raw['dtype']}, model {raw['model']['path']}; "
              f"{raw['stat']} of repeats; wall clock of ClusterExecutor.execute")
     return CostModel(name, pre, dec, bw, int(raw["kv_bytes_per_token"]),
-                     int(raw["tokens_per_instance"]), notes, fit_error)
+                     int(raw["tokens_per_instance"]), notes, fit_error, decode_by_group=dec_by_g)
 
 
 def summary_table(cm: CostModel) -> str:
@@ -82,13 +92,17 @@ def summary_table(cm: CostModel) -> str:
         lines.append(f"  {g:<3d} {c.a_ms:<10.3f} {c.b_ms_per_token:<14.6g} {c.c_ms_per_token2:<16.4g} "
                      f"{_pct(ho):<14s} {_pct(ins)}")
     d = cm.decode
-    lines.append(f"  decode: a={d.a_ms:.3f} ms, b={d.b_ms_per_request:.4g} ms/request, "
+    lines.append(f"  decode (shared, all group sizes): a={d.a_ms:.3f} ms, b={d.b_ms_per_request:.4g} ms/request, "
                  f"c={d.c_ms_per_context_token:.4g} ms/context token; held-out MRE "
                  f"{_pct(fe.get('decode_heldout_mre'))}")
-    for g, d in sorted(fe.get("decode_by_group", {}).items(), key=lambda kv: int(kv[0])):
-        lines.append(f"    g={g}: shared fit MRE {_pct(d['shared_fit_mre'])}; own fit a={d['a_ms']:.3f}, "
-                     f"b={d['b_ms_per_request']:.4g}, c={d['c_ms_per_context_token']:.4g}, "
-                     f"held-out MRE {_pct(d['heldout_mre'])}")
+    per_g = fe.get("decode_by_group", {})
+    for g in sorted(set(cm.decode_by_group) | {int(k) for k in per_g}):
+        e = per_g.get(str(g), {})
+        c = cm.decode_by_group.get(g)
+        own = (f"a={c.a_ms:.3f}, b={c.b_ms_per_request:.4g}, c={c.c_ms_per_context_token:.4g}"
+               if c is not None else "not used (too few samples or no group size)")
+        lines.append(f"    decode g={g}: {own}; held-out MRE {_pct(e.get('heldout_mre'))}"
+                     f" (shared fit on these points: {_pct(e.get('shared_fit_mre'))})")
     lines.append(f"  migration: {cm.migration_bytes_per_s / 1e9:.3f} GB/s "
                  f"(MRE {_pct(fe.get('migration_insample_mre'))}); KV {cm.kv_bytes_per_token} B/token, "
                  f"{cm.tokens_per_instance} tokens/instance")

@@ -100,7 +100,10 @@ class Simulator:
             for inst, t in it.shards:
                 per_member[inst] = per_member.get(inst, 0) + t
             per_member[it.master] = per_member.get(it.master, 0) + 1
-        return self.cost.decode_ms(max(per_master.values()), max(per_member.values())) / 1e3
+        # Charged by the decode group's size (masters and shard holders) where the cost
+        # model has per-group-size decode fits.
+        return self.cost.decode_ms(max(per_master.values()), max(per_member.values()),
+                                   len(g.members)) / 1e3
 
     def _result(self, plan_step: int, g) -> ClusterStepResult:
         res = ClusterStepResult(plan_step)

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from loong.sched.cost_model import (CostModel, DecodeSample, PrefillCoeffs, PrefillSample,
-                                    fit_decode, fit_prefill, get_preset, load_cost_model)
+from loong.sched.cost_model import (CostModel, DecodeCoeffs, DecodeSample, PrefillCoeffs,
+                                    PrefillSample, fit_decode, fit_prefill, get_preset,
+                                    load_cost_model)
 from loong.sched.policies.dp_batching import batching_objective, dp_batching
 
 
@@ -155,3 +156,102 @@ def test_fast_batching_is_close_to_exact_on_random_cases():
         obj, batches = dp_batching(lengths, free, cost, exact=False)
         _check_batches(lengths, free, batches)
         assert want - 1e-9 <= obj <= want * 1.01
+
+
+# ----- decode per decode group size ----------------------------------------------------------
+def _decode_model(by_group):
+    return CostModel("dg", {1: PrefillCoeffs(10.0, 0.1, 1e-5)}, DecodeCoeffs(7.0, 0.7, 7e-3),
+                     migration_bytes_per_s=1e9, kv_bytes_per_token=1000,
+                     tokens_per_instance=4096, decode_by_group=by_group)
+
+
+def test_decode_lookup_by_group_size_and_fallback():
+    shared = DecodeCoeffs(7.0, 0.7, 7e-3)
+    one, four = DecodeCoeffs(1.0, 0.1, 1e-3), DecodeCoeffs(4.0, 0.4, 4e-3)
+    m = _decode_model({1: one, 4: four})
+    assert m.decode_coeffs(None) == m.decode_coeffs() == shared      # size unknown: shared
+    assert m.decode_coeffs(1) == one and m.decode_coeffs(4) == four  # fitted sizes
+    assert m.decode_coeffs(2) == m.decode_coeffs(3) == one           # nearest fitted below
+    assert m.decode_coeffs(9) == four
+    assert m.decode_ms(3, 500) == pytest.approx(7.0 + 2.1 + 3.5)     # old two-argument call
+    assert m.decode_ms(3, 500, 4) == pytest.approx(4.0 + 1.2 + 2.0)
+    assert m.decode_ms(3, 500, 2) == pytest.approx(1.0 + 0.3 + 0.5)
+    # No fitted size below: the shared fit; none fitted at all: the shared fit.
+    only2 = _decode_model({2: four})
+    assert only2.decode_coeffs(1) == shared and only2.decode_coeffs(3) == four
+    assert _decode_model({}).decode_ms(3, 500, 2) == pytest.approx(7.0 + 2.1 + 3.5)
+    with pytest.raises(ValueError, match="group size"):
+        m.decode_ms(1, 10, 0)
+    # Replicas keep the shared decode fit.
+    assert m.replica_coeffs(1)[1] == shared
+
+
+def test_decode_by_group_json_round_trip_and_old_presets():
+    m = _decode_model({1: DecodeCoeffs(1.0, 0.1, 1e-3), 4: DecodeCoeffs(4.0, 0.4, 4e-3)})
+    d = json.loads(m.to_json())
+    assert set(d["decode_by_group"]) == {"1", "4"}                   # string keys, as prefill
+    back = CostModel.from_json(m.to_json())
+    assert back == m and back.decode_by_group[4] == DecodeCoeffs(4.0, 0.4, 4e-3)
+    assert back.decode_ms(2, 100, 5) == m.decode_ms(2, 100, 5)
+    # A preset written before the field existed still loads, with no per-group fits.
+    del d["decode_by_group"]
+    old = CostModel.from_json(json.dumps(d))
+    assert old.decode_by_group == {} and old == _decode_model({})
+    assert old.decode_ms(2, 100, 4) == m.decode_ms(2, 100)
+    with pytest.raises(ValueError, match="bad field"):
+        d["decode_by_group"] = {"2": {"a_ms": 1.0}}
+        CostModel.from_json(json.dumps(d))
+
+
+def _raw_profile(decode_truth, rng, noise=0.001, with_group=True):
+    pre = [dict(group_size=g, batch=bs, length=ln, time_ms=10.0 * g + 0.1 * bs * ln / g)
+           for g in (1, 2) for bs in (1, 2, 4) for ln in (64, 256, 1024)]
+    dec = []
+    for g, c in decode_truth.items():
+        for b in (1, 2, 4, 8, 16, 32):
+            for ctx in (100, 1000, 3000, 6000):
+                t = c.time_ms(b, ctx) * (1 + rng.uniform(-noise, noise))
+                row = dict(max_mini_batch=b, max_member_context=ctx, time_ms=t)
+                if with_group:
+                    row["group_size"] = g
+                dec.append(row)
+    return dict(prefill=pre, decode=dec, migration=[], instances=2, threads_per_instance=1,
+                device="cpu", dtype="bfloat16", model=dict(path="synthetic"), stat="min",
+                kv_bytes_per_token=1000, tokens_per_instance=4096)
+
+
+def test_fit_profile_recovers_per_group_decode_forms():
+    from loong.sched.profile_fit import fit_profile, summary_table
+    truth = {1: DecodeCoeffs(40.0, 1.5, 1.4e-3), 2: DecodeCoeffs(110.0, 2.0, 2.5e-3)}
+    cm = fit_profile(_raw_profile(truth, random.Random(11)), "synthetic")
+    assert set(cm.decode_by_group) == {1, 2}
+    for g, c in truth.items():
+        got = cm.decode_by_group[g]
+        assert got.a_ms == pytest.approx(c.a_ms, rel=0.01)
+        assert got.b_ms_per_request == pytest.approx(c.b_ms_per_request, rel=0.01)
+        assert got.c_ms_per_context_token == pytest.approx(c.c_ms_per_context_token, rel=0.01)
+        assert cm.decode_ms(8, 2000, g) == pytest.approx(c.time_ms(8, 2000), rel=0.005)
+        e = cm.fit_error["decode_by_group"][str(g)]
+        assert 0 < e["heldout_mre"] < 0.003                              # noise is +-0.1%
+        assert e["shared_fit_mre"] > 0.1                                 # one form fits neither
+    assert cm.fit_error["decode_heldout_mre"] > 0.1
+    assert cm.decode_ms(8, 2000, 3) == cm.decode_ms(8, 2000, 2)           # nearest below
+    table = summary_table(cm)
+    assert "decode g=1: a=40." in table and "decode g=2: a=110." in table
+    back = CostModel.from_json(cm.to_json())
+    assert back == cm and back.decode_by_group == cm.decode_by_group
+    # Raw samples without a group size (older profiles): no per-group fits, shared only.
+    old = fit_profile(_raw_profile(truth, random.Random(11), with_group=False), "old")
+    assert old.decode_by_group == {} and old.decode_ms(8, 2000, 2) == old.decode_ms(8, 2000)
+
+
+def test_cpu_preset_has_per_group_decode_fits():
+    cm = load_cost_model("cpu-smollm2-135m")
+    assert set(cm.decode_by_group) == {1, 2}
+    fe = cm.fit_error["decode_by_group"]
+    for g, c in cm.decode_by_group.items():                   # the fits fit_error reports
+        assert (c.a_ms, c.b_ms_per_request, c.c_ms_per_context_token) == \
+            (fe[str(g)]["a_ms"], fe[str(g)]["b_ms_per_request"], fe[str(g)]["c_ms_per_context_token"])
+        assert fe[str(g)]["heldout_mre"] < 0.1
+    # Measured: a 2-instance decode step costs more than a 1-instance one.
+    assert cm.decode_ms(1, 1000, 2) > cm.decode_ms(1, 1000, 1) + 50

@@ -4,6 +4,7 @@ Analytic timings for a lone request, determinism, invariants through randomized 
 force preemption and scale-up (the policy's block mirror is checked against the simulated
 instances' ShardTables after every group), and torch-free imports.
 """
+import dataclasses
 import random
 import subprocess
 import sys
@@ -48,6 +49,27 @@ def test_lone_request_times_match_the_cost_model():
     assert rec.e2e == pytest.approx(prefill + sum(decodes))
     assert rec.tpot == pytest.approx(sum(decodes) / (out - 1))
     assert rec.first_scheduled_s == pytest.approx(2.0)
+
+
+def test_lone_decode_on_two_instances_is_charged_the_two_instance_coefficients():
+    g1, g2 = DecodeCoeffs(5.0, 0.5, 0.01), DecodeCoeffs(40.0, 2.0, 0.02)
+    cost = dataclasses.replace(_toy_cost(), decode_by_group={1: g1, 2: g2})
+    L, out = 1500, 4
+    sim, _ = _sim(n=2, blocks=64, bs=16, cost=cost)        # 1,024 tokens per instance
+    (rec,) = sim.run([Req(L, out, 0.0)]).records
+    prefill = cost.prefill_ms(2, [L]) / 1e3
+    # The prompt does not fit one instance: 1,024 tokens on instance 0, the rest on 1, so
+    # every decode step is a group of both instances; instance 0 reads the most (1,024).
+    step = g2.time_ms(1, 1024) / 1e3
+    assert rec.ttft == pytest.approx(prefill)
+    assert rec.tpot == pytest.approx(step)
+    assert rec.e2e == pytest.approx(prefill + (out - 1) * step)
+    for other in (g1, cost.decode):                        # not the 1-instance or shared fit
+        assert abs(rec.tpot - other.time_ms(1, 1024) / 1e3) > 0.01
+    # Only g = 1 fitted: a 2-instance group falls back to it (nearest fitted size below).
+    sim, _ = _sim(n=2, blocks=64, bs=16, cost=dataclasses.replace(cost, decode_by_group={1: g1}))
+    (rec,) = sim.run([Req(L, out, 0.0)]).records
+    assert rec.tpot == pytest.approx(g1.time_ms(1, 1024) / 1e3)
 
 
 def test_simulation_is_deterministic():
