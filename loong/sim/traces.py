@@ -237,6 +237,7 @@ def default_data_dir() -> str | None:
 
 TRACE_FILES = {
     "sharegpt": "sharegpt_8k_llama2.csv",
+    "sharegpt-loong": "sharegpt_8k_llama2.csv",
     "arxiv": "arxiv_summarization_llama2.csv",
     "azure-code": "azure_code_2023.csv",
     "azure-conv": "azure_conv_2023.csv",

@@ -37,6 +37,17 @@ def filter_sharegpt_loongserve(reqs: Iterable[WorkloadRequest]) -> list[Workload
             and r.output_len < 1000 and r.input_len + r.output_len < 200_000]
 
 
+LOONGSERVE_SHAREGPT_MAX_TOTAL = 2_300   # LoongServe section 7.1: "sequence length 4-2.3K"
+
+
+def filter_sharegpt_loongserve_range(reqs: Iterable[WorkloadRequest]) -> list[WorkloadRequest]:
+    """`filter_sharegpt_loongserve`, then prompt + output <= 2,300 tokens: the sequence
+    range LoongServe states for its own ShareGPT (ShareGPT_V3 multi-turn, not at hand).
+    Keeps the short half of our ShareGPT, whose lengths then sit where the paper's do."""
+    return [r for r in filter_sharegpt_loongserve(reqs)
+            if r.input_len + r.output_len <= LOONGSERVE_SHAREGPT_MAX_TOTAL]
+
+
 def filter_mixed(reqs: Iterable[WorkloadRequest]) -> list[WorkloadRequest]:
     """Mixed's admission filter: prompt >= 16 and output >= 4 tokens."""
     return [r for r in reqs if r.input_len >= 16 and r.output_len >= 4]
@@ -178,6 +189,8 @@ def replay_trace(trace: Sequence[WorkloadRequest],
 WORKLOADS: dict[str, str] = {
     "sharegpt": "ShareGPT (openchat_sharegpt4, Llama-2 tokens, total <= 8K) with LoongServe's "
                 "filters: prompt >= 4, 4 <= output < 1000, prompt + output < 200K",
+    "sharegpt-loong": "sharegpt within LoongServe's stated sequence range, prompt + output "
+                      "<= 2.3K tokens (the paper's ShareGPT setting)",
     "leval": "L-Eval, 18 of 20 tasks, one request per (document, instruction), Llama-2 tokens",
     "lveval": "LV-Eval, 6 English subsets x 5 levels (16K-256K words), lengths synthesized "
               "from the published shape: 15.1K-497.3K tokens, short outputs",
@@ -206,6 +219,8 @@ def _load(name: str, data_dir: PathLike | None) -> list[WorkloadRequest]:
     path = trace_path(data_dir, TRACE_FILES[name])
     if name == "sharegpt":
         return filter_sharegpt_loongserve(read_stats_csv(path, "sharegpt"))
+    if name == "sharegpt-loong":
+        return filter_sharegpt_loongserve_range(read_stats_csv(path, "sharegpt"))
     if name == "arxiv":
         return read_stats_csv(path, "arxiv")
     if name == "leval":
@@ -246,7 +261,7 @@ def build_workload(name: str, data_dir: PathLike | None = None,
                    seed: int = 0) -> list[WorkloadRequest]:
     """Requests of a named workload (see `WORKLOADS`); deterministic for a seed.
 
-    - sharegpt, leval, lveval, arxiv: `num_requests` sampled from the (filtered) pool with
+    - sharegpt, sharegpt-loong, leval, lveval, arxiv: `num_requests` sampled from the (filtered) pool with
       numpy `default_rng(seed)`, without replacement unless it exceeds the pool; None = the
       whole pool, shuffled. No arrival times (add them with `loong.sim.arrivals`).
     - mixed (default 4,500) and zipf-<alpha> (default 20,000): see `build_mixed`,
@@ -276,7 +291,7 @@ def build_workload(name: str, data_dir: PathLike | None = None,
         return build_mixed(data_dir, num_requests, seed)
     if name in ("azure-code", "azure-conv", "mooncake"):
         return replay_trace(_load(name, data_dir), num_requests)
-    if name in ("sharegpt", "leval", "lveval", "arxiv"):
+    if name in ("sharegpt", "sharegpt-loong", "leval", "lveval", "arxiv"):
         return sample_requests(_load(name, data_dir), num_requests, _rng(seed))
     raise KeyError(f"unknown workload {name!r}; known: {sorted(WORKLOADS)} "
                    f"(zipf-<alpha> for any alpha > 0)")
@@ -307,7 +322,7 @@ def workload_stats(reqs: Sequence[WorkloadRequest]) -> dict:
     return st
 
 
-STATS_WORKLOADS = ("sharegpt", "leval", "lveval", "mixed", "zipf-1.0", "zipf-1.2",
+STATS_WORKLOADS = ("sharegpt", "sharegpt-loong", "leval", "lveval", "mixed", "zipf-1.0", "zipf-1.2",
                    "zipf-1.4", "azure-code", "azure-conv", "mooncake", "arxiv")
 
 

@@ -13,6 +13,7 @@ from loong.sim.arrivals import assign_arrivals, gamma_arrivals, poisson_arrivals
 from loong.sim.workloads import (LVEVAL_TOKENS_MAX, LVEVAL_TOKENS_MIN, WORKLOADS,
                                  WorkloadFormatError, WorkloadRequest, build_workload,
                                  default_data_dir, filter_mixed, filter_sharegpt_loongserve,
+                                 filter_sharegpt_loongserve_range,
                                  match_nearest, read_azure_csv, read_jsonl_trace,
                                  read_leval_csv, read_mooncake_jsonl, read_stats_csv,
                                  read_trace, replay_trace, sample_power_law,
@@ -151,6 +152,11 @@ def test_loongserve_filters():
         (4, 4), (100, 999), (199_000, 999), (15, 10), (16, 4)]
     assert [(r.input_len, r.output_len) for r in filter_mixed(kept)] == [
         (100, 999), (199_000, 999), (16, 4)]
+    # LoongServe's stated ShareGPT range caps prompt + output at 2.3K on top of the above
+    ranged = filter_sharegpt_loongserve_range(reqs + [WorkloadRequest(1_301, 999),
+                                                      WorkloadRequest(1_302, 999)])
+    assert [(r.input_len, r.output_len) for r in ranged] == [
+        (4, 4), (100, 999), (15, 10), (16, 4), (1_301, 999)]
 
 
 def test_lveval_synthesis_shape():
@@ -262,6 +268,7 @@ def test_import_without_torch():
 @needs_data
 @pytest.mark.parametrize("name,n,in_mean,in_p50,in_max,out_mean", [
     ("sharegpt", 30212, 2341.1, 1731, 8032, 436.3),
+    ("sharegpt-loong", 15611, 696.6, 618, 2277, 401.1),
     ("leval", 2074, 11368.7, 7734, 68624, 54.6),
     ("azure-code", 8819, 2047.8, 1469, 7437, 27.9),
     ("azure-conv", 19366, 1154.7, 1020, 14050, 211.1),
