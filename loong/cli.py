@@ -56,15 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     sim = sub.add_parser("sim", help="simulate a cluster serving a workload (no model, no GPU)")
     sim.add_argument("--workload", required=True,
-                     help="sharegpt, leval, lveval, mixed, zipf-<alpha>, azure-code, azure-conv, "
+                     help="sharegpt, sharegpt-loong, leval, lveval, mixed, zipf-<alpha>, azure-code, azure-conv, "
                           "mooncake, arxiv or jsonl:PATH")
     sim.add_argument("--policy", default="elastic",
-                     help="elastic, static-sp, chunked-prefill, vllm, pd-disagg or simple")
+                     help="elastic, static-sp, chunked-prefill (LightLLM SplitFuse), sarathi "
+                          "(one token budget per iteration), vllm, pd-disagg or simple")
     sim.add_argument("--queue", default="fcfs", help="queue discipline: fcfs, mlfq or sjf")
     sim.add_argument("--replica-size", type=int, default=None,
                      help="instances per baseline replica (default: the paper's TP8/TP4)")
     sim.add_argument("--token-budget", type=int, default=None,
-                     help="chunked-prefill tokens per iteration (default: the paper's per workload)")
+                     help="chunked-prefill: tokens per prompt per iteration; sarathi: tokens per "
+                          "iteration (default: the paper's SplitFuse block per workload)")
     sim.add_argument("--instances", type=int, default=4)
     sim.add_argument("--rate", type=float, default=1.0,
                      help="requests/s; 0 replays a trace's real arrival times")

@@ -46,26 +46,50 @@ def _static_sp(cfg: ESPPolicyConfig, cost: CostModel):
 SPLITFUSE_BUDGET = {"sharegpt": 256, "leval": 2048, "lveval": 16384, "mixed": 2048, "zipf": 512}
 
 
+def paper_dataset(workload: str) -> str:
+    """The paper dataset whose settings (SLO, SplitFuse budget) a workload takes:
+    sharegpt-loong -> sharegpt, zipf-<alpha> -> zipf, jsonl:<path> -> jsonl."""
+    base = workload.split(":")[0]
+    if base.startswith("zipf"):
+        return "zipf"
+    return "sharegpt" if base.startswith("sharegpt") else base
+
+
 def default_replica_size(policy: str, instances: int) -> int:
     if policy == "pd-disagg":
         return 2 if instances % 4 == 0 else 1
     return 4 if instances % 4 == 0 else instances
 
 
+# vLLM's default limit of running sequences (`max_num_seqs`); the paper's vLLM command
+# does not change it. LightLLM's (`running_max_req_size`) is LoongServe's 1,024 here.
+VLLM_MAX_NUM_SEQS = 256
+
+
 def _replica_cfg(cfg: ESPPolicyConfig, replica_size: int | None, budget: int | None,
-                 policy: str) -> ReplicaConfig:
+                 policy: str, **kw) -> ReplicaConfig:
     k = replica_size or default_replica_size(policy, cfg.num_instances)
+    kw.setdefault("max_num_seqs", cfg.max_num_seqs)
     return ReplicaConfig(cfg.num_instances, cfg.blocks_per_instance, cfg.block_size,
                          replica_size=k, token_budget=budget,
-                         max_num_seqs=cfg.max_num_seqs, max_prefill_tokens=cfg.max_prefill_tokens)
+                         max_prefill_tokens=cfg.max_prefill_tokens, **kw)
 
 
 def _chunked(cfg, cost, replica_size=None, token_budget=2048):
-    return ReplicaPolicy(_replica_cfg(cfg, replica_size, token_budget, "chunked-prefill"))
+    # LightLLM SplitFuse, the paper's chunked-prefill baseline: the block size bounds each
+    # prompt's chunk; every decode runs every iteration.
+    return ReplicaPolicy(_replica_cfg(cfg, replica_size, token_budget, "chunked-prefill",
+                                      chunk_per_request=True))
+
+
+def _sarathi(cfg, cost, replica_size=None, token_budget=2048):
+    # Sarathi-Serve / vLLM chunked prefill: one token budget per iteration, decodes first.
+    return ReplicaPolicy(_replica_cfg(cfg, replica_size, token_budget, "sarathi"))
 
 
 def _vllm(cfg, cost, replica_size=None, token_budget=None):
-    return ReplicaPolicy(_replica_cfg(cfg, replica_size, None, "vllm"))
+    return ReplicaPolicy(_replica_cfg(cfg, replica_size, None, "vllm",
+                                      max_num_seqs=min(cfg.max_num_seqs, VLLM_MAX_NUM_SEQS)))
 
 
 def _pd(cfg, cost, replica_size=None, token_budget=None):
@@ -74,8 +98,9 @@ def _pd(cfg, cost, replica_size=None, token_budget=None):
 
 
 POLICIES: dict[str, Callable] = {"elastic": _elastic, "static-sp": _static_sp, "simple": _simple,
-                                 "chunked-prefill": _chunked, "vllm": _vllm, "pd-disagg": _pd}
-REPLICA_POLICIES = ("chunked-prefill", "vllm", "pd-disagg")
+                                 "chunked-prefill": _chunked, "sarathi": _sarathi, "vllm": _vllm,
+                                 "pd-disagg": _pd}
+REPLICA_POLICIES = ("chunked-prefill", "sarathi", "vllm", "pd-disagg")
 
 
 def run_simulation(workload: str, policy: str = "elastic", instances: int = 4,
@@ -109,9 +134,9 @@ def run_simulation(workload: str, policy: str = "elastic", instances: int = 4,
     blocks = cost.tokens_per_instance // block_size
     cfg = ESPPolicyConfig(instances, blocks, block_size, max_prefill_tokens=500_000,
                           max_num_seqs=max_num_seqs)
-    base = workload.split(":")[0]
+    base = paper_dataset(workload)
     if policy in REPLICA_POLICIES:
-        budget = token_budget or SPLITFUSE_BUDGET.get("zipf" if base.startswith("zipf") else base, 2048)
+        budget = token_budget or SPLITFUSE_BUDGET.get(base, 2048)
         pol = POLICIES[policy](cfg, cost, replica_size, budget)
     else:
         pol = POLICIES[policy](cfg, cost)
@@ -127,7 +152,7 @@ def run_simulation(workload: str, policy: str = "elastic", instances: int = 4,
     t0 = time.perf_counter()
     res = Simulator(pol, cost, instances, blocks, block_size).run(reqs)
     wall = time.perf_counter() - t0
-    slo = PAPER_SLOS.get(base) or (PAPER_SLOS["mixed"] if base.startswith("zipf") else None)
+    slo = PAPER_SLOS.get(base) or (PAPER_SLOS["mixed"] if base == "zipf" else None)
     metrics = summarize(res.records, slo)
     return {"config": {"workload": workload, "policy": policy, "instances": instances,
                        "rate": rate, "requests": n, "seed": seed, "preset": preset,

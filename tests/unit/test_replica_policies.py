@@ -72,6 +72,41 @@ def test_replica_policy_serves_everything_within_budget(k, budget, seed):
     assert not rec.pol.reqs and all(u == 0 for u in rec.pol.used)
 
 
+@pytest.mark.parametrize("k,chunk", [(1, 128), (2, 300)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_splitfuse_chunks_each_prompt_and_runs_every_decode(k, chunk, seed):
+    """LightLLM SplitFuse: the block bounds each prompt's chunk, not the iteration; every
+    running decode runs each iteration, and admission leaves room for prompts' later
+    chunks (no request is planned a chunk it cannot place)."""
+    n, blocks, bs = 4, 160, 16
+    cfg = ReplicaConfig(n, blocks, bs, replica_size=k, token_budget=chunk, max_num_seqs=32,
+                        chunk_per_request=True, max_prefill_tokens=4 * chunk)
+    pol = ReplicaPolicy(cfg)
+    res, rec = _run(pol, _reqs(seed), n, blocks, bs)
+    assert len(res.records) == 60 and not pol.reqs and all(u == 0 for u in pol.used)
+    over_budget = 0
+    for plan in rec.plans:
+        for g in plan.batches:
+            chunks = [len(it.token_ids) for it in g.items if not pol._is_decode(it)]
+            assert all(c <= chunk for c in chunks) and sum(chunks) <= 4 * chunk
+            over_budget += sum(len(it.token_ids) for it in g.items) > chunk
+    assert over_budget > 0          # iterations do exceed one block: it is per prompt
+    with pytest.raises(ValueError, match="chunk_per_request"):
+        ReplicaConfig(4, 10, 16, token_budget=None, chunk_per_request=True)
+
+
+def test_splitfuse_keeps_decodes_running_while_prompts_chunk():
+    """With a per-iteration budget (Sarathi) a full decode batch leaves no room for a new
+    prompt; with SplitFuse the prompt still gets its chunk next to every decode."""
+    def first_token_of_late_request(per_req):
+        cfg = ReplicaConfig(1, 400, 16, replica_size=1, token_budget=8, max_num_seqs=32,
+                            chunk_per_request=per_req)
+        reqs = [Req(4, 200, 0.0) for _ in range(8)] + [Req(64, 2, 0.05)]
+        res, _ = _run(ReplicaPolicy(cfg), reqs, 1, 400, 16)
+        return max(res.records, key=lambda r: r.arrival_s).first_token_s
+    assert first_token_of_late_request(True) < first_token_of_late_request(False)
+
+
 def test_small_kv_forces_preemption_and_recompute_still_finishes():
     n, blocks, bs = 2, 40, 8      # 320 tokens per instance
     cfg = ReplicaConfig(n, blocks, bs, replica_size=1, token_budget=64, max_num_seqs=16)

@@ -65,3 +65,19 @@ def test_cli_sim_writes_json(tmp_path, capsys):
     assert out["config"]["policy"] == "elastic" and out["metrics"]["count"] == 10
     assert "per_token" in capsys.readouterr().out
     assert main(["sim", "--workload", "lveval", "--policy", "nope"]) == 2
+
+
+def test_paper_settings_per_workload_and_baseline():
+    from loong.sched.cost_model import get_preset
+    from loong.sched.policies.simple_esp import ESPPolicyConfig
+    from loong.sim.run import VLLM_MAX_NUM_SEQS, paper_dataset
+    assert [paper_dataset(w) for w in ("sharegpt-loong", "sharegpt", "zipf-1.2", "leval",
+                                       "jsonl:/x.jsonl")] == [
+        "sharegpt", "sharegpt", "zipf", "leval", "jsonl"]
+    cfg = ESPPolicyConfig(4, 1000, 16, max_num_seqs=1024)
+    cost = get_preset("a800-lwm7b-tp2")
+    vllm, sf, sarathi = (POLICIES[p](cfg, cost, None, 256)
+                         for p in ("vllm", "chunked-prefill", "sarathi"))
+    assert vllm.cfg.max_num_seqs == VLLM_MAX_NUM_SEQS and vllm.cfg.token_budget is None
+    assert sf.cfg.chunk_per_request and sf.cfg.max_num_seqs == 1024
+    assert not sarathi.cfg.chunk_per_request and sarathi.cfg.token_budget == 256

@@ -5,8 +5,11 @@ one instance is plain data parallelism). Requests join the least-loaded replica 
 arrive (KV in use plus queued prompts: a load balancer in front of replicas) and stay
 there. Each replica runs continuous batching on its own, one `BatchGroupPlan` per
 iteration:
-- chunked prefill (vLLM/Sarathi, LightLLM SplitFuse): `token_budget` tokens per iteration,
-  running decodes first, then the unfinished prompt chunks, then new requests;
+- chunked prefill (vLLM/Sarathi): `token_budget` tokens per iteration, running decodes
+  first, then the unfinished prompt chunks, then new requests;
+- LightLLM SplitFuse (`chunk_per_request`): every running decode, and a chunk of up to
+  `token_budget` tokens of every unfinished prompt, new requests joining while memory,
+  `max_num_seqs` and `max_prefill_tokens` (chunk tokens per iteration) allow;
 - without a budget (vLLM v0.3, the paper's vLLM baseline): a prefill-only iteration of
   whole prompts whenever the queue's head fits, decode iterations otherwise.
 Admission needs free blocks for the request's whole remaining tokens plus a watermark;
@@ -39,6 +42,9 @@ class ReplicaConfig:
     max_num_seqs: int = 256             # running requests per replica
     max_prefill_tokens: int = 500_000   # per prefill-only iteration (no budget)
     watermark: float = 0.01             # share of a replica's blocks kept free at admission
+    # LightLLM SplitFuse: the budget bounds each prompt's chunk, not the iteration (decodes
+    # and several prompts' chunks share it; `max_prefill_tokens` bounds the chunks' sum).
+    chunk_per_request: bool = False
 
     def __post_init__(self) -> None:
         if self.replica_size < 1 or self.num_instances % self.replica_size:
@@ -46,6 +52,8 @@ class ReplicaConfig:
                              f"{self.num_instances} instances")
         if self.token_budget is not None and self.token_budget < 1:
             raise ValueError(f"token_budget: must be >= 1 or None, got {self.token_budget}")
+        if self.chunk_per_request and self.token_budget is None:
+            raise ValueError("chunk_per_request: needs a token_budget (the chunk size)")
 
 
 @dataclass(eq=False)                    # identity: queues hold each request once
@@ -169,12 +177,16 @@ class ReplicaPolicy:
         cfg, role = self.cfg, self.roles[i]
         items: list[ChunkItem] = []
         budget = cfg.token_budget
+        per_req = cfg.chunk_per_request
         admit_first = role == "prefill" or (role == "mixed" and budget is None and self._head_fits(i))
         if not admit_first and role != "prefill":
-            self._plan_decodes(i, items, preempted, budget)
+            self._plan_decodes(i, items, preempted, None if per_req else budget)
         if role != "decode" and (budget is not None or admit_first):
-            left = (budget - len(items)) if budget is not None else cfg.max_prefill_tokens
-            self._plan_chunks(i, items, left, whole=budget is None)
+            if per_req:
+                self._plan_chunks(i, items, cfg.max_prefill_tokens, whole=False, chunk=budget)
+            else:
+                left = (budget - len(items)) if budget is not None else cfg.max_prefill_tokens
+                self._plan_chunks(i, items, left, whole=budget is None)
         if not items:
             return None
         n_dec = sum(1 for it in items if self._is_decode(it))
@@ -215,10 +227,13 @@ class ReplicaPolicy:
     def _may_decode(self, r: _Req) -> bool:
         return True
 
-    def _plan_chunks(self, i: int, items: list[ChunkItem], left: int, whole: bool) -> None:
+    def _plan_chunks(self, i: int, items: list[ChunkItem], left: int, whole: bool,
+                     chunk: int | None = None) -> None:
         """Unfinished prompts first, then new requests in queue order, within `left`
-        tokens; `whole`: prompts are never split (one longer prompt may run alone)."""
+        tokens; `whole`: prompts are never split (one longer prompt may run alone);
+        `chunk`: the most tokens of one prompt per iteration."""
         cfg, members = self.cfg, self.replicas[i]
+        cap = left if chunk is None else chunk
         for r in sorted(self.running[i].values(), key=lambda r: r.seq):
             if left <= 0:
                 return
@@ -226,14 +241,17 @@ class ReplicaPolicy:
             if rest > 1 or (r.computed == 0 and rest == 1):
                 if r.rid in self._in_flight:
                     continue
-                n = rest if whole else min(rest, left)
+                n = rest if whole else min(rest, left, cap)
                 keep = self._place(r, n, members)
                 if keep is None:
                     continue
                 items.append(self._chunk(r, n, keep))
                 left -= n
-        cap = len(members) * cfg.blocks_per_instance
-        reserve = int(cfg.watermark * cap)
+        reserve = int(cfg.watermark * len(members) * cfg.blocks_per_instance)
+        # Admission counts the prompt blocks running requests have yet to place (their
+        # later chunks), so admitted prompts always have room to finish.
+        owed = sum(_blocks(len(r.tokens) - sum(r.placement.values()), cfg.block_size)
+                   for r in self.running[i].values()) if not whole else 0
         q = self.waiting[i]
         while q and left > 0 and len(self.running[i]) < cfg.max_num_seqs:
             r = q[0]
@@ -241,15 +259,16 @@ class ReplicaPolicy:
             if whole and items and total > left:
                 break
             free = sum(self.free(m) for m in members)
-            if _blocks(total, cfg.block_size) > free - reserve:
+            if _blocks(total, cfg.block_size) > free - reserve - owed:
                 break                                    # FCFS: the head waits for room
-            n = total if whole else min(total, left)
+            n = total if whole else min(total, left, cap)
             keep = self._place(r, n, members)
             if keep is None:
                 break
             self._dequeue(r)
             self.running[i][r.rid] = r
             items.append(self._chunk(r, n, keep))
+            owed += _blocks(total - n, cfg.block_size)
             left -= n
 
     def _head_fits(self, i: int) -> bool:
