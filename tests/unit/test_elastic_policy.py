@@ -5,14 +5,20 @@ ShardTables, the policy's mirror checked against them every step), then long ran
 simulations check that every request finishes with no leak (the Simulator checks every
 plan and the block mirror after every group). No model, no torch.
 """
+import copy
+import dataclasses
 import random
+import types
+from collections import deque
 from dataclasses import dataclass
 
 import pytest
 
-from loong.sched.cost_model import CostModel, DecodeCoeffs, PrefillCoeffs
+from loong.sched.cluster_plan import ClusterStepResult
+from loong.sched.cost_model import CostModel, DecodeCoeffs, PrefillCoeffs, get_preset
+from loong.sched.policies.dp_batching import dp_batching
 from loong.sched.policies.elastic import ElasticConfig, ElasticPolicy
-from loong.sched.policies.simple_esp import ESPPolicyConfig
+from loong.sched.policies.simple_esp import ESPPolicyConfig, SimpleESPPolicy
 from loong.sim.simulator import Simulator
 from tests.fake_cluster import FakeCluster
 
@@ -141,8 +147,9 @@ class Req:
     arrival_s: float
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_randomized_simulations_finish_every_request_without_leaks(seed):
+def _random_run(seed, policy_cls=ElasticPolicy):
+    """A randomized simulation on small pools (preemption, scale-up, paused decodes and
+    consolidation all happen): (requests, policy, simulator, result)."""
     rng = random.Random(seed)
     n = rng.randint(2, 8)
     blocks, bs = rng.choice([24, 48]), rng.choice([8, 16])
@@ -153,10 +160,16 @@ def test_randomized_simulations_finish_every_request_without_leaks(seed):
     top = max(8, n * cap // 2)
     reqs = [Req(rng.choice([rng.randint(1, 60), rng.randint(60, top)]), rng.randint(1, 120),
                 rng.uniform(0, 3)) for _ in range(rng.randint(150, 250))]
-    pol = ElasticPolicy(ESPPolicyConfig(n, blocks, bs, max_prefill_tokens=10**9), cost,
-                        ElasticConfig(max_ooe=rng.choice([0, 2, 8]), dp_exact_cells=rng.choice([0, 48])))
+    pol = policy_cls(ESPPolicyConfig(n, blocks, bs, max_prefill_tokens=10**9), cost,
+                     ElasticConfig(max_ooe=rng.choice([0, 2, 8]), dp_exact_cells=rng.choice([0, 48])))
     sim = Simulator(pol, cost, n, blocks, bs)
-    res = sim.run(reqs)                   # raises on any plan or mirror mismatch, or a leak
+    return reqs, pol, sim, sim.run(reqs)  # raises on any plan or mirror mismatch, or a leak
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_randomized_simulations_finish_every_request_without_leaks(seed):
+    reqs, pol, sim, res = _random_run(seed)
+    n, blocks = pol.cfg.num_instances, pol.cfg.blocks_per_instance
     assert len(res.records) == len(reqs)
     for r in res.records:
         src = reqs[int(r.request_id[1:])]
@@ -167,3 +180,141 @@ def test_randomized_simulations_finish_every_request_without_leaks(seed):
     st = pol.stats
     assert st["preemptions"] > 0 and st["scale_ups"] > 0 and st["exclusive_prefills"] > 0
     assert st["migrations"] >= st["consolidations"] > 0
+
+
+# ----- waiting for the running decode step ------------------------------------------------
+def _wait_cost() -> CostModel:
+    # Attention-heavy prefill: a 200-token head runs 28 ms faster on two instances than on
+    # one; a decode step takes about 5.6 ms. Migration at 1 byte/s: no consolidation.
+    return CostModel("wait", {1: PrefillCoeffs(10.0, 0.1, 1e-3), 2: PrefillCoeffs(12.0, 0.05, 5e-4)},
+                     DecodeCoeffs(5.0, 0.5, 0.001), migration_bytes_per_s=1.0,
+                     kv_bytes_per_token=1000, tokens_per_instance=256)
+
+
+def _head_arrives_during_a_decode_step(other_len, head_len):
+    """'a' (8 tokens) decodes on one instance, its step still running, while 'c'
+    (other_len tokens) is ready to decode on the other; then a head_len-token request
+    arrives and the policy plans the free instance."""
+    pol, cl = _setup(2, 64, 4, cost=_wait_cost())      # 256 tokens per instance
+    pol.add("a", [1] * 8)
+    pol.add("c", [1] * other_len)
+    assert sorted(_prefilled(_step(pol, cl))) == ["a", "c"]
+    (ia,), (ic,) = pol.placement("a"), pol.placement("c")
+    assert ia != ic
+    plan = pol.schedule()                              # one decode step over both
+    assert sorted(_decoded(plan)) == ["a", "c"]
+    pol.update(ClusterStepResult(plan.step, sampled={"c": 1}), done=["c"])   # a's runs on
+    pol.add("big", [1] * head_len)
+    return pol, pol.schedule(busy=frozenset({ia}))
+
+
+def test_decodes_wait_for_the_running_step_when_a_long_head_gains_more_than_they_lose():
+    # gain: T_1 - T_2 - step = 70 - 42 - 5.7 = 22 ms for the 200-token head, per token
+    # 0.11 ms; held back: c, one 5.7 ms step over its 202 tokens, 0.03 ms per token.
+    pol, plan = _head_arrives_during_a_decode_step(200, 200)
+    assert pol.stats["waits_for_decode_step"] == 1
+    assert not plan.decodes and not plan.prefills     # c waits; big does not fit beside it
+
+
+def test_short_decodes_are_not_held_back_for_a_head_that_gains_less_than_they_lose():
+    # Same head and gain, but c has 10 tokens: one step costs it 0.55 ms per token, more
+    # than the head's 0.11 ms: c decodes now (the unnarrowed rule held it back).
+    pol, plan = _head_arrives_during_a_decode_step(8, 200)
+    assert pol.stats["waits_for_decode_step"] == 0
+    assert _decoded(plan) == ["c"]
+    # A head that would not prefill faster with a's instance never holds anyone back.
+    pol, plan = _head_arrives_during_a_decode_step(200, 20)
+    assert pol.stats["waits_for_decode_step"] == 0
+    assert _prefilled(plan) == ["big"] and not plan.decodes    # it takes c's instance now
+
+
+
+def test_prefills_still_start_on_idle_instances_while_decodes_wait():
+    # Three instances; 'a' decodes on one (running), 'c' (200 tokens) is ready on another,
+    # the third is idle. The 400-token head gains 28 ms with a's instance (0.07 ms per
+    # token) against c's 0.03: c waits. 's' fits the idle instance and prefills now.
+    pol, cl = _setup(3, 64, 4, cost=_wait_cost())
+    pol.add("a", [1] * 8)
+    pol.add("c", [1] * 200)
+    plan = pol.schedule(busy=frozenset({2}))           # instance 2 busy elsewhere
+    pol.update(cl.run(plan))
+    (ia,), (ic,) = pol.placement("a"), pol.placement("c")
+    assert {ia, ic} == {0, 1}
+    plan = pol.schedule(busy=frozenset({2}))
+    assert sorted(_decoded(plan)) == ["a", "c"]
+    pol.update(ClusterStepResult(plan.step, sampled={"c": 1}), done=["c"])
+    pol.add("big", [1] * 400)                          # needs two instances: waits
+    pol.add("s", [1] * 20)
+    plan = pol.schedule(busy=frozenset({ia}))
+    assert pol.stats["waits_for_decode_step"] == 1
+    assert _prefilled(plan) == ["s"] and plan.prefills[0].members == (2,)
+    assert not plan.decodes
+
+# ----- the fast paths give the reference results -------------------------------------------
+class _CheckedDecode(ElasticPolicy):
+    """Every decode plan is also made by SimpleESPPolicy's code on a copy of the policy;
+    the plans, preemptions and resulting states must be equal."""
+    checks = 0
+
+    def _plan_decode(self, preempted, busy, ready=None, masters=None):
+        twin = copy.copy(self)        # what a decode plan reads or changes, copied
+        reqs = {id(r): dataclasses.replace(r, placement=dict(r.placement))
+                for r in (*self.waiting, *self.running.values())}
+        twin.running = {rid: reqs[id(r)] for rid, r in self.running.items()}
+        twin.waiting = deque(reqs[id(r)] for r in self.waiting)
+        twin.used, twin.stats = list(self.used), copy.deepcopy(self.stats)
+        twin._releases, twin._migrations = list(self._releases), list(self._migrations)
+        twin._choose_masters = types.MethodType(SimpleESPPolicy._choose_masters, twin)
+        twin_pre: list[str] = []
+        want = SimpleESPPolicy._plan_decode(twin, twin_pre, set(busy))
+        before = list(preempted)
+        got = super()._plan_decode(preempted, busy, ready, masters)
+        assert got == want and preempted == before + twin_pre
+        assert self.used == twin.used and self.stats == twin.stats
+        assert [r.rid for r in self.waiting] == [r.rid for r in twin.waiting]
+        assert {r.rid: (r.placement, r.master) for r in self.running.values()} == \
+            {r.rid: (r.placement, r.master) for r in twin.running.values()}
+        _CheckedDecode.checks += 1
+        return got
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_fast_decode_plans_equal_simple_esp_plans(seed):
+    _CheckedDecode.checks = 0
+    reqs, pol, _, res = _random_run(seed, _CheckedDecode)
+    assert len(res.records) == len(reqs) and _CheckedDecode.checks > 100
+    assert pol.stats["preemptions"] > 0 and pol.stats["scale_ups"] > 0
+
+
+def test_batching_with_the_policys_coefficients_equals_batching_with_the_cost_model():
+    cost = get_preset("a800-lwm7b-tp2")
+    pol = ElasticPolicy(ESPPolicyConfig(16, 13125, 16), cost)
+    rng = random.Random(3)
+    for _ in range(200):
+        n, m = rng.randint(1, 12), rng.randint(1, 16)
+        lengths = [rng.choice([rng.randint(10, 500), rng.randint(1000, 200_000)]) for _ in range(n)]
+        free = [(i, rng.choice([210_000, rng.randint(0, 210_000)])) for i in range(m)]
+        for exact in ((True, False) if n * m <= 48 else (False,)):
+            assert dp_batching(lengths, free, cost.prefill_ms_sums, exact=exact, coeffs=pol._coeffs) \
+                == dp_batching(lengths, free, cost.prefill_ms_sums, exact=exact)
+
+
+def test_fast_batching_on_equal_instances_always_fits():
+    # With every instance equally free, merges that pay were taken without checking that
+    # the merged batch fits its instances (a quarter of these cases overflowed).
+    from loong.sched.policies.dp_batching import greedy_batching
+    cost = get_preset("a800-lwm7b-tp2").prefill_ms_sums
+    rng = random.Random(0)
+    found = 0
+    for _ in range(400):
+        n, m = rng.randint(2, 30), rng.randint(1, 16)
+        cap = rng.choice([210_000, 50_000, 20_000])
+        lengths = [rng.choice([rng.randint(10, 2000), rng.randint(1000, cap)]) for _ in range(n)]
+        got = greedy_batching(lengths, [(i, cap) for i in range(m)], cost)
+        if got is None:
+            continue
+        found += 1
+        for b in got[1]:
+            assert sum(lengths[i] for i in b.request_indices) <= cap * len(b.instances)
+        assert sorted(i for b in got[1] for i in b.request_indices) == list(range(n))
+    assert found > 250

@@ -6,7 +6,8 @@ placement, decode and preemption machinery of `SimpleESPPolicy`:
    instance free of decode KV, and packing the decode KV of the least-used instance into
    the other decode instances (`MigrationPlan`s of whole shards) costs less time than that
    gains (`cost.migration_ms` against the +1-instance prefill speed-up, or the decoders'
-   estimated remaining time `est_wait` when the head does not fit at all), plan it;
+   estimated remaining time `est_wait` when the head does not fit at all), plan it
+   (`elastic_consolidate.ConsolidationMixin`);
 1. dispatching (FCFS, at most `max_ooe` requests skipped per scan, memory admission):
    `est_wait` = decode step time (`cost.decode_ms`) x remaining steps estimated from the
    running average of finished output lengths (512 until one finishes). A request that
@@ -31,19 +32,31 @@ placement, decode and preemption machinery of `SimpleESPPolicy`:
 4. scaling: each batch's KV is kept on its fullest instances first (proactive scale-down);
    the decodes not paused run beside the prefill groups on the other instances, with
    multi-master mini-batches, scale-up onto instances with room (reserved before prefill
-   takes instances) and preemption by recompute when nothing else fits. (`_choose_masters`
-   is SimpleESPPolicy's choice computed lazily, for schedule() latency.)
-Pure Python: never imports torch.
+   takes instances) and preemption by recompute when nothing else fits (SimpleESPPolicy's
+   decode plan, computed faster by `elastic_decode.FastDecodeMixin`). While a decode step
+   runs (asynchronous executors), the decodes ready on the other instances wait for its
+   end when that pays (`_wait_for_decode_step`), so that decodes stay one step and the
+   instances come free together for long prefills.
+schedule() latency: the ready decodes are listed and sorted once per call and shared by
+dispatch, reservation and the decode plan (whose masters are reused when still valid);
+instances free of decode KV are read off the block mirror; consolidation walks the
+running requests once for itself and `est_wait`. Pure Python: never imports torch.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from operator import attrgetter
 
 from loong.sched.cluster_plan import ClusterStepPlan, DecodeGroupPlan, PrefillGroupPlan
 from loong.sched.cost_model import CostModel
 from loong.sched.policies.dp_batching import dp_batching
+from loong.sched.policies.elastic_consolidate import ConsolidationMixin
+from loong.sched.policies.elastic_decode import _SEQ, FastDecodeMixin
 from loong.sched.policies.simple_esp import (ESPPolicyConfig, SimpleESPPolicy, _blocks, _fill,
                                              _Req)
+
+_MASTER = attrgetter("master")
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,7 @@ class ElasticConfig:
     dp_exact_cells: int = 48          # exact DP when requests x instances <= this
 
 
-class ElasticPolicy(SimpleESPPolicy):
+class ElasticPolicy(ConsolidationMixin, FastDecodeMixin, SimpleESPPolicy):
     def __init__(self, cfg: ESPPolicyConfig, cost: CostModel,
                  elastic: ElasticConfig | None = None) -> None:
         super().__init__(cfg)
@@ -71,6 +84,7 @@ class ElasticPolicy(SimpleESPPolicy):
         self._decoding: set[str] = set()      # requests of the decode step in flight,
         self._decode_members: frozenset[int] = frozenset()   # its instances
         self._decode_ms = 0.0                 # and its predicted time
+        self._masters: list[int] | None = None    # this step's decode masters, if known
         self._coeffs = [(0.0, 0.0, 0.0)] + [
             (c.a_ms, c.b_ms_per_token, c.c_ms_per_token2)
             for c in map(cost.prefill_coeffs, range(1, cfg.num_instances + 1))]
@@ -97,6 +111,13 @@ class ElasticPolicy(SimpleESPPolicy):
         a, b, c = self._coeffs[g]
         return a + b * s + c * q
 
+    def _coef(self, g: int) -> tuple[float, float, float]:
+        """(A, B, C) of `_t` for g instances."""
+        if g >= len(self._coeffs):
+            c = self.cost.prefill_coeffs(g)
+            return c.a_ms, c.b_ms_per_token, c.c_ms_per_token2
+        return self._coeffs[g]
+
     def avg_output_len(self) -> float:
         return self._out_sum / self._out_n if self._out_n else self.ecfg.initial_avg_output
 
@@ -112,27 +133,30 @@ class ElasticPolicy(SimpleESPPolicy):
         prefills: list[PrefillGroupPlan] = []
         decodes: tuple[DecodeGroupPlan, ...] = ()
         preempted: list[str] = []
-        if (not maintenance_only and free and self.waiting and self._decoding
-                and not self._decoding.isdisjoint(self._in_flight)):
-            # A decode step is running; its instances are free again within one step. If
-            # the queue's head would prefill faster with them than on the instances free
-            # now by more than that wait, wait for the step's end (LoongServe's iteration
-            # boundary, where dispatch and allocation see every instance) instead of
-            # starting a prefill on whichever instances happen to be free: that would keep
-            # the instances out of step, each prefilling alone and never as a group.
-            n_head = len(self.waiting[0].tokens)
-            q_head = float(n_head) * n_head
-            soon = len(free) + sum(1 for i in self._decode_members if i in busy)
-            if self._t(len(free), n_head, q_head) - self._t(soon, n_head, q_head) > self._decode_ms:
-                maintenance_only = True
-                self.stats["waits_for_decode_step"] += 1
+        hold_decodes = bool(not maintenance_only and free and self.waiting and self._decoding
+                            and not self._decoding.isdisjoint(self._in_flight)
+                            and self._wait_for_decode_step(free, busy))
+        if hold_decodes:
+            self.stats["waits_for_decode_step"] += 1
         if not maintenance_only and free:
-            taken: set[int] = set()
+            held = set(busy)
+            ready = self._ready(held)                 # running order
+            by_seq = sorted(ready, key=_SEQ)
+            self._masters = None
             if self.waiting:
-                prefills = self._prefill_step(free, set(busy))
-                taken = {i for g in prefills for i in g.members}
-            if self._ready(set(busy) | taken):
-                d = self._plan_decode(preempted, set(busy) | taken)
+                prefills = self._prefill_step(free, held, ready, by_seq)
+                if prefills:                          # their decodes pause this step
+                    taken = {i for g in prefills for i in g.members}
+                    held |= taken
+                    paused = len(by_seq)
+                    by_seq, self._masters = self._unpaused(by_seq, taken)
+                    paused -= len(by_seq)
+                    if paused:
+                        self._decode_steps_since_stall = 0
+                        self.stats["exclusive_prefills"] += 1
+                        self.stats["paused_decodes"] += paused
+            if by_seq and not hold_decodes:   # (reservation's masters hold if nothing ran)
+                d = self._plan_decode(preempted, held, by_seq, self._masters)
                 if d is not None:
                     decodes = (d,)
                     self._note_decode(d)
@@ -143,106 +167,102 @@ class ElasticPolicy(SimpleESPPolicy):
                 ps[k] = ps.get(k, 0) + 1
         return self._emit(prefills, decodes, preempted)
 
+    def _unpaused(self, by_seq: list[_Req], taken: set[int]) -> tuple[list[_Req], list[int] | None]:
+        """The ready requests with no KV on the prefill instances `taken`, and their decode
+        masters when the reservation's choice still holds: it kept every request's own
+        master (then fewer requests, more busy instances and no change of free blocks
+        outside `taken` leave each the same, its master outside `taken`), and it saw
+        them all (no max_num_seqs cut)."""
+        ms = self._masters
+        if ms is None or not self._own_masters or len(by_seq) > self.cfg.max_num_seqs:
+            return [r for r in by_seq if taken.isdisjoint(r.placement)], None
+        keep = [(r, m) for r, m in zip(by_seq, ms) if taken.isdisjoint(r.placement)]
+        ms = [m for _, m in keep]
+        return [r for r, _ in keep], (None if taken.intersection(ms) else ms)
+
+    def _wait_for_decode_step(self, free: list[int], busy) -> bool:
+        """Whether the decodes ready now wait for the running decode step's end.
+
+        That step's instances are free again within one step. Decodes started now on the
+        other free instances would run out of step with it, and the instances would then
+        never come free together for a long prefill (LoongServe plans at iteration
+        boundaries, where dispatch and allocation see every instance). Holding them back
+        pays when the queue's head would prefill faster with the step's instances than on
+        those free now by more than the wait (`gain`), and that gain per prompt token
+        outweighs the wait's cost to the held-back decodes: one step each, per token of
+        its length so far (the stall rule's 1/l weighting). Long heads (L-Eval: tens of
+        thousands of tokens) wait; a head of a few thousand does not hold back a crowd
+        of short decodes (ShareGPT). Prefills on the free instances still start: holding
+        them back too gained nothing in simulation and cost LV-Eval (its long prompts
+        then wait on instances that sit idle)."""
+        n_head = len(self.waiting[0].tokens)
+        q_head = float(n_head) * n_head
+        soon = len(free) + sum(1 for i in self._decode_members if i in busy)
+        gain = self._t(len(free), n_head, q_head) - self._t(soon, n_head, q_head) - self._decode_ms
+        if gain <= 0:
+            return False
+        held_back = sum([1.0 / len(r.tokens) for r in self._ready(busy)])
+        return 0 < held_back and gain > self._decode_ms * held_back * n_head
+
     def _note_decode(self, d: DecodeGroupPlan) -> None:
         """Remember the decode step just planned (its requests, instances, predicted ms)."""
-        per_master: dict[int, int] = {}
-        per_member: dict[int, int] = {}
-        for it in d.items:
-            per_master[it.master] = per_master.get(it.master, 0) + 1
-            for inst, t in it.shards:
-                per_member[inst] = per_member.get(inst, 0) + t
         self._decoding = {it.request_id for it in d.items}
         self._decode_members = frozenset(d.members)
-        self._decode_ms = self.cost.decode_ms(max(per_master.values()),
-                                              max(per_member.values(), default=0))
+        self._decode_ms = self.cost.decode_ms(*self._decode_shape)
 
-    def _ready(self, busy: set[int]) -> list[_Req]:
-        """Running requests that could decode now: reported, KV on no busy instance."""
-        return [r for r in self.running.values() if r.rid not in self._in_flight
-                and not busy.intersection(r.placement)]
-
-    def _prefill_step(self, free: list[int], busy: set[int]) -> list[PrefillGroupPlan]:
-        ready = self._ready(busy)
-        est_wait = self._est_wait(ready)
-        if self.ecfg.migrate and ready:
-            self._consolidate(free, ready, est_wait)
-        batch = sorted(ready, key=lambda r: r.seq)[:self.cfg.max_num_seqs]
+    def _prefill_step(self, free: list[int], busy: set[int], ready: list[_Req],
+                      by_seq: list[_Req]) -> list[PrefillGroupPlan]:
+        """`ready`: the requests that could decode now (running order), `by_seq` the same
+        sorted by arrival."""
+        target = self._consolidation_target(free) if self.ecfg.migrate and ready else None
+        if target is None:
+            est_wait = self._est_wait(ready)
+        else:
+            on, blocked, ctx = self._kv_map(ready)
+            est_wait = self._est_wait(ready, ctx)
+            self._consolidate(target, est_wait, on, blocked)
+        batch = by_seq[:self.cfg.max_num_seqs]
         reserve: set[int] = set()
         if batch:              # instances decode will scale up onto stay out of prefill
-            ms = self._choose_masters(batch, busy)
+            ms = self._masters = self._choose_masters(batch, busy)
             reserve = {m for r, m in zip(batch, ms or []) if m not in r.placement}
-        held = {i for r in self.running.values() for i in r.placement}
-        idle = [i for i in free if i not in held and i not in reserve]
+        used = self.used       # an instance holds KV iff it has blocks in use
+        idle = [i for i in free if not used[i] and i not in reserve]
         usable = [i for i in free if i not in reserve]
         stall_ok = self._decode_steps_since_stall >= self.ecfg.max_wait_steps
         chosen, needs_all = self._dispatch(idle, usable, ready, est_wait, stall_ok)
         if not chosen:
             return []
         insts = self._allocate(chosen, idle, usable, ready) if needs_all else idle
-        groups = self._plan_prefills(chosen, insts)
-        used = {i for g in groups for i in g.members}
-        paused = [r for r in ready if used.intersection(r.placement)]
-        if paused:
-            self._decode_steps_since_stall = 0
-            self.stats["exclusive_prefills"] += 1
-            self.stats["paused_decodes"] += len(paused)
-        return groups
-
-    def _choose_masters(self, batch: list[_Req], busy: set[int] = frozenset()) -> list[int] | None:
-        """SimpleESPPolicy's choice (forced master, else the request's own master, else
-        the instance with most free blocks that has room), the same result, but the
-        fallback ranking of all instances is computed only for requests that need it
-        (schedule() latency with hundreds of decodes on 64 instances)."""
-        cfg, bs = self.cfg, self.cfg.block_size
-        if cfg.decode_masters:
-            return super()._choose_masters(batch, busy)
-        extra = [0] * cfg.num_instances
-        out = []
-        for r in batch:
-            m = r.master
-            if m is None or m in busy or not (r.placement.get(m, 0) % bs != 0
-                                              or self.free(m) - extra[m] > 0):
-                m = None
-                for c in sorted(range(cfg.num_instances),
-                                key=lambda i: (-(self.free(i) - extra[i]), i)):
-                    if c not in busy and (r.placement.get(c, 0) % bs != 0
-                                          or self.free(c) - extra[c] > 0):
-                        m = c
-                        break
-                if m is None:
-                    return None
-            extra[m] += 1 if r.placement.get(m, 0) % bs == 0 else 0
-            out.append(m)
-        return out
+        return self._plan_prefills(chosen, insts)
 
     # ----- step 1: dispatch --------------------------------------------------------------
-    def _est_wait(self, ready: list[_Req]) -> float:
-        """How long decoding requests are expected to keep their instances (ms)."""
+    def _est_wait(self, ready: list[_Req], ctx: list[int] | None = None) -> float:
+        """How long decoding requests are expected to keep their instances (ms). `ctx`:
+        their context tokens per instance, if the caller has them."""
         if not ready:
             return 0.0
-        lo, hi = None, 0              # fewest and most outputs so far
-        per_master: dict[int, int] = {}
-        per_inst: dict[int, int] = {}
-        for r in ready:
-            o = len(r.tokens) - r.prompt_len
-            lo = o if lo is None or o < lo else lo
-            hi = o if o > hi else hi
-            m = r.master
-            per_master[m] = per_master.get(m, 0) + 1
-            for i, t in r.placement.items():
-                per_inst[i] = per_inst.get(i, 0) + t
+        outs = [len(r.tokens) - r.prompt_len for r in ready]
+        lo, hi = min(outs), max(0, max(outs))       # fewest and most outputs so far
+        if ctx is None:
+            ctx = [0] * self.cfg.num_instances
+            for r in ready:
+                for i, t in r.placement.items():
+                    ctx[i] += t
         steps = max(10.0, self.avg_output_len() - max(1, lo), 0.1 * hi)
-        return self.cost.decode_ms(max(per_master.values()), max(per_inst.values(), default=0)) * steps
+        mb = max(Counter(map(_MASTER, ready)).values())      # largest mini-batch
+        return self.cost.decode_ms(mb, max(ctx)) * steps
 
     def _dispatch(self, idle: list[int], usable: list[int], ready: list[_Req], est_wait: float,
                   stall_ok: bool) -> tuple[list[_Req], bool]:
         """Waiting requests to prefill now, and whether they need instances with decode KV."""
-        cfg, e, T = self.cfg, self.ecfg, self._t
-        bs = cfg.block_size
-        idle_blocks = sum(self.free(i) for i in idle)
-        all_blocks = sum(self.free(i) for i in usable)
+        cfg, e = self.cfg, self.ecfg
+        bs, bpi, used = cfg.block_size, cfg.blocks_per_instance, self.used
+        idle_blocks = bpi * len(idle) - sum(used[i] for i in idle)
+        all_blocks = bpi * len(usable) - sum(used[i] for i in usable)
         g_idle, g_all = len(idle), len(usable)
-        inv_out = sum(1.0 / self._out_len(r) for r in ready)
+        (ai, bi, ci), (aa, ba, ca) = self._coef(g_idle), self._coef(g_all)     # `_t` inlined
+        inv_out = sum([1.0 / max(1, len(r.tokens) - r.prompt_len) for r in ready])
         head = self.waiting[0]
         if self._head[0] != head.rid:
             self._head = (head.rid, 0)
@@ -266,9 +286,9 @@ class ElasticPolicy(SimpleESPPolicy):
                 continue
             if (not und or ooe) and g_idle and blocks + need <= idle_blocks:
                 s2, q2 = s + n, q + float(n) * n
-                slower = T(g_idle, s2, q2) - T(g_all, s2, q2) if ready else 0.0
+                slower = (ai + bi * s2 + ci * q2) - (aa + ba * s2 + ca * q2) if ready else 0.0
                 # Batches run concurrently (DP), so the time cap applies per request here.
-                if slower <= est_wait and (not chosen or T(g_idle, n, float(n) * n)
+                if slower <= est_wait and (not chosen or ai + bi * n + ci * (float(n) * n)
                                            <= e.max_prefill_time_ms):
                     chosen.append(r)
                     s, q, blocks = s2, q2, blocks + need
@@ -276,7 +296,7 @@ class ElasticPolicy(SimpleESPPolicy):
             if (stall_ok or not ready) and blocks + ublocks + need <= all_blocks:
                 und.append(r)
                 us, uq, uh, ublocks = us + n, uq + float(n) * n, uh + 1.0 / n, ublocks + need
-                t_all = T(g_all, s + us, q + uq)
+                t_all = aa + ba * (s + us) + ca * (q + uq)
                 if t_all * inv_out <= est_wait * uh and (
                         len(chosen) + len(und) == 1 or t_all <= e.max_prefill_time_ms):
                     accept = len(und)
@@ -289,8 +309,14 @@ class ElasticPolicy(SimpleESPPolicy):
             self._head = (head.rid, self._head[1] + 1)
             ids = {id(r) for r in chosen}
             last = chosen[-1].seq
-            self.stats["ooe_skips"] += sum(1 for r in self.waiting
-                                           if r.seq < last and id(r) not in ids)
+            fcfs = self.queue.kind == "fcfs"      # new requests queue in arrival order
+            skipped = 0
+            for r in self.waiting:
+                if r.seq < last:
+                    skipped += id(r) not in ids
+                elif fcfs and r.qkey[0] == 1:     # FCFS: every later one arrived later
+                    break
+            self.stats["ooe_skips"] += skipped
         return chosen, accept > 0
 
     # ----- step 2: elastic instance allocation -------------------------------------------
@@ -328,94 +354,6 @@ class ElasticPolicy(SimpleESPPolicy):
                 avail.append(i)
                 paused.update(r.rid for r in on.get(i, ()))
         return avail
-
-    # ----- step 0: consolidation by migration ---------------------------------------------
-    def _consolidate(self, free: list[int], ready: list[_Req], est_wait: float) -> None:
-        """Pack decode KV to free whole instances for the waiting requests while that pays:
-        unconditionally (up to est_wait of migration) while the queue's head does not fit
-        the instances free of KV, then while one more instance speeds up the prefill of
-        the queue's prefix (as one batch: up to max_new_per_step requests, at most
-        max_prefill_tokens) by more than the migration takes."""
-        cfg, bs, T = self.cfg, self.cfg.block_size, self._t
-        need = _blocks(len(self.waiting[0].tokens), bs)
-        s = q = 0.0
-        for k, r in enumerate(self.waiting):
-            n = len(r.tokens)
-            if k >= self.ecfg.max_new_per_step or (k and s + n > cfg.max_prefill_tokens):
-                break
-            s, q = s + n, q + float(n) * n
-        idle = [i for i in free if self.used[i] == 0]
-        hold = [i for i in free if self.used[i] > 0]
-        bpi = cfg.blocks_per_instance
-        if len(hold) < 2 or need > (len(idle) + 1) * bpi:
-            return                      # nothing to pack, or one more would not make it fit
-        if need <= len(idle) * bpi and T(len(idle), s, q) <= T(len(idle) + 1, s, q):
-            return                      # it fits, and one more instance would not be faster
-        ready_ids = {r.rid for r in ready}
-        on: dict[int, list[_Req]] = {}
-        for r in self.running.values():
-            for i in r.placement:
-                on.setdefault(i, []).append(r)
-        blocked = {i for i in hold if not all(r.rid in ready_ids for r in on.get(i, ()))}
-        order = sorted(hold, key=lambda i: (-self.used[i], i))      # fullest first
-        room = {d: self.free(d) - len(on.get(d, ())) - 1 for d in hold}   # decode growth
-        for _ in range(self.ecfg.max_consolidations):
-            srcs = [i for i in order if i not in blocked]
-            if len(order) < 2 or not srcs:
-                return
-            src = min(srcs, key=lambda i: (self.used[i], i))
-            movers = on.get(src, [])
-            dsts = [d for d in order if d != src]       # stay busy; the fullest fill first
-            if sum(max(0, room[d]) for d in dsts) < self.used[src] + len(movers):
-                return
-            g = len(idle)
-            if need > (g + 1) * bpi:
-                return
-            tokens = sum(r.placement[src] for r in movers)
-            if need <= g * bpi:
-                gain = T(g, s, q) - T(g + 1, s, q)
-            else:
-                gain = est_wait         # what the head would otherwise wait for the decodes
-            if gain <= self.cost.migration_ms(tokens):
-                return
-            if not self._pack(src, dsts, room, movers, on):
-                return
-            self.stats["consolidations"] += 1
-            order.remove(src)
-            idle.append(src)
-
-    def _pack(self, src: int, dsts: list[int], room: dict[int, int], movers: list[_Req],
-              on: dict[int, list[_Req]]) -> bool:
-        """Move every shard on src to dsts (in the order given); the mirror follows."""
-        bs = self.cfg.block_size
-        plan = []
-        left = dict(room)             # room (free blocks kept for decode growth) after it
-        for r in sorted(movers, key=lambda r: r.seq):
-            t = r.placement[src]
-            for d in dsts:
-                if t == 0:
-                    break
-                have = r.placement.get(d, 0)
-                cap = max(0, left[d]) * bs + ((bs - have % bs) % bs)
-                take = min(t, cap)
-                if take <= 0:
-                    continue
-                left[d] -= _blocks(have + take, bs) - _blocks(have, bs)
-                plan.append((r, d, take))
-                t -= take
-            if t:
-                return False
-        room.update(left)
-        for r, d, take in plan:
-            self.request_migration(r.rid, src, d, take)
-            if all(x.rid != r.rid for x in on.setdefault(d, [])):
-                on[d].append(r)
-                room[d] -= 1
-        for r in movers:
-            if r.master == src:       # keep decoding where its KV went, not back on src
-                r.master = max(r.placement, key=lambda i: (r.placement[i], -i))
-        on[src] = []
-        return True
 
     # ----- steps 3 and 4: DP batching, scale-down plans ------------------------------------
     def _plan_prefills(self, chosen: list[_Req], insts: list[int]) -> list[PrefillGroupPlan]:
