@@ -30,11 +30,12 @@ from loong.sched.metrics import max_rate_under_slo  # noqa: E402
 from loong.sim.run import run_simulation  # noqa: E402
 from loong.sim.workloads import default_data_dir  # noqa: E402
 
-WORKLOADS = ("sharegpt", "leval", "lveval", "mixed")
+# ShareGPT is `sharegpt-loong`: our ShareGPT cut to the paper's stated 4-2.3K range.
+WORKLOADS = ("sharegpt-loong", "leval", "lveval", "mixed")
 POLICIES = ("elastic", "static-sp", "chunked-prefill", "pd-disagg", "vllm")
 # Rates swept (req/s): the paper's LoongServe ranges, extended down for the baselines.
 RATES = {
-    "sharegpt": [1, 2, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32, 36, 40],
+    "sharegpt-loong": [4, 8, 16, 24, 32, 40, 48, 56, 64],
     "leval": [0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.2, 1.5, 1.8, 2.1, 2.4, 2.8, 3.2],
     "lveval": [0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3],
     "mixed": [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0],
@@ -42,7 +43,7 @@ RATES = {
 # The paper's max throughput (req/s, Figure 10; loongserve-mechanics.md section 4) and the
 # baseline each of our policies stands for.
 PAPER_RATE = {
-    "sharegpt": {"elastic": 29.47, "vllm": 6.35, "pd-disagg": 10.37, "chunked-prefill": 23.13},
+    "sharegpt-loong": {"elastic": 29.47, "vllm": 6.35, "pd-disagg": 10.37, "chunked-prefill": 23.13},
     "leval": {"elastic": 2.42, "vllm": 1.14, "pd-disagg": 0.415, "chunked-prefill": 1.23},
     "lveval": {"elastic": 0.201, "vllm": 0.090, "chunked-prefill": 0.082},
     "mixed": {"elastic": 0.553, "vllm": 0.208, "chunked-prefill": 0.144},
@@ -51,12 +52,18 @@ PAPER_NAME = {"chunked-prefill": "LightLLM-SF", "pd-disagg": "DistServe", "vllm"
               "static-sp": "w/o ESP", "elastic": "LoongServe"}
 
 
+def span_requests(rate: float, duration: float, cap: int) -> int:
+    """Requests for `duration` seconds of arrivals at `rate` (at least 100, at most `cap`).
+
+    A fixed span of arrivals (not a fixed count): past the cluster's capacity the queue
+    then grows for the whole span and the latency curve turns up sharply, as it does on
+    a real server; a fixed count would cap the queue and flatten the curve."""
+    return int(min(cap, max(100, rate * duration)))
+
+
 def _point(args: tuple) -> dict:
     workload, policy, rate, duration, cap, seed, data_dir = args
-    # A fixed span of arrivals (not a fixed count): past the cluster's capacity the queue
-    # then grows for the whole span and the latency curve turns up sharply, as it does on
-    # a real server; a fixed count would cap the queue and flatten the curve.
-    requests = int(min(cap, max(100, rate * duration)))
+    requests = span_requests(rate, duration, cap)
     try:
         out = run_simulation(workload, policy, instances=4, rate=rate, requests=requests,
                              seed=seed, data_dir=data_dir)
@@ -69,9 +76,21 @@ def _point(args: tuple) -> dict:
             "simulated_s": out["simulated_s"], "wall_s": out["wall_s"]}
 
 
-def sweep(workloads, policies, rates, duration, cap, seed, data_dir, jobs, log) -> list[dict]:
+def _per_token_readout(pt: dict) -> tuple[bool, str]:
+    """Whether a point is past the SLO (mean per-token latency over it), and its log text."""
+    v = pt["normalized"]["per_token"]
+    return v > 1.0, f"per-token/SLO {v:7.3f}"
+
+
+def sweep(workloads, policies, rates, duration, cap, seed, data_dir, jobs, log,
+          point=_point, readout=_per_token_readout) -> list[dict]:
     """Every (workload, policy) pair over its rates, stopping two rates past the SLO; a
-    pair still under it after its last rate goes on at 1.5x steps (8 more at most)."""
+    pair still under it after its last rate goes on at 1.5x steps (8 more at most).
+
+    `point` runs one (workload, policy, rate, duration, cap, seed, data_dir) tuple in a
+    worker process and returns a dict with "workload", "policy", "rate", "wall_s" (or
+    "error"); `readout(point) -> (past the limit?, log text)`. Both must be picklable
+    (module-level functions)."""
     points: list[dict] = []
     pending = {(w, p): list(rates[w]) for w in workloads for p in policies}
     over = {k: 0 for k in pending}
@@ -92,17 +111,17 @@ def sweep(workloads, policies, rates, duration, cap, seed, data_dir, jobs, log) 
                     del pending[key]
                     continue
                 batch.append((*key, rs.pop(0), duration, cap, seed, data_dir))
-            for pt in pool.map(_point, batch):
+            for pt in pool.map(point, batch):
                 points.append(pt)
                 key = (pt["workload"], pt["policy"])
                 if "error" in pt:
                     over[key] = 99
                     log(f"  {key[0]:9s} {key[1]:16s} cannot run: {pt['error'][:90]}")
                     continue
-                v = pt["normalized"]["per_token"]
-                over[key] += v > 1.0
-                log(f"  {key[0]:9s} {key[1]:16s} rate {pt['rate']:6.3f}  per-token/SLO "
-                    f"{v:7.3f}  ({pt['wall_s']:.1f} s)")
+                past, text = readout(pt)
+                over[key] += past
+                log(f"  {key[0]:9s} {key[1]:16s} rate {pt['rate']:6.3f}  {text}  "
+                    f"({pt['wall_s']:.1f} s)")
     return points
 
 

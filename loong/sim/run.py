@@ -75,25 +75,26 @@ def _replica_cfg(cfg: ESPPolicyConfig, replica_size: int | None, budget: int | N
                          max_prefill_tokens=cfg.max_prefill_tokens, **kw)
 
 
-def _chunked(cfg, cost, replica_size=None, token_budget=2048):
+def _chunked(cfg, cost, replica_size=None, token_budget=2048, dispatch="least-loaded"):
     # LightLLM SplitFuse, the paper's chunked-prefill baseline: the block size bounds each
     # prompt's chunk; every decode runs every iteration.
     return ReplicaPolicy(_replica_cfg(cfg, replica_size, token_budget, "chunked-prefill",
-                                      chunk_per_request=True))
+                                      chunk_per_request=True, dispatch=dispatch))
 
 
-def _sarathi(cfg, cost, replica_size=None, token_budget=2048):
+def _sarathi(cfg, cost, replica_size=None, token_budget=2048, dispatch="least-loaded"):
     # Sarathi-Serve / vLLM chunked prefill: one token budget per iteration, decodes first.
-    return ReplicaPolicy(_replica_cfg(cfg, replica_size, token_budget, "sarathi"))
+    return ReplicaPolicy(_replica_cfg(cfg, replica_size, token_budget, "sarathi",
+                                      dispatch=dispatch))
 
 
-def _vllm(cfg, cost, replica_size=None, token_budget=None):
-    return ReplicaPolicy(_replica_cfg(cfg, replica_size, None, "vllm",
+def _vllm(cfg, cost, replica_size=None, token_budget=None, dispatch="least-loaded"):
+    return ReplicaPolicy(_replica_cfg(cfg, replica_size, None, "vllm", dispatch=dispatch,
                                       max_num_seqs=min(cfg.max_num_seqs, VLLM_MAX_NUM_SEQS)))
 
 
-def _pd(cfg, cost, replica_size=None, token_budget=None):
-    rc = _replica_cfg(cfg, replica_size, None, "pd-disagg")
+def _pd(cfg, cost, replica_size=None, token_budget=None, dispatch="least-loaded"):
+    rc = _replica_cfg(cfg, replica_size, None, "pd-disagg", dispatch=dispatch)
     return PDDisaggPolicy(rc, prefill_instances=max(rc.replica_size, cfg.num_instances // 2))
 
 
@@ -108,15 +109,20 @@ def run_simulation(workload: str, policy: str = "elastic", instances: int = 4,
                    preset: str = "a800-lwm7b-tp2", data_dir: str | None = None,
                    arrival: str = "poisson", cv: float = 1.0, block_size: int = 16,
                    max_num_seqs: int = 1024, queue: str = "fcfs",
-                   replica_size: int | None = None, token_budget: int | None = None) -> dict:
+                   replica_size: int | None = None, token_budget: int | None = None,
+                   dispatch: str = "least-loaded", keep_records: bool = False) -> dict:
     """Simulate one run; returns a JSON-ready dict (config, metrics, simulator and policy
-    statistics). rate None replays a trace's real arrival times."""
+    statistics). rate None replays a trace's real arrival times. `dispatch` (replica
+    baselines): "least-loaded" or "round-robin". `keep_records` adds "records", the
+    per-request `RequestRecord`s (not JSON), for readouts the summary lacks."""
     if policy not in POLICIES:
         raise ValueError(f"policy: {policy!r} is not one of {sorted(POLICIES)}")
     if instances < 1:
         raise ValueError(f"instances: must be >= 1, got {instances}")
     if replica_size is not None and policy not in REPLICA_POLICIES:
         raise ValueError(f"replica_size: only for {list(REPLICA_POLICIES)}, not {policy!r}")
+    if dispatch != "least-loaded" and policy not in REPLICA_POLICIES:
+        raise ValueError(f"dispatch: only for {list(REPLICA_POLICIES)}, not {policy!r}")
     cost = load_cost_model(preset)
     reqs = build_workload(workload, data_dir, requests, seed)
     if not reqs:
@@ -137,7 +143,7 @@ def run_simulation(workload: str, policy: str = "elastic", instances: int = 4,
     base = paper_dataset(workload)
     if policy in REPLICA_POLICIES:
         budget = token_budget or SPLITFUSE_BUDGET.get(base, 2048)
-        pol = POLICIES[policy](cfg, cost, replica_size, budget)
+        pol = POLICIES[policy](cfg, cost, replica_size, budget, dispatch)
     else:
         pol = POLICIES[policy](cfg, cost)
     pol.queue = QueueDiscipline(queue, cost)
@@ -158,6 +164,8 @@ def run_simulation(workload: str, policy: str = "elastic", instances: int = 4,
                        "rate": rate, "requests": n, "seed": seed, "preset": preset,
                        "arrival": arrival, "cv": cv, "block_size": block_size, "queue": queue,
                        "replica_size": getattr(getattr(pol, "cfg", None), "replica_size", None),
-                       "token_budget": getattr(getattr(pol, "cfg", None), "token_budget", None)},
+                       "token_budget": getattr(getattr(pol, "cfg", None), "token_budget", None),
+                       "dispatch": getattr(getattr(pol, "cfg", None), "dispatch", None)},
             "metrics": metrics, "simulated_s": res.end_s, "wall_s": wall,
-            "simulator": res.stats, "policy": pol.stats}
+            "simulator": res.stats, "policy": pol.stats,
+            **({"records": res.records} if keep_records else {})}

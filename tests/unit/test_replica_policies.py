@@ -107,6 +107,20 @@ def test_splitfuse_keeps_decodes_running_while_prompts_chunk():
     assert first_token_of_late_request(True) < first_token_of_late_request(False)
 
 
+def test_round_robin_dispatch_ignores_load():
+    cfg = ReplicaConfig(4, 1000, 16, replica_size=1, token_budget=None, dispatch="round-robin")
+    rr, ll = ReplicaPolicy(cfg), ReplicaPolicy(ReplicaConfig(4, 1000, 16, token_budget=None))
+    lens = [5000, 10, 10, 10, 10, 10]     # replica 0 gets the big one first
+    for i, n in enumerate(lens):
+        rr.add(f"r{i}", [1] * n)
+        ll.add(f"r{i}", [1] * n)
+    assert [rr.reqs[f"r{i}"].replica for i in range(6)] == [0, 1, 2, 3, 0, 1]
+    # The least-loaded balancer keeps the small ones off replica 0.
+    assert 0 not in [ll.reqs[f"r{i}"].replica for i in range(1, 6)]
+    with pytest.raises(ValueError, match="dispatch"):
+        ReplicaConfig(4, 1000, 16, dispatch="random")
+
+
 def test_small_kv_forces_preemption_and_recompute_still_finishes():
     n, blocks, bs = 2, 40, 8      # 320 tokens per instance
     cfg = ReplicaConfig(n, blocks, bs, replica_size=1, token_budget=64, max_num_seqs=16)

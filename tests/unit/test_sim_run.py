@@ -81,3 +81,13 @@ def test_paper_settings_per_workload_and_baseline():
     assert vllm.cfg.max_num_seqs == VLLM_MAX_NUM_SEQS and vllm.cfg.token_budget is None
     assert sf.cfg.chunk_per_request and sf.cfg.max_num_seqs == 1024
     assert not sarathi.cfg.chunk_per_request and sarathi.cfg.token_budget == 256
+
+
+def test_records_and_round_robin_dispatch_options():
+    out = run_simulation("lveval", "vllm", instances=4, rate=0.05, requests=8, seed=1,
+                         replica_size=4, dispatch="round-robin", keep_records=True)
+    assert out["config"]["dispatch"] == "round-robin" and len(out["records"]) == 8
+    assert "records" not in run_simulation("lveval", "vllm", instances=4, rate=0.05,
+                                           requests=8, seed=1, replica_size=4)
+    with pytest.raises(ValueError, match="dispatch"):
+        run_simulation("lveval", "elastic", rate=0.05, requests=8, dispatch="round-robin")

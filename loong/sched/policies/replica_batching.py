@@ -45,6 +45,9 @@ class ReplicaConfig:
     # LightLLM SplitFuse: the budget bounds each prompt's chunk, not the iteration (decodes
     # and several prompts' chunks share it; `max_prefill_tokens` bounds the chunks' sum).
     chunk_per_request: bool = False
+    # New requests go to the least-loaded replica, or to each in turn ("round-robin", as
+    # behind the round-robin proxy LoongServe put in front of its TP2 x DP4 baseline).
+    dispatch: str = "least-loaded"
 
     def __post_init__(self) -> None:
         if self.replica_size < 1 or self.num_instances % self.replica_size:
@@ -52,6 +55,8 @@ class ReplicaConfig:
                              f"{self.num_instances} instances")
         if self.token_budget is not None and self.token_budget < 1:
             raise ValueError(f"token_budget: must be >= 1 or None, got {self.token_budget}")
+        if self.dispatch not in ("least-loaded", "round-robin"):
+            raise ValueError(f"dispatch: {self.dispatch!r} is not 'least-loaded' or 'round-robin'")
         if self.chunk_per_request and self.token_budget is None:
             raise ValueError("chunk_per_request: needs a token_budget (the chunk size)")
 
@@ -95,7 +100,12 @@ class ReplicaPolicy:
         r = _Req(rid, self._seq, list(prompt_token_ids), len(prompt_token_ids), replica=-1)
         self._seq += 1
         self.reqs[rid] = r
-        self._enqueue(r, self._least_loaded(r, "prefill"), preempted=False)
+        if self.cfg.dispatch == "round-robin":
+            takers = [i for i, role in enumerate(self.roles) if role != "decode"]
+            target = takers[r.seq % len(takers)]
+        else:
+            target = self._least_loaded(r, "prefill")
+        self._enqueue(r, target, preempted=False)
 
     def finish(self, rid: str) -> None:
         r = self.reqs.pop(rid, None)

@@ -1,0 +1,107 @@
+"""The Zipf ablation's read-out (experiments/zipf_ablation.py): Figure 12's per-request SLO
+rule, attainment shares, record capture from `run_simulation`, crossings and the table."""
+import importlib.util
+import os
+
+import pytest
+
+from loong.sched.cost_model import load_cost_model
+from loong.sched.metrics import RequestRecord
+from loong.sim.workloads import default_data_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def za():
+    spec = importlib.util.spec_from_file_location(
+        "zipf_ablation", os.path.join(ROOT, "experiments", "zipf_ablation.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def cost():
+    return load_cost_model("a800-lwm7b-tp2")
+
+
+def _rec(ttft, prompt=100, out=11, tpot=0.02, rid="r0"):
+    # arrival 0, first token at ttft, then (out - 1) tokens at `tpot` each
+    return RequestRecord(rid, 0.0, ttft, ttft + tpot * (out - 1), prompt, out)
+
+
+def test_ttft_limit_floor_and_factor(za, cost):
+    # Short prompts: 25 x a sub-second prefill is under the 15 s floor.
+    assert za.ttft_limit_s(cost, 100) == 15.0
+    # 200K tokens at SP4 is seconds of prefill: the limit is 25x the prediction.
+    pred = cost.prefill_ms(4, [200_000]) / 1e3
+    assert pred > 1.0
+    assert za.ttft_limit_s(cost, 200_000) == pytest.approx(25 * pred)
+    assert za.ttft_limit_s(cost, 200_000) > 15.0
+    # The prediction is at group size 4, not 1 (which would be ~4x longer).
+    assert za.ttft_limit_s(cost, 200_000) < 25 * cost.prefill_ms(1, [200_000]) / 1e3
+
+
+def test_attains_each_limit(za, cost):
+    assert za.attains(_rec(15.0), cost) == (True, True)         # exactly at the limits
+    assert za.attains(_rec(15.01), cost) == (False, True)
+    assert za.attains(_rec(1.0, tpot=0.0501), cost) == (True, False)
+    assert za.attains(_rec(1.0, tpot=0.050), cost) == (True, True)
+    # One output token: no TPOT, so only TTFT counts.
+    assert za.attains(RequestRecord("r", 0.0, 2.0, 2.0, 100, 1), cost) == (True, True)
+    # A long prompt may take longer than 15 s to its first token.
+    long_limit = za.ttft_limit_s(cost, 200_000)
+    assert za.attains(_rec(long_limit - 1, prompt=200_000), cost)[0]
+    assert not za.attains(_rec(long_limit + 1, prompt=200_000), cost)[0]
+
+
+def test_attainment_shares(za, cost):
+    recs = [_rec(1.0), _rec(20.0), _rec(1.0, tpot=0.2), _rec(30.0, tpot=0.2)]
+    a = za.attainment(recs, cost)
+    assert a == {"attainment": 0.25, "ttft_ok": 0.5, "tpot_ok": 0.5}
+    with pytest.raises(ValueError):
+        za.attainment([], cost)
+
+
+def _pts(variant, rates, atts, workload="zipf-1.0"):
+    return [{"workload": workload, "policy": variant, "rate": r, "attainment": a}
+            for r, a in zip(rates, atts)]
+
+
+def test_crossings_and_table(za):
+    points = (_pts("elastic", [0.5, 1.0, 1.5], [1.0, 0.95, 0.85])    # crosses at 1.25
+              + _pts("tp8", [0.5, 1.0], [0.92, 0.5])                 # 0.5 + 0.02/0.42*0.5
+              + _pts("tp2sp4", [0.5, 1.0], [0.8, 0.7])               # below at the first rate
+              + _pts("tp2x4", [0.5, 1.0], [0.99, 0.95])              # never below: 1.0+
+              + [{"workload": "zipf-1.2", "policy": "tp8", "rate": 1, "error": "too long"}])
+    cross = za.crossings(points)
+    c = cross["zipf-1.0"]
+    assert c["elastic"] == {"rate": pytest.approx(1.25), "crossed": True}
+    assert c["tp8"]["rate"] == pytest.approx(0.5 + 0.02 / 0.42 * 0.5)
+    assert c["tp2sp4"] is None
+    assert c["tp2x4"] == {"rate": 1.0, "crossed": False}
+    assert cross["zipf-1.2"]["tp8"]["error"] == "too long"
+    rows = za.table(cross).splitlines()
+    tp8 = next(r for r in rows if "| tp8 (TP8)" in r and r.startswith("| 1.0"))
+    # ours 1.25 / 0.5238 = 2.39x; paper 1.122 / 0.405 = 2.77x; ours / paper = 0.86
+    assert "2.39x" in tp8 and "2.77x" in tp8 and "0.86" in tp8
+    assert "below sweep" in next(r for r in rows if "tp2sp4" in r)
+    assert "1+" in next(r for r in rows if "tp2x4" in r)
+    assert "cannot hold it" in next(r for r in rows if r.startswith("| 1.2"))
+
+
+def test_readout_flags_below_target(za):
+    past, text = za._readout({"attainment": 0.899, "ttft_ok": 0.95, "tpot_ok": 0.9})
+    assert past and "89.9%" in text
+    assert not za._readout({"attainment": 0.9, "ttft_ok": 1.0, "tpot_ok": 0.9})[0]
+
+
+@pytest.mark.skipif(default_data_dir() is None, reason="../shared/data absent (clean clone)")
+def test_point_runs_and_pools_seeds(za):
+    # 100 requests (the span floor) of the light alpha 1.4 at a low rate, two seeds.
+    pt = za._point(("zipf-1.4", "tp2x4-rr", 0.5, 10.0, 20000, (0, 1), default_data_dir()))
+    assert pt["requests"] == 100 and pt["seeds"] == [0, 1]
+    assert len(pt["attainment_per_seed"]) == 2
+    assert pt["attainment"] == pytest.approx(sum(pt["attainment_per_seed"]) / 2)
+    assert 0.0 <= pt["attainment"] <= 1.0
