@@ -54,11 +54,7 @@ def dp_batching(lengths: Sequence[int], free_tokens: Sequence[tuple[int, int]], 
         return greedy_batching(lengths, free_tokens, cost, coeffs=coeffs)
     if not lengths:
         return 0.0, []
-    if any(n <= 0 for n in lengths):
-        raise ValueError("lengths must be positive")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    ls = [lengths[i] for i in order]
-    insts = sorted(free_tokens, key=lambda x: (-x[1], x[0]))
+    order, ls, insts = _sorted_problem(lengths, free_tokens)
     n, m = len(ls), len(insts)
     ps_l, ps_l2, ps_inv, ps_free = [0.0], [0.0], [0.0], [0]
     for x in ls:
@@ -178,11 +174,7 @@ def greedy_batching(lengths: Sequence[int], free_tokens: Sequence[tuple[int, int
     """
     if not lengths:
         return 0.0, []
-    if any(n <= 0 for n in lengths):
-        raise ValueError("lengths must be positive")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    ls = [lengths[i] for i in order]
-    insts = sorted(free_tokens, key=lambda x: (-x[1], x[0]))
+    order, ls, insts = _sorted_problem(lengths, free_tokens)
     m = len(insts)
     pf = [0]
     for _, f in insts:
@@ -412,3 +404,12 @@ def greedy_batching(lengths: Sequence[int], free_tokens: Sequence[tuple[int, int
         batches.append(PrefillBatch(tuple(order[sg[0]:sg[1]]), tuple(ids[p:p + g]), t))
         p += g
     return total, batches
+
+
+def _sorted_problem(lengths, free_tokens):
+    """Both searches' view: request order by length (longest first, then index), the
+    sorted lengths, and instances by free tokens (most first, then id)."""
+    if any(n <= 0 for n in lengths):
+        raise ValueError("lengths must be positive")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return order, [lengths[i] for i in order], sorted(free_tokens, key=lambda x: (-x[1], x[0]))
