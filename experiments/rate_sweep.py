@@ -61,6 +61,16 @@ def span_requests(rate: float, duration: float, cap: int) -> int:
     return int(min(cap, max(100, rate * duration)))
 
 
+def parse_names(text: str, known, flag: str, prog: str) -> list[str] | None:
+    """A comma-separated option's names, or None after printing which one is unknown."""
+    names = [x for x in text.split(",") if x]
+    for x in names:
+        if x not in known:
+            print(f"{prog}: --{flag}: {x!r} is not one of {list(known)}", file=sys.stderr)
+            return None
+    return names
+
+
 def _point(args: tuple) -> dict:
     workload, policy, rate, duration, cap, seed, data_dir = args
     requests = span_requests(rate, duration, cap)
@@ -213,12 +223,10 @@ def main(argv=None) -> int:
         print("rate_sweep: needs the traces directory (../shared/data); pass --data-dir",
               file=sys.stderr)
         return 2
-    workloads = [w for w in a.workloads.split(",") if w]
+    workloads = parse_names(a.workloads, RATES, "workloads", "rate_sweep")
     policies = [p for p in a.policies.split(",") if p]
-    for w in workloads:
-        if w not in RATES:
-            print(f"rate_sweep: --workloads: {w!r} is not one of {list(RATES)}", file=sys.stderr)
-            return 2
+    if workloads is None:
+        return 2
     duration = a.duration or (60.0 if a.quick else 300.0)
     cap = a.max_requests or (3000 if a.quick else 20000)
     rates = {w: (r[::2] if a.quick else r) for w, r in RATES.items()}

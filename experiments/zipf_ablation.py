@@ -44,7 +44,7 @@ import loong.sim.run as sim_run  # noqa: E402
 from loong.sched.cost_model import CostModel, load_cost_model  # noqa: E402
 from loong.sched.metrics import RequestRecord, rate_at_attainment, summarize  # noqa: E402
 from loong.sim.workloads import default_data_dir  # noqa: E402
-from rate_sweep import span_requests, sweep  # noqa: E402
+from rate_sweep import parse_names, span_requests, sweep  # noqa: E402
 
 PRESET = "a800-lwm7b-tp2"
 INSTANCES = 4
@@ -129,9 +129,9 @@ def _point(args: tuple) -> dict:
                 dispatch="round-robin" if round_robin else "least-loaded")
         except (ValueError, RuntimeError) as e:     # the policy cannot hold this workload
             return {"workload": workload, "policy": variant, "rate": rate, "error": str(e)}
-        got = [out.pop("records")]
-        records += got[0]
-        per_seed.append(attainment(got[0], _cost())["attainment"])
+        recs = out.pop("records")
+        records += recs
+        per_seed.append(attainment(recs, _cost())["attainment"])
         simulated.append(out["simulated_s"])
         wall += out["wall_s"]
     m = summarize(records)
@@ -267,18 +267,10 @@ def main(argv=None) -> int:
         print("zipf_ablation: needs the traces directory (../shared/data); pass --data-dir",
               file=sys.stderr)
         return 2
-    workloads = [w for w in a.workloads.split(",") if w]
-    variants = [v for v in a.variants.split(",") if v]
-    for w in workloads:
-        if w not in RATES:
-            print(f"zipf_ablation: --workloads: {w!r} is not one of {list(RATES)}",
-                  file=sys.stderr)
-            return 2
-    for v in variants:
-        if v not in VARIANTS:
-            print(f"zipf_ablation: --variants: {v!r} is not one of {list(VARIANTS)}",
-                  file=sys.stderr)
-            return 2
+    workloads = parse_names(a.workloads, RATES, "workloads", "zipf_ablation")
+    variants = parse_names(a.variants, VARIANTS, "variants", "zipf_ablation")
+    if workloads is None or variants is None:
+        return 2
     duration = a.duration or (60.0 if a.quick else 150.0)
     rates = {w: (r[::2] if a.quick else r) for w, r in RATES.items()}
     nseeds = a.seeds if a.seeds is not None else (1 if a.quick else 3)

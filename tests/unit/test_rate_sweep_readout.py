@@ -1,19 +1,13 @@
 """The rate sweep's read-out: crossings per (workload, policy) and the ratio table."""
-import importlib.util
-import os
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.experiment_loader import load_experiment
+
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location(
-        "rate_sweep", os.path.join(ROOT, "experiments", "rate_sweep.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("rate_sweep")
 
 
 def _pts(policy, rates, values, workload="leval"):

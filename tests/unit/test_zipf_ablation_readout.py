@@ -1,24 +1,18 @@
 """The Zipf ablation's read-out (experiments/zipf_ablation.py): Figure 12's per-request SLO
 rule, attainment shares, record capture from `run_simulation`, crossings and the table."""
-import importlib.util
-import os
-
 import pytest
+
+from tests.experiment_loader import load_experiment
 
 from loong.sched.cost_model import load_cost_model
 from loong.sched.metrics import RequestRecord
 from loong.sim.workloads import default_data_dir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def za():
-    spec = importlib.util.spec_from_file_location(
-        "zipf_ablation", os.path.join(ROOT, "experiments", "zipf_ablation.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("zipf_ablation")
 
 
 @pytest.fixture(scope="module")
