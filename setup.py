@@ -16,11 +16,17 @@ setup(
         "tokenizers>=0.19",
         # Chat templates are Jinja2 programs; a sandboxed Jinja2 renders them exactly.
         "jinja2>=3.1",
-        "grpcio",
-        "protobuf",
+        # The generated code in loong/v1 checks these runtimes (>= the generator's).
+        "grpcio>=1.85.1",
+        "protobuf>=7.35.1",
+        # The standard grpc.health.v1 service and server reflection (official grpc packages).
+        "grpcio-health-checking>=1.85.1",
+        "grpcio-reflection>=1.85.1",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.45", "accelerate", "sentencepiece"],
+        # grpcio-tools is pinned: the test that generated code is current compares its output.
+        "test": ["pytest", "transformers>=4.45", "accelerate", "sentencepiece",
+                 "grpcio-tools==1.85.1"],
         "gpu": ["flash-attn"],
         # Only the experiments' PNG plots; they print tables and write JSON without it.
         "plots": ["matplotlib"],

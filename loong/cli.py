@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"])
     sim.add_argument("--cv", type=float, default=1.0, help="gamma arrivals' coefficient of variation")
     sim.add_argument("--json", default=None, help="write the metrics JSON here")
+    from loong.client_cli import add_client_parser
+    from loong.serve.serve_main import add_serve_parser
+    _add_engine_args(add_serve_parser(sub))
+    add_client_parser(sub)
     prof = sub.add_parser("profile", help="measure local instances and fit a cost-model preset")
     prof.add_argument("--instances", type=int, default=2, help="instance processes (group sizes 1..N)")
     prof.add_argument("--model", default=None,
@@ -237,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sim(args)
         if args.command == "profile":
             return cmd_profile(args)
+        if args.command == "client":
+            from loong.client_cli import cmd_client
+            return cmd_client(args)
+        if args.command == "serve":
+            from loong.serve.serve_main import cmd_serve
+            return cmd_serve(args)
     except ValueError as e:  # InvalidRequestError and ModelLoadError are ValueErrors
         print(f"loong: error: {e}", file=sys.stderr)
         return 2

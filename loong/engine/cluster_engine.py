@@ -64,13 +64,17 @@ class ClusterEngine(LLMEngine):
             self.policy = SimpleESPPolicy(pcfg)
         self._creqs: dict[str, _ClusterRequest] = {}
         self.counters = {i: InstanceCounters() for i in range(ex.num_instances)}
+        # Free KV blocks per instance as the instances last reported them.
+        self.instance_free_blocks = {i.rank: i.ready.num_blocks for i in ex.instances}
         self.want_logits = False          # tests: keep each request's prefill logits in .logits
         self.logits: dict = {}
         self.last_result: ClusterStepResult | None = None
         self.last_plan: ClusterStepPlan | None = None
 
     # ----- backend hooks -------------------------------------------------------------
-    def _backend_add(self, rid: str, ids: list[int], params: SamplingParams) -> None:
+    def check_fits(self, ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError if the prompt cannot fit one prefill group or the whole
+        request the cluster's KV."""
         max_prompt, max_total = self.policy.max_prompt_tokens(), self.policy.max_request_tokens()
         if len(ids) > max_prompt:
             raise InvalidRequestError("prompt", f"{len(ids)} tokens do not fit the KV of one "
@@ -81,6 +85,9 @@ class ClusterEngine(LLMEngine):
                 "max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
                 f"needs more KV than the cluster holds ({max_total} tokens); lower max_tokens, "
                 f"add instances or raise kv_capacity_tokens")
+
+    def _backend_add(self, rid: str, ids: list[int], params: SamplingParams) -> None:
+        self.check_fits(ids, params)
         self.policy.add(rid, ids)
         self._creqs[rid] = _ClusterRequest(params, list(ids))
 
@@ -123,18 +130,26 @@ class ClusterEngine(LLMEngine):
         s["max_blocks_used"] = max(s["max_blocks_used"], sum(self.policy.used))
         for r, c in result.counters.items():
             self.counters[r].add(c)
+        self.instance_free_blocks.update(result.free_blocks)
 
     def step(self):
         updated = super().step()
+        self.housekeeping()
+        return updated
+
+    def housekeeping(self) -> None:
+        """When nothing runs or waits, carry out pending releases and migrations (the KV of
+        finished or aborted requests is freed on the instances)."""
         if not self.policy.waiting and not self.policy.running and self.policy.has_work:
             self.flush()
-        return updated
 
     def flush(self) -> None:
         """Run pending releases and migrations now, without prefill or decode."""
         plan = self.policy.schedule(maintenance_only=True)
         if not plan.is_empty:
-            self.policy.update(self.executor.execute(plan, self._creqs))
+            result = self.executor.execute(plan, self._creqs)
+            self.policy.update(result)
+            self.instance_free_blocks.update(result.free_blocks)
 
     # ----- cluster operations --------------------------------------------------------
     def migrate(self, request_id: str, src: int, dst: int, num_tokens: int) -> None:

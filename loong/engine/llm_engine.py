@@ -138,6 +138,11 @@ class LLMEngine:
         self._finish(request_id, state, "abort", None)
         return state.output
 
+    def get_output(self, request_id: str) -> RequestOutput | None:
+        """The output so far of a request in flight (None once finished or unknown)."""
+        state = self._states.get(request_id)
+        return state.output if state is not None else None
+
     def has_unfinished(self) -> bool:
         return bool(self._states)
 
@@ -162,6 +167,10 @@ class LLMEngine:
         return updated
 
     # ----- the backend: one in-process instance (ClusterEngine overrides these) ------
+    def check_fits(self, ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError if the request could never fit the KV cache."""
+        self.scheduler.check_fits(len(ids), params.max_tokens)
+
     def _backend_add(self, rid: str, ids: list[int], params: SamplingParams) -> None:
         self.scheduler.add(rid, ids, params.max_tokens)
         self.runner.add_request(rid, params, ids)
@@ -191,6 +200,10 @@ class LLMEngine:
 
     def close(self) -> None:
         """Release resources (no-op for the in-process instance)."""
+
+    def housekeeping(self) -> None:
+        """Work due while no request runs (none for the in-process instance: finishing a
+        request frees its blocks at once)."""
 
     def _account(self, plan) -> None:
         s = self.stats

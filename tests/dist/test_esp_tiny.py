@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from loong import SamplingParams
-from loong.sched.cluster_plan import ClusterStepPlan, DecodeGroupPlan, DecodeItem
+from loong.sched.cluster_plan import DecodeGroupPlan
 from tests.dist.conftest import (assert_clean, build_model, reference_logits, start_cluster,
                                  use_policy)
 

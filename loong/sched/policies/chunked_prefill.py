@@ -58,16 +58,20 @@ class ChunkedPrefillScheduler:
     def capacity_tokens(self) -> int:
         return self.pool.num_blocks * self.pool.block_size
 
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise InvalidRequestError if the request's KV could never fit this instance."""
+        if num_prompt_tokens + max_tokens - 1 > self.capacity_tokens:
+            raise InvalidRequestError(
+                "max_tokens",
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) needs more KV "
+                f"than this instance holds ({self.capacity_tokens} tokens); lower max_tokens or "
+                "raise kv_capacity_tokens")
+
     def add(self, request_id: str, prompt_token_ids: list[int], max_tokens: int) -> SchedRequest:
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
+        self.check_fits(len(prompt_token_ids), max_tokens)
         req = SchedRequest(request_id, list(prompt_token_ids), max_tokens, self._arrivals)
-        if req.max_total_tokens > self.capacity_tokens:
-            raise InvalidRequestError(
-                "max_tokens",
-                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({max_tokens}) needs more KV "
-                f"than this instance holds ({self.capacity_tokens} tokens); lower max_tokens or "
-                "raise kv_capacity_tokens")
         self._arrivals += 1
         self.requests[request_id] = req
         self.waiting.append(req)

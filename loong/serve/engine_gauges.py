@@ -1,0 +1,44 @@
+"""Read-outs of an engine's state for serving: KV capacity and the stats snapshot.
+
+Works for both engines: the in-process `LLMEngine` (one instance: its scheduler and block
+pool) and `ClusterEngine` (a cluster policy and the instances' own free-block reports).
+Called on the engine loop's thread only (the engine is not thread-safe).
+"""
+from __future__ import annotations
+
+from loong.serve.server_stats import EngineSnapshot, InstanceGauge
+
+
+def is_cluster(engine) -> bool:
+    return hasattr(engine, "policy")
+
+
+def capacity_tokens(engine) -> int:
+    """KV tokens the whole engine holds."""
+    if is_cluster(engine):
+        cfg = engine.policy.cfg
+        return cfg.num_instances * cfg.blocks_per_instance * cfg.block_size
+    return engine.block_pool.num_blocks * engine.block_pool.block_size
+
+
+def kv_tokens_per_instance(engine) -> int:
+    if is_cluster(engine):
+        cfg = engine.policy.cfg
+        return cfg.blocks_per_instance * cfg.block_size
+    return capacity_tokens(engine)
+
+
+def snapshot(engine, dead: frozenset[int] = frozenset()) -> EngineSnapshot:
+    steps = engine.stats["steps"]
+    if is_cluster(engine):
+        pol = engine.policy
+        n, total = pol.cfg.num_instances, pol.cfg.blocks_per_instance
+        free = engine.instance_free_blocks
+        gauges = [InstanceGauge(r, r not in dead, total - free[r], free[r]) for r in range(n)]
+        st = pol.stats
+        return EngineSnapshot(len(pol.running), len(pol.waiting), st.get("preemptions", 0),
+                              gauges, dict(st.get("group_sizes", {})), st.get("migrations", 0),
+                              steps)
+    sch, pool = engine.scheduler, engine.block_pool
+    return EngineSnapshot(len(sch.running), len(sch.waiting), sch.num_preemptions,
+                          [InstanceGauge(0, True, pool.num_used, pool.num_free)], {}, 0, steps)

@@ -1,0 +1,337 @@
+"""EngineLoop: one engine run on its own thread, fed by concurrent RPC handlers.
+
+Owns: admission (validation on the loop thread, a bounded queue of requests and prompt
+tokens, unique request ids), the step loop, per-request streams of deltas (new tokens,
+new text, logprobs; the last one carries finish reason, usage and timing), aborts with a
+cause (client Abort, cancelled call, deadline, server-side timeout, shutdown), draining,
+and publishing the stats snapshot after every step.
+
+Invariants: only the loop thread touches the engine. Commands from other threads are
+closures run between two steps, so an abort takes effect before the next iteration and
+its KV is released by that iteration. A sink (the RPC layer's callback) is called on the
+loop thread and must not block. If the engine fails (an instance died, a step failed),
+every request in flight ends with `Delta.error` and the loop stops admitting.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from loong.errors import InvalidRequestError
+from loong.sampling_params import SamplingParams
+from loong.serve import engine_gauges
+from loong.serve.server_stats import ServerStats
+
+log = logging.getLogger("loong.serve")
+
+# Abort causes that end a stream with finish_reason "timeout" rather than "abort".
+_TIMEOUT_CAUSES = {"timeout"}
+
+
+class Rejected(Exception):
+    """A request was not admitted. `cause`: invalid, duplicate, queue_full, draining or
+    unavailable; `field`: the request field at fault (invalid input only)."""
+
+    def __init__(self, cause: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.cause, self.field = cause, field
+
+
+@dataclass
+class Delta:
+    """New output of one request since its previous delta."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timing: dict | None = None
+    error: str | None = None      # the engine failed; the request is lost
+
+
+@dataclass
+class _Stream:
+    sink: Callable[[Delta], None]
+    prompt_tokens: int
+    deadline: float | None          # monotonic; server-side timeout
+    sent_tokens: int = 0
+    sent_text: int = 0
+    sent_logprobs: int = 0
+    scheduled: bool = False
+
+
+@dataclass
+class Submission:
+    """One request as the RPC layer hands it over (exactly one of the three inputs)."""
+
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[dict] | None = None
+    params: SamplingParams | None = None
+    request_id: str = ""
+    timeout_s: float = 0.0
+
+
+class EngineLoop:
+    def __init__(self, engine, stats: ServerStats | None = None, *,
+                 max_queued_requests: int = 1024, max_queued_tokens: int | None = None,
+                 on_failure: Callable[[str], None] | None = None) -> None:
+        self.engine = engine
+        self.stats = stats or ServerStats()
+        self.max_queued_requests = max_queued_requests
+        # Default: the prompt tokens of 8 full KV caches may wait.
+        self.max_queued_tokens = max_queued_tokens or 8 * engine_gauges.capacity_tokens(engine)
+        self.on_failure = on_failure
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._queued_tokens = 0
+        self.draining = False
+        self.failed: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="loong-engine-loop", daemon=True)
+
+    # ----- other threads ---------------------------------------------------------------
+    def start(self) -> "EngineLoop":
+        self.stats.publish(engine_gauges.snapshot(self.engine))
+        self._thread.start()
+        return self
+
+    def submit(self, sub: Submission, sink: Callable[[Delta], None]) -> concurrent.futures.Future:
+        """Queue a request; the future gives its request id or raises `Rejected`."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._call(lambda: fut.set_result(self._admit(sub, sink)), fut)
+        return fut
+
+    def abort(self, request_id: str, cause: str) -> concurrent.futures.Future:
+        """End a request in flight; the future gives True if it was in flight."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._call(lambda: fut.set_result(self._abort(request_id, cause)), fut)
+        return fut
+
+    def call(self, fn: Callable) -> concurrent.futures.Future:
+        """Run fn(engine) on the loop thread (between steps); the future gives its result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._call(lambda: fut.set_result(fn(self.engine)), fut)
+        return fut
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    def drain(self, timeout_s: float) -> int:
+        """Stop admitting, let requests in flight finish for up to timeout_s, abort the rest
+        (cause "shutdown") and stop the loop. Returns how many were aborted."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self._streams and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.05)
+        aborted = 0
+        if self._thread.is_alive():
+            fut = self.call(lambda _e: [self._abort(rid, "shutdown") for rid in list(self._streams)])
+            try:
+                aborted = sum(fut.result(timeout=30.0))
+            except Exception:
+                pass
+        self.stop()
+        return aborted
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._cmds.put(lambda: None)
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=60.0)
+
+    def _call(self, fn: Callable, fut: concurrent.futures.Future) -> None:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as e:        # noqa: BLE001 - handed to the caller
+                if not fut.done():
+                    fut.set_exception(e)
+        if self._stop.is_set() or not self._thread.is_alive():
+            fut.set_exception(Rejected("unavailable", self.failed or "the server is stopping"))
+            return
+        self._cmds.put(run)
+
+    # ----- the loop thread -------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stop.is_set():
+            busy = engine.has_unfinished()
+            self._run_commands(block=not busy)
+            if self._stop.is_set() or self.failed:
+                break
+            self._expire_timeouts()
+            try:
+                if engine.has_unfinished():
+                    self._emit(engine.step())
+                else:
+                    engine.housekeeping()
+            except Exception as e:            # noqa: BLE001 - the engine is unusable now
+                self._fail(f"{type(e).__name__}: {e}")
+                break
+            self.stats.publish(engine_gauges.snapshot(engine))
+        self._fail_commands()
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            cmd = self._cmds.get(timeout=0.25) if block else self._cmds.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            cmd()
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+
+    def _admit(self, sub: Submission, sink: Callable[[Delta], None]) -> str:
+        if self.failed:
+            raise Rejected("unavailable", f"the engine failed ({self.failed}); restart the server")
+        if self.draining:
+            raise Rejected("draining", "the server is shutting down; send the request elsewhere")
+        engine = self.engine
+        rid = sub.request_id or f"req-{uuid.uuid4().hex[:16]}"
+        if rid in self._streams:
+            raise Rejected("duplicate", f"request_id: {rid!r} is already in flight", "request_id")
+        try:
+            prompt = sub.prompt if sub.prompt is not None else sub.prompt_token_ids
+            if sub.messages is not None:
+                prompt = _render_chat(engine.tokenizer, sub.messages)
+            text, ids, params = engine.process_input(prompt, sub.params)
+            engine.check_fits(ids, params)     # never fits: invalid, not "queue full"
+        except InvalidRequestError as e:
+            raise Rejected("invalid", str(e), e.field) from None
+        if len(self._streams) - self._num_scheduled() >= self.max_queued_requests:
+            raise Rejected("queue_full", f"{self.max_queued_requests} requests are already "
+                           f"waiting; retry later")
+        if self._queued_tokens + len(ids) > self.max_queued_tokens:
+            raise Rejected("queue_full", f"{self._queued_tokens} prompt tokens are already "
+                           f"waiting (limit {self.max_queued_tokens}); retry later")
+        try:
+            engine.add_request(ids, params, request_id=rid, prompt_text=text)
+        except InvalidRequestError as e:      # e.g. longer than the cluster's KV
+            raise Rejected("invalid", str(e), e.field) from None
+        deadline = time.monotonic() + sub.timeout_s if sub.timeout_s > 0 else None
+        self._streams[rid] = _Stream(sink, len(ids), deadline)
+        self._queued_tokens += len(ids)
+        return rid
+
+    def _num_scheduled(self) -> int:
+        return sum(1 for s in self._streams.values() if s.scheduled)
+
+    def _abort(self, rid: str, cause: str) -> bool:
+        stream = self._streams.get(rid)
+        if stream is None:
+            return False
+        out = self.engine.abort(rid)
+        reason = "timeout" if cause in _TIMEOUT_CAUSES else "abort"
+        if out is not None:
+            self._send(rid, stream, out, finish_reason=reason, abort_cause=cause)
+        return True
+
+    def _expire_timeouts(self) -> None:
+        now = time.monotonic()
+        for rid, s in list(self._streams.items()):
+            if s.deadline is not None and now >= s.deadline:
+                self._abort(rid, "timeout")
+
+    def _emit(self, outputs) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                self._send(out.request_id, stream, out, finish_reason=out.finish_reason)
+        for rid, s in self._streams.items():      # prompt tokens leave the queue
+            if not s.scheduled:
+                out = self.engine.get_output(rid)
+                if out is not None and out.metrics.first_scheduled_time is not None:
+                    s.scheduled = True
+                    self._queued_tokens -= s.prompt_tokens
+
+    def _send(self, rid: str, s: _Stream, out, finish_reason: str | None,
+              abort_cause: str | None = None) -> None:
+        d = Delta(rid, out.token_ids[s.sent_tokens:], out.text[s.sent_text:],
+                  (out.logprobs or [])[s.sent_logprobs:])
+        s.sent_tokens, s.sent_text = len(out.token_ids), len(out.text)
+        s.sent_logprobs = len(out.logprobs or [])
+        if finish_reason is not None:
+            d.finish_reason, d.stop_reason = finish_reason, out.stop_reason
+            d.prompt_tokens, d.completion_tokens = s.prompt_tokens, len(out.token_ids)
+            d.timing = _timing(out.metrics)
+            del self._streams[rid]
+            if not s.scheduled:
+                self._queued_tokens -= s.prompt_tokens
+            self.stats.finish(s.prompt_tokens, len(out.token_ids), out.ttft, out.tpot,
+                              abort_cause)
+            log.info("request finished", extra={"fields": {
+                "request_id": rid, "finish_reason": finish_reason, "cause": abort_cause,
+                "prompt_tokens": s.prompt_tokens, "completion_tokens": len(out.token_ids),
+                "ttft_s": round(d.timing["ttft_s"], 4), "e2e_s": round(d.timing["e2e_s"], 4)}})
+        s.sink(d)
+
+    def _fail(self, why: str) -> None:
+        log.error("engine failed: %s", why)
+        self.failed = why.splitlines()[0]
+        for rid, s in list(self._streams.items()):
+            s.sink(Delta(rid, error=f"the engine failed ({self.failed}); the request is lost"))
+            self.stats.finish(s.prompt_tokens, s.sent_tokens, None, None, "engine_failure")
+        self._streams.clear()
+        if self.on_failure is not None:
+            self.on_failure(self.failed)
+
+    def _fail_commands(self) -> None:
+        """Commands queued after the loop stopped: run them so their futures resolve (with
+        Rejected, since the loop no longer admits)."""
+        self.draining = True
+        while True:
+            try:
+                self._cmds.get_nowait()()
+            except queue.Empty:
+                return
+
+
+def warm_up(engine, prompt_tokens: int = 48) -> float:
+    """Run one short greedy request to completion (loads kernels, touches every layer) so
+    the first real request does not pay for it. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    vocab = engine.model_config.vocab_size
+    ids = [(1000 + 37 * i) % vocab for i in range(prompt_tokens)]
+    rid = engine.add_request(ids, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                             request_id="loong-warm-up")
+    while engine.get_output(rid) is not None:
+        engine.step()
+    engine.housekeeping()
+    return time.perf_counter() - t0
+
+
+def _render_chat(tokenizer, messages: list[dict]) -> list[int]:
+    if not messages:
+        raise InvalidRequestError("messages", "is empty")
+    for i, m in enumerate(messages):
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise InvalidRequestError(f"messages[{i}].role", f"must be system, user or "
+                                      f"assistant, got {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise InvalidRequestError(f"messages[{i}].content", "must be a string")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    # The template carries any BOS itself.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _timing(m) -> dict:
+    def gap(a, b):
+        return max(0.0, b - a) if a is not None and b is not None else 0.0
+    return {"queue_s": gap(m.arrival_time, m.first_scheduled_time),
+            "ttft_s": gap(m.arrival_time, m.first_token_time),
+            "decode_s": gap(m.first_token_time, m.finish_time),
+            "e2e_s": gap(m.arrival_time, m.finish_time)}

@@ -1,0 +1,165 @@
+"""`loong serve`: the manager process (public gRPC API) and its local instance processes.
+
+Owns: the command's options, building the engine for the chosen policy (one in-process
+instance, or N instance processes running the ESP data plane), starting the gRPC server
+(and the optional Prometheus endpoint), the ready line, and shutdown: SIGTERM or SIGINT
+stops admission (health NOT_SERVING, new requests UNAVAILABLE), lets requests in flight
+finish for up to --drain-timeout-s, aborts the rest, stops the instance processes and
+exits 0 with no child left.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from loong.config import EngineConfig
+
+log = logging.getLogger("loong.serve")
+POLICIES = ("elastic", "static-sp", "chunked-prefill", "pd-disagg")
+
+
+def add_serve_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="serve the gRPC API with a local cluster of instances")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
+    p.add_argument("--policy", default="elastic", choices=POLICIES,
+                   help="cluster policy (chunked-prefill: one instance's vLLM-style batching)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'authorization: Bearer KEY' on every RPC (default: env "
+                        "LOONG_API_KEY if set)")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS)")
+    p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    p.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="waiting requests beyond this get RESOURCE_EXHAUSTED")
+    p.add_argument("--max-queued-tokens", type=int, default=None,
+                   help="waiting prompt tokens beyond this get RESOURCE_EXHAUSTED "
+                        "(default: 8x the cluster's KV capacity)")
+    p.add_argument("--drain-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM, how long requests in flight may finish")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus text on http://HOST:PORT/metrics (0 = any port)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.add_argument("--cost-model", default=None, help="elastic policy's cost-model preset or JSON")
+    return p
+
+
+def engine_config(args) -> EngineConfig:
+    """EngineConfig for the serve options; errors name the option."""
+    from loong.errors import InvalidRequestError
+    n = args.instances
+    kw = dict(model=args.model, dtype=args.dtype, device=args.device,
+              kv_capacity_tokens=args.kv_capacity_tokens, block_size=args.block_size,
+              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+              instances=n, decode_masters=args.decode_masters,
+              prefill_group_size=args.prefill_group_size, cost_model=args.cost_model)
+    if args.policy == "static-sp":
+        kw.update(policy="simple", prefill_group_size=n)
+    elif args.policy in ("chunked-prefill", "pd-disagg") and n > 1:
+        raise InvalidRequestError("policy", f"{args.policy} with --instances {n} needs the "
+                                  f"replica executor, which the real cluster does not have yet "
+                                  f"(the simulator runs it: loong sim --policy {args.policy}); "
+                                  f"use --instances 1 or --policy elastic / static-sp")
+    elif args.policy == "pd-disagg":
+        raise InvalidRequestError("policy", "pd-disagg needs at least 2 instances (a prefill "
+                                  "and a decode one)")
+    elif args.policy == "elastic" and n > 1:
+        kw["policy"] = None if (args.decode_masters or args.prefill_group_size) else "elastic"
+    return EngineConfig(**kw)
+
+
+def model_info(engine, config: EngineConfig, policy: str) -> dict:
+    from loong import __version__
+    from loong.serve import engine_gauges
+    return {"model": config.model or "SmolLM2-135M-Instruct (embedded)",
+            "vocab_size": engine.model_config.vocab_size, "max_model_len": engine.max_model_len,
+            "eos_token_ids": list(engine.eos_token_ids), "dtype": str(engine.dtype).split(".")[-1],
+            "device": str(engine.device), "instances": config.instances, "policy": policy,
+            "block_size": config.block_size,
+            "kv_tokens_per_instance": engine_gauges.kv_tokens_per_instance(engine),
+            "version": __version__}
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    from loong.serve.logs import setup_logging
+    setup_logging(args.log_format)
+    for name in ("max_queued_requests", "max_queued_tokens", "instances"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"{name}: must be a positive int, got {v}")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("tls_cert: give both --tls-cert and --tls-key")
+    tls = None
+    if args.tls_cert:
+        with open(args.tls_cert, "rb") as f, open(args.tls_key, "rb") as g:
+            tls = (f.read(), g.read())
+    cfg = engine_config(args)
+    api_key = args.api_key or os.environ.get("LOONG_API_KEY") or None
+    return asyncio.run(_serve(args, cfg, api_key, tls))
+
+
+async def _serve(args, cfg: EngineConfig, api_key, tls) -> int:
+    from loong.engine.llm_engine import LLMEngine
+    from loong.serve.engine_loop import EngineLoop, warm_up
+    from loong.serve.grpc_server import build_server, set_health
+    from loong.serve.metrics_http import start_metrics_server
+    from loong.serve.server_stats import ServerStats
+
+    aio_loop = asyncio.get_running_loop()
+    log.info(f"starting {cfg.instances} instance(s) ({args.policy} policy, device {cfg.device})")
+    if cfg.instances > 1:
+        from loong.engine.cluster_engine import ClusterEngine
+        engine = await asyncio.to_thread(ClusterEngine, cfg)
+    else:
+        engine = await asyncio.to_thread(LLMEngine, cfg)
+    warm_s = await asyncio.to_thread(warm_up, engine)
+    log.info(f"warmed up in {warm_s:.1f}s")
+    stop = asyncio.Event()
+    stats = ServerStats()
+    healthy = {"ok": True}
+
+    def on_failure(why: str) -> None:
+        healthy["ok"] = False
+        aio_loop.call_soon_threadsafe(lambda: asyncio.ensure_future(set_health(health, False)))
+
+    loop = EngineLoop(engine, stats, max_queued_requests=args.max_queued_requests,
+                      max_queued_tokens=args.max_queued_tokens, on_failure=on_failure).start()
+    server, health, port = build_server(loop, model_info(engine, cfg, args.policy),
+                                        f"{args.host}:{args.port}", api_key=api_key, tls=tls)
+    metrics = None
+    try:
+        await server.start()
+        await set_health(health, True)
+        if args.metrics_port is not None:
+            metrics = start_metrics_server(stats, args.host, args.metrics_port,
+                                           lambda: healthy["ok"] and not loop.draining)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            aio_loop.add_signal_handler(sig, stop.set)
+        extra = f", metrics on http://{args.host}:{metrics.server_address[1]}/metrics" if metrics else ""
+        # The ready line: scripts and tests wait for it.
+        print(f"loong: serving on {args.host}:{port} ({cfg.instances} instance(s), "
+              f"{args.policy} policy{', TLS' if tls else ''}{', API key' if api_key else ''}"
+              f"{extra})", flush=True)
+        await stop.wait()
+        log.info(f"shutting down: draining {loop.num_in_flight} request(s) for up to "
+                 f"{args.drain_timeout_s:.0f}s")
+        await set_health(health, False)
+        aborted = await asyncio.to_thread(loop.drain, args.drain_timeout_s)
+        await server.stop(grace=2.0)
+        log.info(f"stopped ({aborted} request(s) aborted at the drain timeout)")
+    finally:
+        loop.stop()
+        if metrics is not None:
+            metrics.shutdown()
+        await asyncio.to_thread(engine.close)
+    print("loong: server stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from loong.cli import main
+    sys.exit(main(["serve", *sys.argv[1:]]))

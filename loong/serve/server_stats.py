@@ -1,0 +1,166 @@
+"""ServerStats: the serving counters behind GetStats and the Prometheus endpoint.
+
+Owns: request counters (finished, tokens), aborts and rejections by cause, TTFT and TPOT
+histograms, and the latest engine snapshot (running, waiting, preemptions, blocks per
+instance, group sizes, migrations, steps) that the engine loop publishes after each step.
+Readers get a plain dict (`as_dict`, the shape of the proto's `Stats`) or Prometheus text
+(`prometheus_text`). Thread-safe: the engine loop writes, RPC handlers read.
+Pure Python; no torch, no gRPC.
+"""
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+# Bucket upper bounds in seconds (the last, implicit bucket is +Inf).
+TTFT_BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BOUNDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+@dataclass
+class Histogram:
+    upper_bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)    # len(upper_bounds) + 1
+    sum: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.upper_bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.upper_bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def as_dict(self) -> dict:
+        return {"upper_bounds": list(self.upper_bounds), "counts": list(self.counts),
+                "sum": self.sum, "count": self.count}
+
+
+@dataclass
+class InstanceGauge:
+    rank: int
+    alive: bool
+    blocks_used: int
+    blocks_free: int
+
+
+@dataclass
+class EngineSnapshot:
+    """What the engine looks like after a step (published by the engine loop)."""
+
+    running: int = 0
+    waiting: int = 0
+    preempted: int = 0
+    instances: list[InstanceGauge] = field(default_factory=list)
+    group_sizes: dict[int, int] = field(default_factory=dict)
+    migrations: int = 0
+    steps: int = 0
+
+
+class ServerStats:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started = time.monotonic()
+        self.finished = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.aborts: Counter[str] = Counter()
+        self.rejections: Counter[str] = Counter()
+        self.ttft = Histogram(TTFT_BOUNDS)
+        self.tpot = Histogram(TPOT_BOUNDS)
+        self.snapshot = EngineSnapshot()
+
+    def reject(self, cause: str) -> None:
+        with self._lock:
+            self.rejections[cause] += 1
+
+    def finish(self, prompt_tokens: int, completion_tokens: int, ttft: float | None,
+               tpot: float | None, abort_cause: str | None) -> None:
+        with self._lock:
+            self.finished += 1
+            self.prompt_tokens += prompt_tokens
+            self.completion_tokens += completion_tokens
+            if ttft is not None:
+                self.ttft.observe(ttft)
+            if tpot is not None:
+                self.tpot.observe(tpot)
+            if abort_cause is not None:
+                self.aborts[abort_cause] += 1
+
+    def publish(self, snapshot: EngineSnapshot) -> None:
+        with self._lock:
+            self.snapshot = snapshot
+
+    def as_dict(self) -> dict:
+        """The proto `Stats` message as a dict (field names as in loong.proto)."""
+        with self._lock:
+            s = self.snapshot
+            return {
+                "running": s.running, "waiting": s.waiting, "preempted": s.preempted,
+                "instances": [vars(g).copy() for g in s.instances],
+                "group_sizes": dict(s.group_sizes), "migrations": s.migrations,
+                "aborts": dict(self.aborts), "rejections": dict(self.rejections),
+                "finished": self.finished, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "ttft_s": self.ttft.as_dict(), "tpot_s": self.tpot.as_dict(),
+                "uptime_s": time.monotonic() - self.started, "steps": s.steps,
+            }
+
+    def prometheus_text(self) -> str:
+        """The stats in the Prometheus text exposition format (version 0.0.4)."""
+        d = self.as_dict()
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+            out.append(f"# HELP loong_{name} {help_}")
+            out.append(f"# TYPE loong_{name} {kind}")
+            out.extend(f"loong_{name}{labels} {_num(v)}" for labels, v in samples)
+
+        metric("requests_running", "gauge", "Requests with KV on the instances.",
+               [("", d["running"])])
+        metric("requests_waiting", "gauge", "Requests waiting for their prefill.",
+               [("", d["waiting"])])
+        metric("preemptions_total", "counter", "Requests preempted (KV dropped, recomputed).",
+               [("", d["preempted"])])
+        metric("requests_finished_total", "counter", "Requests finished, any reason.",
+               [("", d["finished"])])
+        metric("prompt_tokens_total", "counter", "Prompt tokens of finished requests.",
+               [("", d["prompt_tokens"])])
+        metric("completion_tokens_total", "counter", "Tokens generated for finished requests.",
+               [("", d["completion_tokens"])])
+        metric("steps_total", "counter", "Engine iterations.", [("", d["steps"])])
+        metric("migrations_total", "counter", "KV migrations between instances.",
+               [("", d["migrations"])])
+        for key, help_ in (("blocks_used", "KV blocks in use."), ("blocks_free", "KV blocks free.")):
+            metric(f"kv_{key}", "gauge", help_ + " Per instance.",
+                   [(f'{{instance="{g["rank"]}"}}', g[key]) for g in d["instances"]])
+        metric("instance_alive", "gauge", "1 while the instance is in scheduling.",
+               [(f'{{instance="{g["rank"]}"}}', int(g["alive"])) for g in d["instances"]])
+        metric("prefill_group_size_steps_total", "counter", "Prefill steps by group size.",
+               [(f'{{size="{k}"}}', v) for k, v in sorted(d["group_sizes"].items())])
+        metric("aborts_total", "counter", "Requests aborted, by cause.",
+               [(f'{{cause="{k}"}}', v) for k, v in sorted(d["aborts"].items())])
+        metric("rejections_total", "counter", "Requests rejected before admission, by cause.",
+               [(f'{{cause="{k}"}}', v) for k, v in sorted(d["rejections"].items())])
+        for key, name, help_ in (
+                ("ttft_s", "ttft_seconds", "Time to first token."),
+                ("tpot_s", "tpot_seconds", "Time per output token after the first.")):
+            h = d[key]
+            samples, cum = [], 0
+            for bound, c in zip(h["upper_bounds"] + [float("inf")], h["counts"]):
+                cum += c
+                le = "+Inf" if bound == float("inf") else _num(bound)
+                samples.append((f'_bucket{{le="{le}"}}', cum))
+            samples += [("_sum", h["sum"]), ("_count", h["count"])]
+            metric(name, "histogram", help_, samples)
+        metric("uptime_seconds", "gauge", "Seconds since the server started.", [("", d["uptime_s"])])
+        return "\n".join(out) + "\n"
+
+
+def _num(v: float) -> str:
+    return repr(float(v)) if isinstance(v, float) else str(v)
