@@ -5,6 +5,9 @@
 `--prompt`s or a `--prompts-file` (one prompt per line) make a batch with a progress bar.
 `loong profile --instances N --out profile.json --preset-out preset.json [--quick]` measures
 local instances and fits a cost-model preset (loong/serve/profiler.py).
+`loong serve [--instances N] [--port P] ...` runs the gRPC server (loong/serve/serve_main.py);
+`loong client generate|info|stats|health|abort` talks to one (loong/client_cli.py);
+`loong instance --manager HOST:PORT` joins a manager under torchrun.
 Errors in the input exit with status 2 and a one-line message naming the field.
 """
 from __future__ import annotations
@@ -83,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     from loong.serve.serve_main import add_serve_parser
     _add_engine_args(add_serve_parser(sub))
     add_client_parser(sub)
+    inst = sub.add_parser("instance", help="run one instance that joins a manager (under torchrun)",
+                          add_help=False)
+    inst.add_argument("instance_args", nargs=argparse.REMAINDER)
     prof = sub.add_parser("profile", help="measure local instances and fit a cost-model preset")
     prof.add_argument("--instances", type=int, default=2, help="instance processes (group sizes 1..N)")
     prof.add_argument("--model", default=None,
@@ -233,6 +239,10 @@ def _describe_cluster(stats: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["instance"]:      # its own parser (loong.serve.instance_main)
+        from loong.serve.instance_main import main as instance_main
+        return instance_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":

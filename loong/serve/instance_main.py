@@ -149,7 +149,7 @@ def _inspect(worker, msg):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loong.serve.instance_main",
+    ap = argparse.ArgumentParser(prog="loong instance",
                                  description="Run one Loong instance under torchrun.")
     ap.add_argument("--manager", required=True, help="HOST:PORT the manager listens on")
     ap.add_argument("--key-env", default=DEFAULT_KEY_ENV,

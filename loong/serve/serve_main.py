@@ -43,6 +43,10 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="serve Prometheus text on http://HOST:PORT/metrics (0 = any port)")
     p.add_argument("--log-format", default="text", choices=["text", "json"])
     p.add_argument("--cost-model", default=None, help="elastic policy's cost-model preset or JSON")
+    p.add_argument("--cluster-address", default=None, metavar="HOST:PORT",
+                   help="wait for --instances instances started elsewhere (`loong instance` "
+                        "under torchrun) to join here, instead of starting them locally; the "
+                        "shared key is read from env LOONG_CLUSTER_KEY (hex)")
     return p
 
 
@@ -54,7 +58,8 @@ def engine_config(args) -> EngineConfig:
               kv_capacity_tokens=args.kv_capacity_tokens, block_size=args.block_size,
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
               instances=n, decode_masters=args.decode_masters,
-              prefill_group_size=args.prefill_group_size, cost_model=args.cost_model)
+              prefill_group_size=args.prefill_group_size, cost_model=args.cost_model,
+              cluster_address=args.cluster_address)
     if args.policy == "static-sp":
         kw.update(policy="simple", prefill_group_size=n)
     elif args.policy in ("chunked-prefill", "pd-disagg") and n > 1:
@@ -111,7 +116,7 @@ async def _serve(args, cfg: EngineConfig, api_key, tls) -> int:
 
     aio_loop = asyncio.get_running_loop()
     log.info(f"starting {cfg.instances} instance(s) ({args.policy} policy, device {cfg.device})")
-    if cfg.instances > 1:
+    if cfg.instances > 1 or cfg.cluster_address:
         from loong.engine.cluster_engine import ClusterEngine
         engine = await asyncio.to_thread(ClusterEngine, cfg)
     else:

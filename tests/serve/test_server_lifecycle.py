@@ -1,0 +1,87 @@
+"""The server's process life and access control: SIGTERM drains and exits with no child
+left; the API key guards every RPC but health; TLS; generated code is current."""
+import os
+import subprocess
+import sys
+import threading
+
+import grpc
+import pytest
+
+from loong.client import LoongClient, LoongClientError
+from tests.serve.conftest import ROOT, ServerProcess, pid_alive, wait_until
+
+
+def test_generated_code_is_current():
+    pytest.importorskip("grpc_tools")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "proto", "generate.py"), "--check"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_sigterm_drains_then_exits_with_no_child():
+    srv = ServerProcess("--instances", "2", "--kv-capacity-tokens", "1024")
+    try:
+        children = srv.children()
+        assert len(children) >= 2, srv.output()     # the instance processes
+        with LoongClient(srv.address, timeout=120) as c:
+            stream = c.generate_stream(prompt="Once upon a time", max_tokens=24, ignore_eos=True,
+                                       temperature=0.0)
+            it = iter(stream)
+            first = next(it)
+            assert first.token_ids
+            rest = []
+            reader = threading.Thread(target=lambda: rest.extend(it))
+            reader.start()
+            rc = srv.terminate(timeout_s=90)
+            reader.join(30)
+        # The request in flight finished normally during the drain.
+        assert rest and rest[-1].finish_reason == "length"
+        assert rest[-1].usage.completion_tokens == 24
+        assert rc == 0, srv.output()
+        assert "server stopped" in srv.output()
+        wait_until(lambda: not any(pid_alive(p) for p in children), 15, "instances to exit")
+    finally:
+        srv.kill()
+
+
+def _self_signed(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_api_key_and_tls(tmp_path):
+    if subprocess.run(["which", "openssl"], capture_output=True).returncode != 0:
+        pytest.skip("openssl is not installed")
+    cert, key = _self_signed(tmp_path)
+    srv = ServerProcess("--instances", "1", "--kv-capacity-tokens", "2048", "--api-key", "s3cret",
+                        "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        assert "TLS, API key" in srv.output()
+        ca = cert.read_bytes()
+        with LoongClient(srv.address, tls_root_certificates=ca, timeout=60) as c:
+            assert c.health() == "SERVING"            # probes need no key
+            with pytest.raises(LoongClientError) as e:
+                c.generate(prompt="hi", max_tokens=2)
+            assert e.value.code == "UNAUTHENTICATED"
+            with pytest.raises(LoongClientError) as e:
+                c.stats()
+            assert e.value.code == "UNAUTHENTICATED"
+        with LoongClient(srv.address, tls_root_certificates=ca, api_key="wrong", timeout=60) as c:
+            with pytest.raises(LoongClientError) as e:
+                c.model_info()
+            assert e.value.code == "UNAUTHENTICATED"
+        with LoongClient(srv.address, tls_root_certificates=ca, api_key="s3cret", timeout=60) as c:
+            r = c.generate(prompt="The capital of France is", max_tokens=3, temperature=0.0)
+            assert r.completion_tokens == 3
+            assert c.stats()["rejections"].get("unauthenticated", 0) == 3
+        # Plaintext against the TLS port fails.
+        with grpc.insecure_channel(srv.address) as ch:
+            with pytest.raises(grpc.FutureTimeoutError):
+                grpc.channel_ready_future(ch).result(timeout=3)
+    finally:
+        srv.kill()
