@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     from loong.serve.serve_main import add_serve_parser
     _add_engine_args(add_serve_parser(sub))
     add_client_parser(sub)
+    from loong.bench import add_bench_parser
+    add_bench_parser(sub)
     inst = sub.add_parser("instance", help="run one instance that joins a manager (under torchrun)",
                           add_help=False)
     inst.add_argument("instance_args", nargs=argparse.REMAINDER)
@@ -254,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "client":
             from loong.client_cli import cmd_client
             return cmd_client(args)
+        if args.command == "bench":
+            from loong.bench import cmd_bench
+            return cmd_bench(args)
         if args.command == "serve":
             from loong.serve.serve_main import cmd_serve
             return cmd_serve(args)

@@ -55,6 +55,10 @@ class EngineConfig:
     prefill_group_size: int | None = None
     decode_masters: int | None = None
     rotate_masters: bool = False
+    # Clusters: go on without an instance that dies or stops sending heartbeats (its
+    # requests and the survivors' are prefilled again) instead of raising ClusterError.
+    # `loong serve` sets it; the offline API raises.
+    recover_lost_instances: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

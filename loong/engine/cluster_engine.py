@@ -9,6 +9,7 @@ inherited from LLMEngine unchanged.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -20,9 +21,10 @@ from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult, Instanc
 from loong.sched.cost_model import load_cost_model, preset_names
 from loong.sched.policies.elastic import ElasticPolicy
 from loong.sched.policies.simple_esp import ESPPolicyConfig, SimpleESPPolicy
-from loong.serve.cluster_executor import ClusterExecutor
+from loong.serve.cluster_executor import ClusterExecutor, InstanceLost
 
 CLUSTER_KEY_ENV = "LOONG_CLUSTER_KEY"
+log = logging.getLogger("loong.engine")
 
 
 @dataclass
@@ -44,24 +46,14 @@ class ClusterEngine(LLMEngine):
         else:
             self.executor = ClusterExecutor.start_local(cfg, loaded.config, loaded.weights)
         ex = self.executor
+        ex.recover = cfg.recover_lost_instances
         self.block_size = cfg.block_size
-        pcfg = ESPPolicyConfig(
-            ex.num_instances, ex.blocks_per_instance, cfg.block_size,
-            max_prefill_tokens=cfg.max_num_batched_tokens * ex.num_instances,
-            max_num_seqs=cfg.max_num_seqs, prefill_group_size=cfg.prefill_group_size,
-            decode_masters=cfg.decode_masters, rotate_masters=cfg.rotate_masters)
         knobs = (cfg.prefill_group_size, cfg.decode_masters, cfg.rotate_masters or None)
-        kind = cfg.policy or ("simple" if any(k is not None for k in knobs) else "elastic")
-        if kind == "elastic":
-            name = cfg.cost_model or ("cpu-smollm2-135m" if "cpu-smollm2-135m" in preset_names()
-                                      else "a800-lwm7b-tp2")
-            try:
-                cost = load_cost_model(name)
-            except ValueError as e:
-                raise InvalidRequestError("cost_model", str(e)) from None
-            self.policy = ElasticPolicy(pcfg, cost)
-        else:
-            self.policy = SimpleESPPolicy(pcfg)
+        self.policy_kind = cfg.policy or ("simple" if any(k is not None for k in knobs)
+                                          else "elastic")
+        self.policy = self._make_policy(ex.num_instances)
+        self.past_policy_stats: list[dict] = []      # of policies replaced after a loss
+        self.lost_instances: list[int] = []
         self._creqs: dict[str, _ClusterRequest] = {}
         self.counters = {i: InstanceCounters() for i in range(ex.num_instances)}
         # Free KV blocks per instance as the instances last reported them.
@@ -71,18 +63,67 @@ class ClusterEngine(LLMEngine):
         self.last_result: ClusterStepResult | None = None
         self.last_plan: ClusterStepPlan | None = None
 
+    def _make_policy(self, n: int):
+        """The cluster policy over n instances (all of them, or the survivors of a loss)."""
+        cfg, ex = self.config, self.executor
+        clamp = (lambda k: None if k is None else min(k, n))
+        pcfg = ESPPolicyConfig(
+            n, ex.blocks_per_instance, cfg.block_size,
+            max_prefill_tokens=cfg.max_num_batched_tokens * n,
+            max_num_seqs=cfg.max_num_seqs, prefill_group_size=clamp(cfg.prefill_group_size),
+            decode_masters=clamp(cfg.decode_masters), rotate_masters=cfg.rotate_masters)
+        if self.policy_kind != "elastic":
+            return SimpleESPPolicy(pcfg)
+        name = cfg.cost_model or ("cpu-smollm2-135m" if "cpu-smollm2-135m" in preset_names()
+                                  else "a800-lwm7b-tp2")
+        try:
+            cost = load_cost_model(name)
+        except ValueError as e:
+            raise InvalidRequestError("cost_model", str(e)) from None
+        return ElasticPolicy(pcfg, cost)
+
+    def _recover(self, lost: InstanceLost) -> list[str]:
+        """Go on without lost instances: reset the survivors (all KV dropped), a new policy
+        over them, and every request in flight queued again to be prefilled over its prompt
+        and the tokens generated so far. Returns the requests that no longer fit (they end
+        with finish_reason "abort", stop_reason "instance lost")."""
+        live = self.executor.recover_after_loss()
+        self.lost_instances.extend(lost.ranks)
+        log.warning("lost instance(s) %s (%s); going on with %s, re-prefilling %d request(s)",
+                    lost.ranks, str(lost).splitlines()[0], live, len(self._creqs))
+        self.past_policy_stats.append(self.policy.stats)
+        self.policy = self._make_policy(len(live))
+        for r in lost.ranks:
+            self.instance_free_blocks[r] = 0
+        for r in live:
+            self.instance_free_blocks[r] = self.executor.blocks_per_instance
+        dropped = []
+        for rid, req in self._creqs.items():
+            tokens = list(req.prompt_token_ids) + list(req.output_token_ids)
+            left = max(1, req.params.max_tokens - len(req.output_token_ids))
+            try:
+                self._check_lengths(len(tokens), left)
+            except InvalidRequestError:
+                dropped.append(rid)
+                continue
+            self.policy.add(rid, tokens)
+        return dropped
+
     # ----- backend hooks -------------------------------------------------------------
     def check_fits(self, ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError if the prompt cannot fit one prefill group or the whole
         request the cluster's KV."""
+        self._check_lengths(len(ids), params.max_tokens)
+
+    def _check_lengths(self, n: int, max_tokens: int) -> None:
         max_prompt, max_total = self.policy.max_prompt_tokens(), self.policy.max_request_tokens()
-        if len(ids) > max_prompt:
-            raise InvalidRequestError("prompt", f"{len(ids)} tokens do not fit the KV of one "
+        if n > max_prompt:
+            raise InvalidRequestError("prompt", f"{n} tokens do not fit the KV of one "
                                       f"prefill group ({max_prompt} tokens); add instances, "
                                       f"raise kv_capacity_tokens or prefill_group_size")
-        if len(ids) + params.max_tokens - 1 > max_total:
+        if n + max_tokens - 1 > max_total:
             raise InvalidRequestError(
-                "max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
+                "max_tokens", f"prompt ({n} tokens) + max_tokens ({max_tokens}) "
                 f"needs more KV than the cluster holds ({max_total} tokens); lower max_tokens, "
                 f"add instances or raise kv_capacity_tokens")
 
@@ -108,7 +149,10 @@ class ClusterEngine(LLMEngine):
             return None
         scheduled = [it.request_id for g in plan.groups() for it in g.items]
         self._mark_scheduled(scheduled)
-        result = self.executor.execute(plan, self._creqs)
+        try:
+            result = self.executor.execute(plan, self._creqs)
+        except InstanceLost as e:
+            return StepOutcome([], [], {}, {}, aborted=self._recover(e))
         try:
             self.policy.update(result)
         except Exception as e:     # the policy's view and the instances' diverged
@@ -128,9 +172,11 @@ class ClusterEngine(LLMEngine):
         s["prefill_tokens"] += sum(len(it.token_ids) for g in plan.prefills for it in g.items)
         s["decode_tokens"] += sum(len(g.items) for g in plan.decodes)
         s["max_blocks_used"] = max(s["max_blocks_used"], sum(self.policy.used))
-        for r, c in result.counters.items():
-            self.counters[r].add(c)
-        self.instance_free_blocks.update(result.free_blocks)
+        live = self.executor.live
+        for v, c in result.counters.items():
+            self.counters[live[v]].add(c)
+        for v, free in result.free_blocks.items():
+            self.instance_free_blocks[live[v]] = free
 
     def step(self):
         updated = super().step()
@@ -140,8 +186,13 @@ class ClusterEngine(LLMEngine):
     def housekeeping(self) -> None:
         """When nothing runs or waits, carry out pending releases and migrations (the KV of
         finished or aborted requests is freed on the instances)."""
-        if not self.policy.waiting and not self.policy.running and self.policy.has_work:
-            self.flush()
+        if not self.policy.waiting and not self.policy.running:
+            try:
+                self.executor.poll_health()
+            except InstanceLost as e:
+                self._recover(e)          # nothing in flight: nothing to re-prefill
+            if self.policy.has_work:
+                self.flush()
 
     def flush(self) -> None:
         """Run pending releases and migrations now, without prefill or decode."""
@@ -149,7 +200,8 @@ class ClusterEngine(LLMEngine):
         if not plan.is_empty:
             result = self.executor.execute(plan, self._creqs)
             self.policy.update(result)
-            self.instance_free_blocks.update(result.free_blocks)
+            for v, free in result.free_blocks.items():
+                self.instance_free_blocks[self.executor.live[v]] = free
 
     # ----- cluster operations --------------------------------------------------------
     def migrate(self, request_id: str, src: int, dst: int, num_tokens: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -57,6 +57,8 @@ class StepOutcome:
     preempted: list[str]
     sampled: dict[str, int]
     logprobs: dict
+    # Requests the backend had to drop (an instance was lost and they no longer fit).
+    aborted: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -160,6 +162,11 @@ class LLMEngine:
         for rid in outcome.preempted:
             self._states[rid].output.metrics.num_preemptions += 1
         updated = []
+        for rid in outcome.aborted:
+            state = self._states.get(rid)
+            if state is not None:
+                self._finish(rid, state, "abort", "instance lost")
+                updated.append(state.output)
         for rid, token in outcome.sampled.items():
             state = self._states[rid]
             self._append_token(rid, state, token, outcome.logprobs.get(rid), now)

@@ -251,3 +251,30 @@ def _check_once(rid: str, seen: set[str]) -> None:
     if rid in seen:
         raise PlanError(f"request {rid!r} appears twice in one step")
     seen.add(rid)
+
+
+def remap_plan(plan: ClusterStepPlan, ranks: tuple[int, ...] | list[int]) -> ClusterStepPlan:
+    """The plan with every instance index i replaced by ranks[i].
+
+    A policy built for the live instances of a cluster that lost some numbers them
+    0..len(ranks)-1; the executor maps them onto world ranks before sending the plan."""
+    def kr(k: KeepRange) -> KeepRange:
+        return KeepRange(ranks[k.instance], k.begin, k.end)
+
+    def members(ms: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(ranks[m] for m in ms)
+
+    prefills = tuple(PrefillGroupPlan(members(g.members), tuple(
+        PrefillItem(it.request_id, it.token_ids, tuple(kr(k) for k in it.keep))
+        for it in g.items)) for g in plan.prefills)
+    decodes = tuple(DecodeGroupPlan(members(g.members), tuple(
+        DecodeItem(it.request_id, it.token_id, it.position, ranks[it.master],
+                   tuple((ranks[i], t) for i, t in it.shards)) for it in g.items))
+        for g in plan.decodes)
+    batches = tuple(BatchGroupPlan(members(g.members), tuple(
+        ChunkItem(it.request_id, it.token_ids, it.start, it.sample, tuple(kr(k) for k in it.keep))
+        for it in g.items)) for g in plan.batches)
+    migrations = tuple(MigrationPlan(m.request_id, ranks[m.src], ranks[m.dst], m.num_tokens)
+                       for m in plan.migrations)
+    return ClusterStepPlan(plan.step, plan.releases, migrations, prefills, decodes, batches,
+                           plan.preempted, plan.want_logits)

@@ -6,7 +6,8 @@ or accepting instances started by torchrun; the control connections; turning one
 instance lacks), collecting the results into one `ClusterStepResult`; noticing dead
 instances and failed steps (`ClusterError`, never a hang); shutdown.
 Groups on disjoint instances run concurrently: every message goes out before any result
-is awaited. The policy never sees this module; it only sees plans and results.
+is awaited. Instances send heartbeats; with `recover` set, an instance that dies or goes
+silent is taken out (`InstanceLost`) and the survivors are reset, else the cluster stops. The policy never sees this module; it only sees plans and results.
 """
 from __future__ import annotations
 
@@ -16,17 +17,19 @@ import secrets
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, Listener
 from multiprocessing.connection import wait as mp_wait
 from typing import Mapping, Protocol, Sequence
 
 from loong.config import EngineConfig
-from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult, check_plan
-from loong.worker.messages import (Hello, Inspect, InstanceResult, InstanceStep, Ready,
-                                   RequestSync, Setup, Shutdown)
+from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult, check_plan, remap_plan
+from loong.worker.messages import (Heartbeat, Hello, Inspect, InstanceResult, InstanceStep,
+                                   Ready, RequestSync, Reset, Setup, Shutdown)
 
 STARTUP_TIMEOUT_S = 300.0
+HEARTBEAT_TIMEOUT_S = 3.0      # six missed heartbeats (messages.HEARTBEAT_S = 0.5)
 
 
 class ClusterError(RuntimeError):
@@ -39,12 +42,24 @@ class RequestView(Protocol):
     output_token_ids: Sequence[int]
 
 
+class InstanceLost(ClusterError):
+    """Instances died or got stuck (heartbeat silence); the others survive. Raised only
+    with `ClusterExecutor.recover`; call `recover_after_loss()` before the next step."""
+
+    def __init__(self, ranks: list[int], why: str) -> None:
+        super().__init__(why)
+        self.ranks = list(ranks)
+
+
 @dataclass
 class _Instance:
     rank: int
     conn: Connection
     process: object | None     # multiprocessing.Process for local instances
     ready: Ready | None = None
+    inbox: deque = field(default_factory=deque)       # messages read, not yet consumed
+    last_seen: float = field(default_factory=time.monotonic)
+    gone: str | None = None    # why it is out (connection closed, lost)
 
 
 def _free_port() -> int:
@@ -58,6 +73,14 @@ class ClusterExecutor:
         self.instances = sorted(instances, key=lambda i: i.rank)
         self._listener = listener
         self.broken: str | None = None
+        # Ranks in scheduling; plans number them 0..len(live)-1.
+        self.live: list[int] = [i.rank for i in self.instances]
+        # With recover, a lost instance raises InstanceLost (the rest go on) instead of
+        # taking the cluster down.
+        self.recover = False
+        self.heartbeat_timeout_s = HEARTBEAT_TIMEOUT_S
+        self.data_plane_timeout_s = 120.0
+        self._owed: set[int] = set()      # ranks whose step result is outstanding
         # rank -> request_id -> output tokens that instance has seen (for RequestSync)
         self._known: dict[int, dict[str, int]] = {i.rank: {} for i in self.instances}
 
@@ -135,6 +158,7 @@ class ClusterExecutor:
             for inst in instances.values():
                 inst.conn.send(setup)
             ex = cls(list(instances.values()), listener)
+            ex.data_plane_timeout_s = config.data_plane_timeout_s
             for inst in ex.instances:
                 inst.ready = ex._recv(inst, "starting (loading the model)", STARTUP_TIMEOUT_S)
             return ex
@@ -149,26 +173,34 @@ class ClusterExecutor:
 
     # ----- running -------------------------------------------------------------------
     def execute(self, plan: ClusterStepPlan, requests: Mapping[str, RequestView]) -> ClusterStepResult:
-        """Run one plan on the instances it involves; raises ClusterError on any failure."""
+        """Run one plan on the instances it involves; raises ClusterError on any failure
+        (InstanceLost when an instance died or got stuck and `recover` is set).
+
+        The plan numbers the live instances 0..len(live)-1 (all of them until one is lost);
+        results come back in the same numbering."""
         if self.broken:
             raise ClusterError(f"the cluster is down ({self.broken}); start a new one")
-        check_plan(plan, self.num_instances)
+        check_plan(plan, len(self.live))
         if plan.batches:
             raise ValueError("plan: replica batch groups (the chunked-prefill and pd-disagg "
                              "baselines) run in the simulator only; use an ESP policy here")
+        virtual = {r: v for v, r in enumerate(self.live)}
+        if len(self.live) != len(self.instances):
+            plan = remap_plan(plan, self.live)
         involved: set[int] = set()
         for g in plan.groups():
             involved.update(g.members)
         for m in plan.migrations:
             involved.update((m.src, m.dst))
         if plan.releases:
-            involved.update(i.rank for i in self.instances)
+            involved.update(self.live)
         for rid in plan.releases:
             for known in self._known.values():
                 known.pop(rid, None)
         syncs = self._syncs(plan, requests)
         for r in sorted(involved):
             self._send(self.instances[r], InstanceStep(plan, tuple(syncs.get(r, ()))))
+            self._owed.add(r)
         result = ClusterStepResult(plan.step)
         for r, res in self._gather(sorted(involved), f"step {plan.step}").items():
             for rid, tok in res.sampled.items():
@@ -178,34 +210,38 @@ class ClusterExecutor:
                 self._known[r][rid] = self._known[r].get(rid, 0) + 1
             result.logprobs.update(res.logprobs)
             result.logits.update(res.logits)
-            result.shard_tokens[r] = res.shard_tokens
-            result.free_blocks[r] = res.free_blocks
-            result.counters[r] = res.counters
+            v = virtual[r]
+            result.shard_tokens[v] = res.shard_tokens
+            result.free_blocks[v] = res.free_blocks
+            result.counters[v] = res.counters
         return result
 
     def _gather(self, ranks: list[int], what: str) -> dict[int, InstanceResult]:
         """Every rank's result, in whatever order they come. The first error fails the step
-        at once: its peers may be blocked on the failed instance until their timeout."""
-        pending = {self.instances[r].conn: r for r in ranks}
+        at once (its peers may be blocked on the failed instance until their timeout); with
+        `recover`, an error first gets a heartbeat period to show a lost peer instead."""
+        pending = set(ranks)
         out: dict[int, InstanceResult] = {}
-        while pending:
-            try:
-                ready = mp_wait(list(pending), timeout=0.2)
-            except OSError as e:
-                self._fail(f"waiting for instances failed ({e}) {what}")
-            for conn in ready:
-                r = pending.pop(conn)
-                try:
-                    res = conn.recv()
-                except (OSError, EOFError):
-                    self._fail(f"instance {r} closed its connection during {what}")
-                if res.error:
-                    # Members may have applied part of the step: the policy's view no
-                    # longer matches the instances', so the cluster cannot go on.
-                    self._fail(f"{res.error.rstrip()}\n(during {what})")
-                out[r] = res
-            self._check_alive(what)
-        return out
+        error: tuple[float, str] | None = None
+        while True:
+            for r in sorted(pending):
+                inbox = self.instances[r].inbox
+                if inbox:
+                    res = inbox.popleft()
+                    pending.discard(r)
+                    self._owed.discard(r)
+                    out[r] = res
+                    if res.error and error is None:
+                        error = (time.monotonic() + self.heartbeat_timeout_s + 1.0,
+                                 f"{res.error.rstrip()}\n(during {what})")
+            if error is not None and (not self.recover or time.monotonic() > error[0]):
+                # Members may have applied part of the step: the policy's view no longer
+                # matches the instances', so the cluster cannot go on.
+                self._fail(error[1])
+            if not pending and error is None:
+                return out
+            self._wait_messages(0.2)
+            self._check_alive(what)     # raises InstanceLost when a peer is gone
 
     def _syncs(self, plan: ClusterStepPlan, requests: Mapping[str, RequestView]
                ) -> dict[int, list[RequestSync]]:
@@ -238,43 +274,123 @@ class ClusterExecutor:
         self._send(inst, Inspect(what, request_id))
         return self._recv(inst, f"inspect {what}")
 
-    # ----- transport -----------------------------------------------------------------
+    # ----- transport and liveness ------------------------------------------------------
     def _send(self, inst: _Instance, msg) -> None:
         try:
             inst.conn.send(msg)
         except (OSError, EOFError) as e:
-            self._fail(f"instance {inst.rank} is unreachable ({e})")
+            self._lost([inst.rank], f"instance {inst.rank} is unreachable ({e})")
 
     def _recv(self, inst: _Instance, what: str, timeout_s: float | None = None):
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            try:
-                if inst.conn.poll(0.2):
-                    return inst.conn.recv()
-            except (OSError, EOFError):
-                self._fail(f"instance {inst.rank} closed its connection {what}")
+        while not inst.inbox:
+            self._wait_messages(0.2)         # everyone's: their heartbeats count too
+            if inst.inbox:
+                break
             self._check_alive(what)
             if deadline is not None and time.monotonic() > deadline:
                 self._fail(f"instance {inst.rank} did not answer within {timeout_s:.0f}s {what}")
+        return inst.inbox.popleft()
+
+    def _wait_messages(self, timeout_s: float, insts: list[_Instance] | None = None) -> None:
+        """Read what the instances sent: heartbeats update last_seen, the rest is queued in
+        the instance's inbox. A closed connection marks the instance gone."""
+        insts = insts if insts is not None else [self.instances[r] for r in self.live]
+        conns = {i.conn: i for i in insts if not i.gone}
+        try:
+            ready = mp_wait(list(conns), timeout=timeout_s) if conns else []
+        except OSError:
+            ready = list(conns)
+        for conn in ready:
+            inst = conns[conn]
+            try:
+                while conn.poll(0):
+                    msg = conn.recv()
+                    inst.last_seen = time.monotonic()
+                    if not isinstance(msg, Heartbeat):
+                        inst.inbox.append(msg)
+            except (OSError, EOFError):
+                inst.gone = "closed its connection"
+
+    def poll_health(self) -> None:
+        """Between steps: read heartbeats and check every live instance (raises like a
+        failed step). The server calls this while idle."""
+        if self.broken:
+            return
+        self._wait_messages(0.0)
+        self._check_alive("idle")
 
     def _check_alive(self, what: str) -> None:
-        for inst in self.instances:      # a dead peer would stall the others' steps
+        now = time.monotonic()
+        lost: dict[int, str] = {}
+        for r in self.live:       # a dead peer would stall the others' steps
+            inst = self.instances[r]
             p = inst.process
             if p is not None and p.exitcode is not None:
-                last = None
-                try:                     # an instance reports its error, then exits
-                    if inst.conn.poll(0):
-                        last = inst.conn.recv()
-                except (OSError, EOFError):
-                    pass
-                if getattr(last, "error", None):
-                    self._fail(f"{last.error.rstrip()}\n(during {what})")
-                self._fail(f"instance {inst.rank} exited with code {p.exitcode} during {what}")
+                err = next((m.error for m in inst.inbox if getattr(m, "error", None)), None)
+                if err and not self.recover:
+                    self._fail(f"{err.rstrip()}\n(during {what})")
+                lost[r] = f"instance {r} exited with code {p.exitcode} during {what}"
+            elif inst.gone:
+                lost[r] = f"instance {r} {inst.gone} during {what}"
+            elif inst.ready is not None and now - inst.last_seen > self.heartbeat_timeout_s:
+                lost[r] = (f"instance {r} sent no heartbeat for {now - inst.last_seen:.1f}s "
+                           f"during {what} (stuck)")
+        if lost:
+            self._lost(sorted(lost), "; ".join(lost.values()))
+
+    def _lost(self, ranks: list[int], why: str):
+        """Instances died or got stuck: stop the cluster, or (with `recover`) take them out
+        of `live` and raise InstanceLost; `recover_after_loss` then resets the rest."""
+        if not self.recover:
+            self._fail(why)
+        for r in ranks:
+            inst = self.instances[r]
+            inst.gone = inst.gone or "lost"
+            if inst.process is not None and inst.process.exitcode is None:
+                inst.process.kill()      # stuck: its peers unblock when its sockets close
+            self._owed.discard(r)
+        self.live = [r for r in self.live if r not in ranks]
+        if not self.live:
+            self._fail(f"{why}; no instance is left")
+        raise InstanceLost(ranks, why)
+
+    def recover_after_loss(self) -> list[int]:
+        """After InstanceLost: collect the survivors' outstanding step results (whatever
+        they are), reset them (all KV dropped) and return the live ranks. Survivors that do
+        not answer within the data-plane timeout are lost too."""
+        while True:
+            try:
+                deadline = time.monotonic() + self.data_plane_timeout_s + 5.0
+                while self._owed & set(self.live):
+                    for r in list(self._owed):
+                        if self.instances[r].inbox:
+                            self.instances[r].inbox.clear()
+                            self._owed.discard(r)
+                    self._wait_messages(0.2)
+                    self._check_alive("recovery")
+                    if time.monotonic() > deadline:
+                        self._lost(sorted(self._owed & set(self.live)), "no answer after a peer was lost")
+                for r in self.live:
+                    self.instances[r].inbox.clear()
+                    self._send(self.instances[r], Reset())
+                    self._owed.add(r)
+                self._gather(list(self.live), "reset after losing an instance")
+                for known in self._known.values():
+                    known.clear()
+                return list(self.live)
+            except InstanceLost:
+                continue        # another one went: start over with fewer
 
     def _fail(self, why: str):
         """Take the cluster down (stop every instance) and raise ClusterError."""
         self.broken = why.splitlines()[0]
         self._stop_processes(grace_s=0.0)
+        for inst in self.instances:      # instances started elsewhere exit on EOF
+            try:
+                inst.conn.close()
+            except OSError:
+                pass
         raise ClusterError(f"{why}\nThe cluster is down: start a new one.")
 
     def _stop_processes(self, grace_s: float) -> None:

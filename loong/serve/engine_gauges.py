@@ -28,17 +28,22 @@ def kv_tokens_per_instance(engine) -> int:
     return capacity_tokens(engine)
 
 
-def snapshot(engine, dead: frozenset[int] = frozenset()) -> EngineSnapshot:
+def snapshot(engine) -> EngineSnapshot:
     steps = engine.stats["steps"]
     if is_cluster(engine):
-        pol = engine.policy
-        n, total = pol.cfg.num_instances, pol.cfg.blocks_per_instance
+        pol, ex = engine.policy, engine.executor
+        total, live = pol.cfg.blocks_per_instance, set(ex.live)
         free = engine.instance_free_blocks
-        gauges = [InstanceGauge(r, r not in dead, total - free[r], free[r]) for r in range(n)]
-        st = pol.stats
-        return EngineSnapshot(len(pol.running), len(pol.waiting), st.get("preemptions", 0),
-                              gauges, dict(st.get("group_sizes", {})), st.get("migrations", 0),
-                              steps)
+        gauges = [InstanceGauge(r, r in live, total - free[r] if r in live else 0, free[r])
+                  for r in sorted(free)]
+        history = [*engine.past_policy_stats, pol.stats]   # policies replaced after a loss
+        sizes: dict[int, int] = {}
+        for st in history:
+            for k, v in st.get("group_sizes", {}).items():
+                sizes[k] = sizes.get(k, 0) + v
+        return EngineSnapshot(len(pol.running), len(pol.waiting),
+                              sum(st.get("preemptions", 0) for st in history), gauges, sizes,
+                              sum(st.get("migrations", 0) for st in history), steps)
     sch, pool = engine.scheduler, engine.block_pool
     return EngineSnapshot(len(sch.running), len(sch.waiting), sch.num_preemptions,
                           [InstanceGauge(0, True, pool.num_used, pool.num_free)], {}, 0, steps)

@@ -250,7 +250,9 @@ class EngineLoop:
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
-                self._send(out.request_id, stream, out, finish_reason=out.finish_reason)
+                cause = "instance_lost" if out.stop_reason == "instance lost" else None
+                self._send(out.request_id, stream, out, finish_reason=out.finish_reason,
+                           abort_cause=cause)
         for rid, s in self._streams.items():      # prompt tokens leave the queue
             if not s.scheduled:
                 out = self.engine.get_output(rid)

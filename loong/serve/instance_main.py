@@ -11,7 +11,9 @@ handed over in shared memory) or by torchrun:
 (rank and world size from torchrun's RANK / WORLD_SIZE, the data plane from MASTER_ADDR /
 MASTER_PORT; the manager must be waiting with `LLM(..., instances=N, cluster_address=...)`).
 A failed step (dead peer, data-plane timeout, a plan this instance cannot apply) is reported
-to the manager, then the process exits: neither the world group nor its KV can be trusted.
+to the manager, which then either resets this instance (a peer was lost: drop all KV, go
+on without it; gloo pairs between survivors keep working) or stops the cluster. A heartbeat
+thread reports every HEARTBEAT_S seconds so the manager can tell a stuck instance.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import argparse
 import datetime
 import os
 import sys
+import threading
 import time
 import traceback
 from multiprocessing.connection import Client
@@ -61,9 +64,9 @@ def _build(setup, loaded, rank: int):
 
 def run_instance(address, authkey: bytes, rank: int, world_size: int, loaded=None) -> None:
     """Serve one instance until Shutdown. `loaded`: (ModelConfig, weights) or None (load)."""
-    conn = _connect(address, authkey)
-    from loong.worker.messages import (Hello, Inspect, InstanceResult, InstanceStep, Ready,
-                                       Shutdown)
+    conn = _LockedConn(_connect(address, authkey))
+    from loong.worker.messages import (HEARTBEAT_S, Heartbeat, Hello, Inspect, InstanceResult,
+                                       InstanceStep, Ready, Reset, Shutdown)
     conn.send(Hello(rank, world_size, os.getpid()))
     setup = conn.recv()
     import torch
@@ -87,6 +90,7 @@ def run_instance(address, authkey: bytes, rank: int, world_size: int, loaded=Non
     comm = Comm(rank, world_size, setup.data_plane_timeout_s)
     worker = InstanceWorker(rank, model, pool, cache, comm, eos)
     conn.send(Ready(rank, pool.num_blocks, pool.block_size, cache.nbytes, ops.csrc_available()))
+    _start_heartbeat(conn, Heartbeat(rank), HEARTBEAT_S)
     try:
         while True:
             try:
@@ -98,18 +102,20 @@ def run_instance(address, authkey: bytes, rank: int, world_size: int, loaded=Non
             if isinstance(msg, Inspect):
                 conn.send(_inspect(worker, msg))
                 continue
+            if isinstance(msg, Reset):
+                worker.reset()
+                conn.send(InstanceResult(rank, -1, free_blocks=pool.num_free))
+                continue
             assert isinstance(msg, InstanceStep), type(msg)
             try:
                 result = worker.execute(msg)
             except Exception as e:
-                # The step failed part way: sends may still be in flight and peers blocked
-                # on us, and our KV no longer matches the plan. Report and exit at once
-                # (no clean teardown: it could block on the broken group).
+                # The step failed part way: our KV no longer matches the plan. Report it;
+                # the manager either resets the survivors of a lost instance (Reset) or
+                # stops the cluster (Shutdown, or it kills us).
                 why = str(e) if isinstance(e, DataPlaneError) else (
                     f"instance {rank}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}")
-                conn.send(InstanceResult(rank, msg.plan.step, error=why))
-                conn.close()
-                os._exit(1)
+                result = InstanceResult(rank, msg.plan.step, error=why)
             conn.send(result)
     finally:
         try:
@@ -117,6 +123,36 @@ def run_instance(address, authkey: bytes, rank: int, world_size: int, loaded=Non
         except Exception:
             pass
         conn.close()
+
+
+class _LockedConn:
+    """The control connection shared by the main thread and the heartbeat thread (one
+    message at a time on the wire)."""
+
+    def __init__(self, conn) -> None:
+        self._conn, self._lock = conn, threading.Lock()
+
+    def send(self, msg) -> None:
+        with self._lock:
+            self._conn.send(msg)
+
+    def recv(self):
+        return self._conn.recv()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def _start_heartbeat(conn: _LockedConn, beat, period_s: float) -> None:
+    def run() -> None:
+        while True:
+            time.sleep(period_s)
+            try:
+                conn.send(beat)
+            except Exception:        # closed: the instance is stopping
+                return
+    threading.Thread(target=run, name="loong-heartbeat", daemon=True).start()
 
 
 def _connect(address, authkey: bytes, timeout_s: float = CONNECT_TIMEOUT_S):

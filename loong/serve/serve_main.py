@@ -59,7 +59,7 @@ def engine_config(args) -> EngineConfig:
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
               instances=n, decode_masters=args.decode_masters,
               prefill_group_size=args.prefill_group_size, cost_model=args.cost_model,
-              cluster_address=args.cluster_address)
+              cluster_address=args.cluster_address, recover_lost_instances=True)
     if args.policy == "static-sp":
         kw.update(policy="simple", prefill_group_size=n)
     elif args.policy in ("chunked-prefill", "pd-disagg") and n > 1:

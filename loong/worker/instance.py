@@ -40,6 +40,12 @@ class InstanceWorker:
         self.sampler = Sampler()
         self.requests: dict[str, RunnerRequest] = {}
 
+    def reset(self) -> None:
+        """Forget every request and free all KV (after a peer was lost mid-step)."""
+        for rid in list(self.shards.summary()):
+            self.shards.release(rid)
+        self.requests.clear()
+
     # ----- one step ------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, msg: InstanceStep) -> InstanceResult:

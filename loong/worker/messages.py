@@ -80,6 +80,23 @@ class Shutdown:
 
 
 @dataclass(frozen=True)
+class Reset:
+    """After an instance was lost: drop every shard and request (all KV is freed); the
+    survivors' requests are prefilled again. Answered with an InstanceResult (step -1)."""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Sent by every instance every HEARTBEAT_S seconds, busy or idle, so the manager
+    notices a dead or stuck instance within a few seconds."""
+
+    rank: int
+
+
+HEARTBEAT_S = 0.5
+
+
+@dataclass(frozen=True)
 class Inspect:
     """Test and debug hook: ask for a shard's raw KV bytes (`what='kv'`) or integrity."""
 

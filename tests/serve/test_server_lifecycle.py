@@ -85,3 +85,58 @@ def test_api_key_and_tls(tmp_path):
                 grpc.channel_ready_future(ch).result(timeout=3)
     finally:
         srv.kill()
+
+
+def _instance_pids(srv):
+    out = []
+    for pid in srv.children():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "spawn_main" in cmd and "resource_tracker" not in cmd:
+            out.append(pid)
+    return sorted(out)
+
+
+def test_kill_9_of_an_instance_keeps_serving(loaded_default):
+    """An instance killed mid-request: the request is prefilled again on the survivors and
+    finishes with the offline engine's greedy tokens; a stuck instance (SIGSTOP) is found by
+    its missing heartbeats and taken out; new requests are served; losing the last
+    instance turns health NOT_SERVING and requests UNAVAILABLE."""
+    import signal as sig
+    from loong import LLM, SamplingParams
+    prompt = loaded_default.tokenizer.encode("The history of the river towns began when")
+    ref = LLM(loaded=loaded_default, dtype="float32", device="cpu").generate(
+        [prompt], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))[0]
+    srv = ServerProcess("--instances", "3", "--kv-capacity-tokens", "1024")
+    try:
+        pids = _instance_pids(srv)
+        assert len(pids) == 3, srv.output()
+        with LoongClient(srv.address, timeout=120) as c:
+            stream = iter(c.generate_stream(prompt_token_ids=prompt, max_tokens=40,
+                                            temperature=0.0, ignore_eos=True))
+            msgs = [next(stream) for _ in range(3)]
+            os.kill(pids[1], sig.SIGKILL)
+            msgs.extend(stream)
+            assert msgs[-1].finish_reason == "length"
+            assert [t for m in msgs for t in m.token_ids] == ref.token_ids
+            r = c.generate(prompt="The capital of France is", max_tokens=4, temperature=0.0)
+            assert r.completion_tokens == 4
+            alive = {g["rank"]: g["alive"] for g in c.stats()["instances"]}
+            assert sum(alive.values()) == 2 and len(alive) == 3
+            os.kill(pids[2], sig.SIGSTOP)        # stuck, not dead
+            wait_until(lambda: sum(g["alive"] for g in c.stats()["instances"]) == 1, 20,
+                       "the stuck instance to be taken out")
+            r = c.generate(prompt="The capital of France is", max_tokens=4, temperature=0.0)
+            assert r.completion_tokens == 4
+            assert c.health() == "SERVING"
+            os.kill(_instance_pids(srv)[0], sig.SIGKILL)
+            wait_until(lambda: c.health() == "NOT_SERVING", 20, "health to turn NOT_SERVING")
+            with pytest.raises(LoongClientError) as e:
+                c.generate(prompt="hi", max_tokens=2)
+            assert e.value.code == "UNAVAILABLE"
+        assert "lost instance" in srv.output()
+    finally:
+        srv.kill()
