@@ -164,8 +164,9 @@ WHY = {
                             "KV transfer; no scheduler cost)",
     ("mixed", "vllm"): "elastic's absolute rate gains more from the idealised simulator "
                        "than vLLM's on 100K-400K prompts (cause not isolated)",
-    ("mixed", "chunked-prefill"): "seed-to-seed spread: one 400K prompt more or less "
-                                  "moves a 100 s span's mean latency",
+    ("mixed", "chunked-prefill"): "the cost model charges a chunk only its attention over "
+                                  "the held prefix; real SplitFuse re-reads a 400K prefix's "
+                                  "KV for every chunk (memory-bound, not in the form)",
     ("lveval", "vllm"): "seed-to-seed spread of the LV-Eval crossings (3 seeds)",
 }
 
