@@ -23,11 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -35,10 +31,10 @@ sys.path.insert(0, ROOT)
 
 from loong.bench import parse_bench_args, run_bench  # noqa: E402
 from loong.sched.cost_model import load_cost_model  # noqa: E402
+from loong.serve.server_process import ServerProcess  # noqa: E402
 from loong.sim.run import run_simulation  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
-READY = re.compile(r"serving on (\S+:\d+)")
 # (label, metrics key, stat, scale): rows of the table.
 ROWS = (
     ("TTFT mean (ms)", "ttft", "mean", 1e3),
@@ -111,43 +107,6 @@ def loadavg() -> float:
         return float("nan")
 
 
-class Server:
-    """`loong serve --port 0` as a child process; `.address` once it printed its ready line."""
-
-    def __init__(self, args: list[str], env: dict | None = None,
-                 timeout_s: float = 300.0) -> None:
-        cmd = [sys.executable, "-m", "loong.cli", "serve", "--port", "0", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, cwd=ROOT, start_new_session=True,
-                                     env={**os.environ, **(env or {})})
-        self.lines: list[str] = []
-        self.address = None
-        ready = threading.Event()
-
-        def pump() -> None:
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                m = READY.search(line)
-                if m and self.address is None:
-                    self.address = m.group(1)
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(timeout_s) or self.address is None:
-            self.stop()
-            raise RuntimeError("loong serve did not start:\n" + "".join(self.lines[-30:]))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-
-
 def bench_argv(a: argparse.Namespace, address: str) -> list[str]:
     argv = ["--address", address, "--workload", a.workload, "--requests", str(a.requests),
             "--rate", str(a.rate), "--arrival", a.arrival, "--cv", str(a.cv),
@@ -181,7 +140,7 @@ def run_one(a: argparse.Namespace, n: int, kv: int) -> dict:
     t0 = time.time()
     load0 = loadavg()
     env = {"OMP_NUM_THREADS": str(a.threads)} if a.threads else None
-    srv = Server(serve, env)
+    srv = ServerProcess(serve, env, cwd=ROOT)
     start_s = time.time() - t0
     print(f"[{n} instance(s)] server up on {srv.address} in {start_s:.0f} s; benchmarking",
           file=sys.stderr, flush=True)

@@ -1,11 +1,7 @@
 """Fixtures of the serving tier: a tiny in-process engine for EngineLoop tests, and real
 `loong serve` processes on loopback for the end-to-end tests."""
 import os
-import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -14,9 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from loong.serve.server_process import ServerProcess as _ServerProcess  # noqa: E402
 from tests.helpers_models import write_tiny_hf_checkpoint  # noqa: E402
-
-READY = re.compile(r"serving on (\S+:\d+)")
 
 
 @pytest.fixture(scope="session")
@@ -33,61 +28,11 @@ def make_engine(path, **kw):
     return LLMEngine(EngineConfig(**args))
 
 
-class ServerProcess:
-    """`loong serve` in a child process; `.address` once it printed its ready line."""
+class ServerProcess(_ServerProcess):
+    """`loong serve` on loopback for tests: fp32 unless told otherwise, run from the repo."""
 
     def __init__(self, *args: str, env: dict | None = None, timeout_s: float = 240.0) -> None:
-        cmd = [sys.executable, "-m", "loong.cli", "serve", "--port", "0", "--dtype", "float32",
-               *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, cwd=ROOT, env={**os.environ, **(env or {})},
-                                     start_new_session=True)
-        self.lines: list[str] = []
-        self.address: str | None = None
-        ready = threading.Event()
-
-        def pump() -> None:
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                m = READY.search(line)
-                if m and self.address is None:
-                    self.address = m.group(1)
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(timeout_s) or self.address is None:
-            self.kill()
-            raise RuntimeError("loong serve did not become ready:\n" + "".join(self.lines))
-
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def children(self) -> list[int]:
-        """Pids of the server's child processes (its instances)."""
-        out = []
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    with open(f"/proc/{name}/stat") as f:
-                        fields = f.read().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(fields[1]) == self.proc.pid:      # the parent pid
-                    out.append(int(name))
-        return out
-
-    def terminate(self, timeout_s: float = 60.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout_s)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
+        super().__init__(["--dtype", "float32", *args], env=env, timeout_s=timeout_s, cwd=ROOT)
 
 
 def pid_alive(pid: int) -> bool:
