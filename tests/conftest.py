@@ -13,6 +13,14 @@ SHARED_LEVAL = os.path.join(ROOT, "..", "shared", "data", "leval")
 
 
 @pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    """A tiny random Llama (GQA 4/2 heads, head dim 16, 2 layers, byte tokenizer)."""
+    from tests.helpers_models import write_tiny_hf_checkpoint
+    return str(write_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny"), tokenizer="bytes",
+                                        max_position_embeddings=4096, seed=3))
+
+
+@pytest.fixture(scope="session")
 def loaded_default():
     """`LoadedModel` of the embedded SmolLM2 GGUF (fp32 weights, dequantized once)."""
     from loong.model.loader import load_model_files

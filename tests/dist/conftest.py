@@ -15,14 +15,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tests.helpers_models import write_tiny_hf_checkpoint  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def tiny_path(tmp_path_factory):
-    """A tiny random Llama (GQA 4/2 heads, head dim 16, 2 layers, byte tokenizer)."""
-    return str(write_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny_dist"), tokenizer="bytes",
-                                        max_position_embeddings=4096, seed=3))
 
 
 @pytest.fixture(scope="session")

@@ -4,20 +4,12 @@ import os
 import sys
 import time
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from loong.serve.server_process import ServerProcess as _ServerProcess  # noqa: E402
-from tests.helpers_models import write_tiny_hf_checkpoint  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def tiny_serve_path(tmp_path_factory):
-    return str(write_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny_serve"), tokenizer="bytes",
-                                        max_position_embeddings=4096, seed=5))
 
 
 def make_engine(path, **kw):

@@ -37,19 +37,19 @@ def held(loop):
 
 
 @pytest.fixture
-def loop(tiny_serve_path):
-    lp = EngineLoop(make_engine(tiny_serve_path), ServerStats(), max_queued_requests=3,
+def loop(tiny_path):
+    lp = EngineLoop(make_engine(tiny_path), ServerStats(), max_queued_requests=3,
                     max_queued_tokens=200).start()
     yield lp
     lp.stop()
 
 
-def test_streamed_deltas_equal_offline(tiny_serve_path):
+def test_streamed_deltas_equal_offline(tiny_path):
     from loong import LLM
     prompts = [ids(n, s) for s, n in enumerate((5, 40, 17, 90))]
     params = SamplingParams(max_tokens=12, **GREEDY)
-    ref = LLM(tiny_serve_path, dtype="float32", device="cpu").generate(prompts, params)
-    lp = EngineLoop(make_engine(tiny_serve_path)).start()
+    ref = LLM(tiny_path, dtype="float32", device="cpu").generate(prompts, params)
+    lp = EngineLoop(make_engine(tiny_path)).start()
     try:
         results = [None] * len(prompts)
 
@@ -140,8 +140,8 @@ def test_abort_timeout_and_kv_freed(loop):
     assert st["aborts"] == {"client": 1, "timeout": 1} and st["finished"] == 2
 
 
-def test_drain_aborts_the_rest_and_stops_admitting(tiny_serve_path):
-    lp = EngineLoop(make_engine(tiny_serve_path)).start()
+def test_drain_aborts_the_rest_and_stops_admitting(tiny_path):
+    lp = EngineLoop(make_engine(tiny_path)).start()
     q = queue.Queue()
     lp.submit(Submission(prompt_token_ids=ids(20, 5),
                          params=SamplingParams(max_tokens=3000, **GREEDY)), q.put).result(10)
@@ -158,8 +158,8 @@ def test_drain_aborts_the_rest_and_stops_admitting(tiny_serve_path):
     assert lp.stats.as_dict()["aborts"] == {"shutdown": 1}
 
 
-def test_engine_failure_ends_streams(tiny_serve_path):
-    engine = make_engine(tiny_serve_path)
+def test_engine_failure_ends_streams(tiny_path):
+    engine = make_engine(tiny_path)
     failures = []
     lp = EngineLoop(engine, on_failure=failures.append).start()
     real_step = engine.step
@@ -182,8 +182,8 @@ def test_engine_failure_ends_streams(tiny_serve_path):
     lp.stop()
 
 
-def test_warm_up_leaves_nothing_behind(tiny_serve_path):
-    engine = make_engine(tiny_serve_path)
+def test_warm_up_leaves_nothing_behind(tiny_path):
+    engine = make_engine(tiny_path)
     free0 = engine.block_pool.num_free
     assert warm_up(engine) > 0
     assert not engine.has_unfinished() and engine.block_pool.num_free == free0
