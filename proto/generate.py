@@ -25,9 +25,16 @@ def proto_files() -> list[str]:
     return sorted(out)
 
 
+def has_service(proto: str) -> bool:
+    with open(os.path.join(PROTO_ROOT, proto)) as f:
+        return any(line.lstrip().startswith("service ") for line in f)
+
+
 def generated_names(proto: str) -> list[str]:
+    """The files protoc writes for one proto (no *_pb2_grpc.py for one without services)."""
     stem = proto[:-len(".proto")]
-    return [stem + suffix for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")]
+    suffixes = ("_pb2.py", "_pb2.pyi") + (("_pb2_grpc.py",) if has_service(proto) else ())
+    return [stem + suffix for suffix in suffixes]
 
 
 def generate(out_dir: str) -> list[str]:
@@ -40,6 +47,9 @@ def generate(out_dir: str) -> list[str]:
                       f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", *files])
     if rc != 0:
         raise RuntimeError(f"protoc failed with exit code {rc}")
+    for f in files:
+        if not has_service(f):       # protoc writes an empty stub; we do not keep it
+            os.remove(os.path.join(out_dir, f[:-len(".proto")] + "_pb2_grpc.py"))
     return [g for f in files for g in generated_names(f)]
 
 

@@ -1,7 +1,8 @@
 """ClusterExecutor: the manager side of N instance processes.
 
 Owns: starting a local cluster (N spawned processes, weights handed over in shared memory)
-or accepting instances started by torchrun; the control connections; turning one
+or accepting instances started by torchrun; the control connections (protobuf frames of
+proto/loong/control/v1/control.proto, through `ControlConnection`); turning one
 `ClusterStepPlan` into per-instance `InstanceStep`s (with the sampling state each sampling
 instance lacks), collecting the results into one `ClusterStepResult`; noticing dead
 instances and failed steps (`ClusterError`, never a hang); shutdown.
@@ -19,14 +20,15 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, Listener
+from multiprocessing.connection import Listener
 from multiprocessing.connection import wait as mp_wait
 from typing import Mapping, Protocol, Sequence
 
 from loong.config import EngineConfig
 from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult, check_plan, remap_plan
-from loong.worker.messages import (Heartbeat, Hello, Inspect, InstanceResult, InstanceStep,
-                                   Ready, RequestSync, Reset, Setup, Shutdown)
+from loong.worker.control_codec import ControlConnection
+from loong.worker.messages import (Heartbeat, Hello, Inspect, InstanceResult, InstanceSpec,
+                                   InstanceStep, Ready, RequestSync, Reset, Setup, Shutdown)
 
 STARTUP_TIMEOUT_S = 300.0
 HEARTBEAT_TIMEOUT_S = 3.0      # six missed heartbeats (messages.HEARTBEAT_S = 0.5)
@@ -54,7 +56,7 @@ class InstanceLost(ClusterError):
 @dataclass
 class _Instance:
     rank: int
-    conn: Connection
+    conn: ControlConnection
     process: object | None     # multiprocessing.Process for local instances
     ready: Ready | None = None
     inbox: deque = field(default_factory=deque)       # messages read, not yet consumed
@@ -149,12 +151,14 @@ class ClusterExecutor:
                     continue
                 if isinstance(c, Exception):
                     raise ClusterError(f"accepting instances failed: {c}")
+                c = ControlConnection(c)
                 hello = c.recv()
                 if not isinstance(hello, Hello) or hello.world_size != n or hello.rank in instances:
                     raise ClusterError(f"unexpected hello {hello!r} (expected world size {n})")
                 instances[hello.rank] = _Instance(hello.rank, c, procs[hello.rank] if procs else None)
             threads = config.instance_threads or max(1, (os.cpu_count() or 1) // n)
-            setup = Setup(config, init, threads, config.data_plane_timeout_s)
+            setup = Setup(InstanceSpec.from_config(config), init, threads,
+                          config.data_plane_timeout_s)
             for inst in instances.values():
                 inst.conn.send(setup)
             ex = cls(list(instances.values()), listener)
@@ -269,10 +273,16 @@ class ClusterExecutor:
         return out
 
     def inspect(self, rank: int, what: str, request_id: str | None = None):
-        """Test hook: 'kv' (a shard's raw KV), 'shards' or 'integrity' of one instance."""
+        """Test hook of one instance: 'kv' (a shard's raw KV tensor), 'shards' ((request ->
+        tokens, free blocks)) or 'integrity' (None, or what is wrong)."""
         inst = self.instances[rank]
         self._send(inst, Inspect(what, request_id))
-        return self._recv(inst, f"inspect {what}")
+        reply = self._recv(inst, f"inspect {what}")
+        if what == "kv" and reply.kv is not None:
+            return reply.kv
+        if what == "shards" and reply.shards is not None:
+            return reply.shards, reply.free_blocks
+        return reply.problem
 
     # ----- transport and liveness ------------------------------------------------------
     def _send(self, inst: _Instance, msg) -> None:

@@ -1,7 +1,8 @@
 """Instance process entry point: connect to the manager, join the data plane, run steps.
 
 Owns: the instance side of the control protocol (Hello -> Setup -> Ready, then
-InstanceStep -> InstanceResult until Shutdown) and building the instance's model and KV pool.
+InstanceStep -> InstanceResult until Shutdown; protobuf frames, see
+proto/loong/control/v1/control.proto) and building the instance's model and KV pool.
 Started by the local launcher (`ClusterExecutor.start_local`, weights
 handed over in shared memory) or by torchrun:
 
@@ -39,7 +40,7 @@ def _build(setup, loaded, rank: int):
     from loong.model.llama import LlamaModel
     from loong.model.loader import load_model_files
 
-    cfg = setup.config
+    cfg = setup.spec
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", rank % torch.cuda.device_count())
@@ -64,9 +65,10 @@ def _build(setup, loaded, rank: int):
 
 def run_instance(address, authkey: bytes, rank: int, world_size: int, loaded=None) -> None:
     """Serve one instance until Shutdown. `loaded`: (ModelConfig, weights) or None (load)."""
-    conn = _LockedConn(_connect(address, authkey))
+    from loong.worker.control_codec import ControlConnection
     from loong.worker.messages import (HEARTBEAT_S, Heartbeat, Hello, Inspect, InstanceResult,
                                        InstanceStep, Ready, Reset, Shutdown)
+    conn = _LockedConn(ControlConnection(_connect(address, authkey)))
     conn.send(Hello(rank, world_size, os.getpid()))
     setup = conn.recv()
     import torch
@@ -80,13 +82,13 @@ def run_instance(address, authkey: bytes, rank: int, world_size: int, loaded=Non
     # NCCL between GPU instances (one rank per GPU), gloo on CPU: the same P2P code.
     # (The NCCL path has not run yet: no multi-GPU machine so far.)
     from loong.engine.llm_engine import resolve_device
-    backend = "nccl" if resolve_device(setup.config.device).type == "cuda" else "gloo"
+    backend = "nccl" if resolve_device(setup.spec.device).type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=setup.init_method, rank=rank,
                             world_size=world_size,
                             timeout=datetime.timedelta(seconds=setup.data_plane_timeout_s))
     model, pool, cache, eos = _build(setup, loaded, rank)
     # Requests without their own seed share this generator: reproducible per (seed, rank).
-    torch.manual_seed(setup.config.seed * 1_000_003 + rank)
+    torch.manual_seed(setup.spec.seed * 1_000_003 + rank)
     comm = Comm(rank, world_size, setup.data_plane_timeout_s)
     worker = InstanceWorker(rank, model, pool, cache, comm, eos)
     conn.send(Ready(rank, pool.num_blocks, pool.block_size, cache.nbytes, ops.csrc_available()))
@@ -171,17 +173,18 @@ def _connect(address, authkey: bytes, timeout_s: float = CONNECT_TIMEOUT_S):
 
 
 def _inspect(worker, msg):
+    from loong.worker.messages import InspectReply
     if msg.what == "kv":
-        return worker.shard_kv(msg.request_id)
+        return InspectReply(kv=worker.shard_kv(msg.request_id))
     if msg.what == "integrity":
         try:
             worker.check_integrity()
-            return None
+            return InspectReply()
         except AssertionError as e:
-            return str(e)
+            return InspectReply(problem=str(e))
     if msg.what == "shards":
-        return worker.shards.summary(), worker.pool.num_free
-    return f"unknown inspect {msg.what!r}"
+        return InspectReply(shards=worker.shards.summary(), free_blocks=worker.pool.num_free)
+    return InspectReply(problem=f"unknown inspect {msg.what!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

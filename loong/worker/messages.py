@@ -1,7 +1,9 @@
 """Control messages between the manager side (executor) and instance processes.
 
-Plain picklable data; no torch objects in requests (results may carry tensors only in
-`logits`, for tests). The data plane (KV, queries, partials) never goes through here.
+Plain data; no torch objects in requests (results and inspection replies may carry
+tensors, for tests). On the wire each message is one `loong.control.v1.ControlMessage`
+(proto/loong/control/v1/control.proto; `control_codec.py` converts): the field names here
+and there are the same. The data plane (KV, queries, partials) never goes through here.
 Must not import: torch, model or engine code.
 """
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from loong.config import EngineConfig
 from loong.sampling_params import SamplingParams
 from loong.sched.cluster_plan import ClusterStepPlan, InstanceCounters
 
@@ -22,11 +23,31 @@ class Hello:
 
 
 @dataclass(frozen=True)
+class InstanceSpec:
+    """The engine options an instance builds its model and KV pool from."""
+
+    model: str | None = None          # None: the embedded default model
+    dtype: str = "auto"
+    device: str = "auto"
+    block_size: int = 16
+    kv_capacity_tokens: int | None = None
+    kv_memory_bytes: int | None = None
+    max_model_len: int | None = None
+    seed: int = 0
+    instances: int = 1                # the cluster's size (the default KV share)
+
+    @classmethod
+    def from_config(cls, config) -> "InstanceSpec":
+        """The spec for an EngineConfig (every field here has its namesake there)."""
+        return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
 class Setup:
     """What an instance needs to build itself. `init_method`: torch.distributed rendezvous
     ('tcp://host:port', or 'env://' under torchrun)."""
 
-    config: EngineConfig
+    spec: InstanceSpec
     init_method: str
     num_threads: int
     data_plane_timeout_s: float
@@ -98,7 +119,19 @@ HEARTBEAT_S = 0.5
 
 @dataclass(frozen=True)
 class Inspect:
-    """Test and debug hook: ask for a shard's raw KV bytes (`what='kv'`) or integrity."""
+    """Test and debug hook: a shard's raw KV (`what='kv'`), the pool's integrity
+    ('integrity') or the shard summary ('shards')."""
 
     what: str
     request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class InspectReply:
+    """The answer to Inspect: `kv` (a tensor), `problem` (integrity failed or an unknown
+    `what`; None when it passed), or `shards` (request -> tokens) with `free_blocks`."""
+
+    kv: Any = None
+    problem: str | None = None
+    shards: dict[str, int] | None = None
+    free_blocks: int = 0
