@@ -127,6 +127,9 @@ def write_trace(report: dict, path: str) -> int:
 
 def sim_policy(a: argparse.Namespace, n: int) -> tuple[str, dict]:
     """The simulator policy (and its knobs) standing for what `loong serve` runs on n."""
+    if n > 1 and a.policy in ("chunked-prefill", "pd-disagg"):
+        # `loong serve` runs the baselines over one-instance replicas with its token budget.
+        return a.policy, dict(replica_size=1, token_budget=a.max_num_batched_tokens)
     if n > 1 or a.one_instance_sim_policy == "elastic":
         return (a.policy if n > 1 else "elastic"), {}
     return a.one_instance_sim_policy, dict(replica_size=1, token_budget=a.max_num_batched_tokens)

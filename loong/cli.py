@@ -229,10 +229,15 @@ def _generate(args, llm, prompts, params, load_s: float) -> int:
 
 def _describe_cluster(stats: dict) -> str:
     p = stats["policy"]
-    lines = [f"cluster: {p['prefill_steps']} prefill steps (group sizes {p['group_sizes']}), "
-             f"{p['decode_steps']} decode steps (masters per step {p['masters']}), "
-             f"{p['scale_ups']} scale-ups, {p['migrations']} migrations, "
-             f"{p['preemptions']} preemptions"]
+    if "iterations" in p:             # the replica baselines (chunked-prefill, pd-disagg)
+        lines = [f"cluster: {p['iterations']} replica iterations ({p['prefill_only']} prefill "
+                 f"only, {p['mixed']} mixed, {p['decode_only']} decode only), "
+                 f"{p['transfers']} PD transfers, {p['preemptions']} preemptions"]
+    else:
+        lines = [f"cluster: {p['prefill_steps']} prefill steps (group sizes {p['group_sizes']}), "
+                 f"{p['decode_steps']} decode steps (masters per step {p['masters']}), "
+                 f"{p['scale_ups']} scale-ups, {p['migrations']} migrations, "
+                 f"{p['preemptions']} preemptions"]
     for r, c in sorted(stats["instances"].items()):
         lines.append(f"  instance {r}: sent {c['bytes_sent'] / 2**20:.1f} MiB, received "
                      f"{c['bytes_recv'] / 2**20:.1f} MiB, {c['ring_steps']} ring steps, "

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from loong.errors import InvalidRequestError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+CLUSTER_POLICIES = (None, "elastic", "simple", "chunked-prefill", "pd-disagg")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class EngineConfig:
     data_plane_timeout_s: float = 120.0
     # Cluster policy: "elastic" (LoongServe's scheduling) or "simple" (SimpleESPPolicy,
     # whose knobs follow). None: elastic, unless a SimpleESPPolicy knob below is set.
+    # The baselines, over replicas of one instance each: "chunked-prefill" (LightLLM
+    # SplitFuse per instance, chunks of max_num_batched_tokens) and "pd-disagg" (half the
+    # instances prefill whole prompts, the rest decode; needs instances >= 2).
     policy: str | None = None
     # The elastic policy's cost model: a preset name or a CostModel JSON path. None: the
     # profiled CPU preset where it exists, else the A800 one (only ratios matter to it).
@@ -71,8 +75,12 @@ class EngineConfig:
             raise InvalidRequestError("instances", f"must be a positive int, got {self.instances!r}")
         if not (isinstance(self.data_plane_timeout_s, (int, float)) and self.data_plane_timeout_s > 0):
             raise InvalidRequestError("data_plane_timeout_s", f"must be > 0, got {self.data_plane_timeout_s!r}")
-        if self.policy not in (None, "elastic", "simple"):
-            raise InvalidRequestError("policy", f"{self.policy!r} is not 'elastic' or 'simple'")
+        if self.policy not in CLUSTER_POLICIES:
+            raise InvalidRequestError("policy", f"{self.policy!r} is not one of "
+                                      f"{[p for p in CLUSTER_POLICIES if p]} (or None)")
+        if self.policy == "pd-disagg" and self.instances < 2 and not self.cluster_address:
+            raise InvalidRequestError("policy", "pd-disagg needs at least 2 instances (a "
+                                      f"prefill and a decode one), got instances={self.instances}")
         for name in ("prefill_group_size", "decode_masters", "instance_threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

@@ -1,6 +1,7 @@
 """ClusterEngine: the engine front end over N instance processes (the ESP data plane).
 
-Owns: wiring a cluster policy (`ElasticPolicy` by default, `SimpleESPPolicy` on request) to a
+Owns: wiring a cluster policy (`ElasticPolicy` by default, `SimpleESPPolicy` on request, or
+the chunked-prefill / pd-disagg baselines over one-instance replicas) to a
 `ClusterExecutor`, per-request state the executor syncs to samplers, cluster statistics
 (steps, group sizes, masters, scale-ups, migrations, per-instance bytes and time), and
 shutting the processes down. Request handling (validation, detokenizing, stops) is
@@ -20,10 +21,13 @@ from loong.sampling_params import SamplingParams
 from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult, InstanceCounters
 from loong.sched.cost_model import load_cost_model, preset_names
 from loong.sched.policies.elastic import ElasticPolicy
+from loong.sched.policies.pd_disagg import PDDisaggPolicy
+from loong.sched.policies.replica_batching import ReplicaConfig, ReplicaPolicy
 from loong.sched.policies.simple_esp import ESPPolicyConfig, SimpleESPPolicy
 from loong.serve.cluster_executor import ClusterExecutor, InstanceLost
 
 CLUSTER_KEY_ENV = "LOONG_CLUSTER_KEY"
+REPLICA_POLICIES = ("chunked-prefill", "pd-disagg")   # baselines: one request, one instance
 log = logging.getLogger("loong.engine")
 
 
@@ -72,6 +76,8 @@ class ClusterEngine(LLMEngine):
             max_prefill_tokens=cfg.max_num_batched_tokens * n,
             max_num_seqs=cfg.max_num_seqs, prefill_group_size=clamp(cfg.prefill_group_size),
             decode_masters=clamp(cfg.decode_masters), rotate_masters=cfg.rotate_masters)
+        if self.policy_kind in REPLICA_POLICIES:
+            return self._make_replica_policy(n)
         if self.policy_kind != "elastic":
             return SimpleESPPolicy(pcfg)
         name = cfg.cost_model or ("cpu-smollm2-135m" if "cpu-smollm2-135m" in preset_names()
@@ -81,6 +87,26 @@ class ClusterEngine(LLMEngine):
         except ValueError as e:
             raise InvalidRequestError("cost_model", str(e)) from None
         return ElasticPolicy(pcfg, cost)
+
+    def _make_replica_policy(self, n: int):
+        """The baselines over replicas of one instance (data parallelism; instances have no
+        tensor parallelism). chunked-prefill: LightLLM SplitFuse as the simulator runs it
+        (every decode each iteration, prompt chunks of at most max_num_batched_tokens, and
+        at most that many prompt tokens per iteration); pd-disagg: n // 2 prefill instances
+        running whole prompts (up to max_num_batched_tokens a batch, a longer one alone),
+        the rest decoding."""
+        cfg, kind = self.config, self.policy_kind
+        if kind == "pd-disagg" and n < 2:
+            log.warning("pd-disagg needs a prefill and a decode instance; %d left: going on "
+                        "with chunked-prefill", n)
+            kind = "chunked-prefill"
+        budget = cfg.max_num_batched_tokens
+        rc = ReplicaConfig(n, self.executor.blocks_per_instance, cfg.block_size, replica_size=1,
+                           token_budget=budget, max_num_seqs=cfg.max_num_seqs,
+                           max_prefill_tokens=budget, chunk_per_request=kind == "chunked-prefill")
+        if kind == "pd-disagg":
+            return PDDisaggPolicy(rc, prefill_instances=max(1, n // 2))
+        return ReplicaPolicy(rc)
 
     def _recover(self, lost: InstanceLost) -> list[str]:
         """Go on without lost instances: reset the survivors (all KV dropped), a new policy
@@ -141,10 +167,11 @@ class ClusterEngine(LLMEngine):
         if self.want_logits:
             plan = dataclasses.replace(plan, want_logits=True)
         if plan.is_empty:
-            if self.policy.waiting and not self.policy.running:
+            head = self.policy.waiting_head()
+            if head is not None and not self.policy.num_running:
                 raise RuntimeError(
-                    f"the cluster policy cannot place request {self.policy.waiting[0].rid!r} "
-                    f"({len(self.policy.waiting[0].tokens)} tokens) on its prefill group; use "
+                    f"the cluster policy cannot place request {head.rid!r} "
+                    f"({len(head.tokens)} tokens) on its prefill group; use "
                     f"a larger prefill_group_size or kv_capacity_tokens")
             return None
         scheduled = [it.request_id for g in plan.groups() for it in g.items]
@@ -154,7 +181,8 @@ class ClusterEngine(LLMEngine):
         except InstanceLost as e:
             return StepOutcome([], [], {}, {}, aborted=self._recover(e))
         try:
-            self.policy.update(result)
+            # Every scheduled request's chunk is done (a prompt chunk samples nothing).
+            self.policy.update(result, done=scheduled)
         except Exception as e:     # the policy's view and the instances' diverged
             self.executor.broken = f"policy and instances disagree: {e}"
             raise
@@ -171,6 +199,11 @@ class ClusterEngine(LLMEngine):
         s["steps"] += 1
         s["prefill_tokens"] += sum(len(it.token_ids) for g in plan.prefills for it in g.items)
         s["decode_tokens"] += sum(len(g.items) for g in plan.decodes)
+        for g in plan.batches:          # replica iterations: decode rows vs prompt chunks
+            for it in g.items:
+                n = len(it.token_ids)
+                decode = n == 1 and it.start > 0 and it.sample
+                s["decode_tokens" if decode else "prefill_tokens"] += n
         s["max_blocks_used"] = max(s["max_blocks_used"], sum(self.policy.used))
         live = self.executor.live
         for v, c in result.counters.items():
@@ -186,7 +219,7 @@ class ClusterEngine(LLMEngine):
     def housekeeping(self) -> None:
         """When nothing runs or waits, carry out pending releases and migrations (the KV of
         finished or aborted requests is freed on the instances)."""
-        if not self.policy.waiting and not self.policy.running:
+        if not self.policy.num_waiting and not self.policy.num_running:
             try:
                 self.executor.poll_health()
             except InstanceLost as e:

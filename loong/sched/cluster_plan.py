@@ -93,8 +93,9 @@ class ChunkItem:
 @dataclass(frozen=True)
 class BatchGroupPlan:
     """One continuous-batching iteration of a replica: `members` act as one tensor-parallel
-    unit (the chunked-prefill and PD-disaggregation baselines). Simulated; the real
-    executor does not run these groups yet."""
+    unit (the chunked-prefill and PD-disaggregation baselines). The real executor runs
+    replicas of one instance (`loong/worker/replica_step.py`) and rejects larger ones
+    (instances have no tensor parallelism); the simulator runs any size."""
 
     members: tuple[int, ...]
     items: tuple[ChunkItem, ...]

@@ -185,9 +185,11 @@ class ClusterExecutor:
         if self.broken:
             raise ClusterError(f"the cluster is down ({self.broken}); start a new one")
         check_plan(plan, len(self.live))
-        if plan.batches:
-            raise ValueError("plan: replica batch groups (the chunked-prefill and pd-disagg "
-                             "baselines) run in the simulator only; use an ESP policy here")
+        for g in plan.batches:
+            if len(g.members) != 1:
+                raise ValueError(f"plan: replica batch group {g.members} has {len(g.members)} "
+                                 f"members; instances run replicas of one instance only (a "
+                                 f"larger replica needs tensor parallelism): use replica_size=1")
         virtual = {r: v for v, r in enumerate(self.live)}
         if len(self.live) != len(self.instances):
             plan = remap_plan(plan, self.live)
@@ -257,6 +259,8 @@ class ClusterExecutor:
                 samplers.append((g.members[(len(it.token_ids) - 1) % n], it.request_id))
         for g in plan.decodes:
             samplers.extend((it.master, it.request_id) for it in g.items)
+        for g in plan.batches:          # one-instance replicas (checked in execute)
+            samplers.extend((g.members[0], it.request_id) for it in g.items if it.sample)
         out: dict[int, list[RequestSync]] = {}
         for r, rid in samplers:
             req = requests[rid]

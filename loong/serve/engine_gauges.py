@@ -41,7 +41,9 @@ def snapshot(engine) -> EngineSnapshot:
         for st in history:
             for k, v in st.get("group_sizes", {}).items():
                 sizes[k] = sizes.get(k, 0) + v
-        return EngineSnapshot(len(pol.running), len(pol.waiting),
+        # Stats keys differ by policy (the replica baselines have no group sizes or
+        # migrations, only PD transfers): missing ones count 0.
+        return EngineSnapshot(pol.num_running, pol.num_waiting,
                               sum(st.get("preemptions", 0) for st in history), gauges, sizes,
                               sum(st.get("migrations", 0) for st in history), steps)
     sch, pool = engine.scheduler, engine.block_pool

@@ -26,7 +26,10 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
     p.add_argument("--policy", default="elastic", choices=POLICIES,
-                   help="cluster policy (chunked-prefill: one instance's vLLM-style batching)")
+                   help="cluster policy: elastic (ESP, default), static-sp (every prefill "
+                        "on all instances), or the baselines over one-instance replicas: "
+                        "chunked-prefill (SplitFuse on each instance) and pd-disagg (half "
+                        "the instances prefill, the rest decode; needs --instances >= 2)")
     p.add_argument("--api-key", default=None,
                    help="require 'authorization: Bearer KEY' on every RPC (default: env "
                         "LOONG_API_KEY if set)")
@@ -62,14 +65,13 @@ def engine_config(args) -> EngineConfig:
               cluster_address=args.cluster_address, recover_lost_instances=True)
     if args.policy == "static-sp":
         kw.update(policy="simple", prefill_group_size=n)
-    elif args.policy in ("chunked-prefill", "pd-disagg") and n > 1:
-        raise InvalidRequestError("policy", f"{args.policy} with --instances {n} needs the "
-                                  f"replica executor, which the real cluster does not have yet "
-                                  f"(the simulator runs it: loong sim --policy {args.policy}); "
-                                  f"use --instances 1 or --policy elastic / static-sp")
-    elif args.policy == "pd-disagg":
-        raise InvalidRequestError("policy", "pd-disagg needs at least 2 instances (a prefill "
-                                  "and a decode one)")
+    elif args.policy == "pd-disagg" and n < 2:
+        raise InvalidRequestError("policy", f"pd-disagg needs --instances >= 2 (a prefill "
+                                  f"and a decode one), got {n}")
+    elif args.policy in ("chunked-prefill", "pd-disagg"):
+        # Replicas of one instance each (no tensor parallelism); with one instance,
+        # chunked-prefill is the in-process engine's own batching.
+        kw["policy"] = args.policy
     elif args.policy == "elastic" and n > 1:
         kw["policy"] = None if (args.decode_masters or args.prefill_group_size) else "elastic"
     return EngineConfig(**kw)

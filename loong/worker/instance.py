@@ -1,8 +1,9 @@
 """InstanceWorker: one instance's side of a cluster step (model replica, KV pool, shards).
 
 Owns: executing an `InstanceStep` in the contract's order (sampling-state syncs, releases,
-migrations, then the one group this instance is in: striped ring prefill or multi-master
-decode), sampling the rows it owns, and reporting shards, free blocks and counters.
+migrations, then the one group this instance is in: striped ring prefill, multi-master
+decode, or a one-instance replica's batch (`replica_step.py`)), sampling the rows it owns,
+and reporting shards, free blocks and counters.
 It never decides anything: the plan says which group, which ranges to keep, who masters.
 Must not import: the scheduler policies, the engine, or the serving processes.
 """
@@ -23,6 +24,7 @@ from loong.sched.cluster_plan import DecodeGroupPlan, InstanceCounters, PrefillG
 from loong.worker.comm import Comm
 from loong.worker.messages import InstanceResult, InstanceStep
 from loong.worker.model_runner import RunnerRequest, sample_requests
+from loong.worker.replica_step import run_replica_batch
 from loong.worker.sampler import Sampler
 
 
@@ -77,6 +79,9 @@ class InstanceWorker:
         for g in plan.decodes:
             if self.rank in g.members:
                 self._decode(g, res, plan.want_logits)
+        for g in plan.batches:
+            if self.rank in g.members:
+                run_replica_batch(self, g, res, plan.want_logits)
         res.shard_tokens = self.shards.summary()
         res.free_blocks = self.pool.num_free
         counters.compute_s = max(0.0, time.perf_counter() - t0 - counters.comm_wait_s)

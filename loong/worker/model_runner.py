@@ -14,7 +14,7 @@ from loong.attention.paged_context import PagedAttention, PrefillSegment, StepAt
 from loong.kv.cache_pool import KVCachePool, slots_for
 from loong.model.llama import LlamaModel
 from loong.sampling_params import SamplingParams
-from loong.sched.plan import StepPlan, StepResult
+from loong.sched.plan import ScheduledChunk, StepPlan, StepResult
 from loong.worker.sampler import Sampler, SamplingBatch
 
 
@@ -48,47 +48,7 @@ class ModelRunner:
     # ----- one step ------------------------------------------------------------------
     def _prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, StepAttentionMetadata,
                                                 list[int], list[tuple[int, int, int]]]:
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        sample_rows: list[int] = []
-        dyn_ranges: list[tuple[int, int, int]] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefills: list[PrefillSegment] = []
-        for chunk in plan.chunks:
-            row0 = len(ids)
-            n = chunk.num_tokens
-            end = chunk.start + n
-            ids.extend(chunk.token_ids)
-            positions.extend(range(chunk.start, end))
-            table = chunk.block_ids
-            slots.extend(slots_for(table, chunk.start, end, bs))
-            dyn_ranges.append((row0, row0 + n, end))
-            if chunk.sample:
-                sample_rows.append(row0 + n - 1)
-            if chunk.is_decode and not prefills:
-                decode_tables.append(table)
-                decode_lens.append(end)
-            else:
-                prefills.append(PrefillSegment(row0, row0 + n, chunk.start,
-                                               torch.tensor(table, dtype=torch.int32)))
-        dev = self.device
-        nd = len(decode_lens)
-        tables = lens = None
-        if nd:
-            width = max(len(t) for t in decode_tables)
-            tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables],
-                                  dtype=torch.int32, device=dev)
-            lens = torch.tensor(decode_lens, dtype=torch.int32, device=dev)
-        if dev.type != "cpu":
-            for seg in prefills:
-                seg.block_table = seg.block_table.to(dev)
-        meta = StepAttentionMetadata(torch.tensor(slots, dtype=torch.int64, device=dev), nd,
-                                     tables, lens, prefills)
-        return (torch.tensor(ids, dtype=torch.int64, device=dev),
-                torch.tensor(positions, dtype=torch.int64, device=dev), meta, sample_rows, dyn_ranges)
+        return prepare_chunks(plan.chunks, self.block_size, self.device)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -129,3 +89,51 @@ def sample_requests(sampler: Sampler, logits: torch.Tensor, reqs: list[RunnerReq
             lp = (out.logprobs[i], out.top_logprobs[i])
         results.append((tok, lp))
     return results
+
+
+def prepare_chunks(chunks: list[ScheduledChunk], block_size: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, StepAttentionMetadata, list[int],
+                              list[tuple[int, int, int]]]:
+    """One step's chunks (decodes first, then prefill chunks) as the flat token batch:
+    (token ids, positions, attention metadata, rows to sample, rope ranges). Shared by
+    `ModelRunner` and an instance's replica step (`loong.worker.replica_step`)."""
+    bs, dev = block_size, device
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    sample_rows: list[int] = []
+    dyn_ranges: list[tuple[int, int, int]] = []
+    decode_tables: list[list[int]] = []
+    decode_lens: list[int] = []
+    prefills: list[PrefillSegment] = []
+    for chunk in chunks:
+        row0 = len(ids)
+        n = chunk.num_tokens
+        end = chunk.start + n
+        ids.extend(chunk.token_ids)
+        positions.extend(range(chunk.start, end))
+        table = chunk.block_ids
+        slots.extend(slots_for(table, chunk.start, end, bs))
+        dyn_ranges.append((row0, row0 + n, end))
+        if chunk.sample:
+            sample_rows.append(row0 + n - 1)
+        if chunk.is_decode and not prefills:
+            decode_tables.append(table)
+            decode_lens.append(end)
+        else:
+            prefills.append(PrefillSegment(row0, row0 + n, chunk.start,
+                                           torch.tensor(table, dtype=torch.int32)))
+    nd = len(decode_lens)
+    tables = lens = None
+    if nd:
+        width = max(len(t) for t in decode_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables],
+                              dtype=torch.int32, device=dev)
+        lens = torch.tensor(decode_lens, dtype=torch.int32, device=dev)
+    if dev.type != "cpu":
+        for seg in prefills:
+            seg.block_table = seg.block_table.to(dev)
+    meta = StepAttentionMetadata(torch.tensor(slots, dtype=torch.int64, device=dev), nd,
+                                 tables, lens, prefills)
+    return (torch.tensor(ids, dtype=torch.int64, device=dev),
+            torch.tensor(positions, dtype=torch.int64, device=dev), meta, sample_rows, dyn_ranges)

@@ -22,3 +22,16 @@ def test_identity_and_survivors():
     assert moved.decodes[0].members == (3,) and d.master == 3 and d.shards == ((3, 10),)
     assert (moved.migrations[0].src, moved.migrations[0].dst) == (3, 2)
     assert (moved.step, moved.releases, moved.preempted) == (3, ("c",), ("d",))
+
+
+def test_replica_batches_are_remapped():
+    from loong.sched.cluster_plan import BatchGroupPlan, ChunkItem
+    item = ChunkItem("e", (1, 2, 3), 4, True, (KeepRange(1, 4, 7),))
+    plan = ClusterStepPlan(5, batches=(BatchGroupPlan((1,), (item,)),),
+                           migrations=(MigrationPlan("f", 0, 1, 8),))
+    moved = remap_plan(plan, [0, 3])             # ranks 1 and 2 were lost
+    check_plan(moved, 4)
+    (g,) = moved.batches
+    assert g.members == (3,) and g.items[0].keep == (KeepRange(3, 4, 7),)
+    assert (g.items[0].token_ids, g.items[0].start, g.items[0].sample) == ((1, 2, 3), 4, True)
+    assert (moved.migrations[0].src, moved.migrations[0].dst) == (0, 3)

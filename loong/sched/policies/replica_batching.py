@@ -141,6 +141,32 @@ class ReplicaPolicy:
         self.waiting[r.replica].remove(r)
         self._queued_blocks[r.replica] -= _blocks(len(r.tokens), self.cfg.block_size)
 
+    # The engine's view of the queues (the same on every cluster policy).
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return sum(len(rs) for rs in self.running)
+
+    def waiting_head(self) -> _Req | None:
+        """The request first in line over all replicas' queues, or None."""
+        heads = [q[0] for q in self.waiting if q]
+        return min(heads, key=lambda r: r.qkey) if heads else None
+
+    def placement(self, rid: str) -> dict[int, int]:
+        return dict(self.reqs[rid].placement)
+
+    def request_migration(self, rid: str, src: int, dst: int, num_tokens: int) -> None:
+        raise ValueError("request_migration: replica policies keep each request on its "
+                         "replica (PD transfers are planned by the policy itself)")
+
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt a replica may admit: the whole request must fit one replica
+        (PD: a prefill replica, then a decode replica)."""
+        return self.max_request_tokens()
+
     def max_request_tokens(self) -> int:
         """The most KV one request may need: what the smallest replica it may run on admits
         (its blocks less the watermark, less one block of slack per member)."""

@@ -124,6 +124,19 @@ class SimpleESPPolicy:
     def placement(self, rid: str) -> dict[int, int]:
         return dict(self.running[rid].placement)
 
+    # The engine's view of the queues (the same on every cluster policy).
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def waiting_head(self) -> _Req | None:
+        """The request first in line (it has `rid` and `tokens`), or None."""
+        return self.waiting[0] if self.waiting else None
+
     def max_request_tokens(self) -> int:
         """The most KV one request may need (prompt + output): all instances, each shard
         wasting under one block."""
