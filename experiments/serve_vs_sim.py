@@ -152,7 +152,8 @@ def run_one(a: argparse.Namespace, n: int, kv: int) -> dict:
     finally:
         srv.stop()
     load1 = loadavg()
-    trace = os.path.join(os.path.dirname(os.path.abspath(a.json)), f"serve_vs_sim_trace_{n}.jsonl")
+    stem = os.path.splitext(os.path.abspath(a.json))[0]      # traces beside their report
+    trace = f"{stem}_trace_{n}.jsonl"
     count = write_trace(report, trace)
     if not count:
         raise RuntimeError(f"{n} instance(s): no request finished; errors {report['errors']}")
