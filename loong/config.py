@@ -63,6 +63,10 @@ class EngineConfig:
     # requests and the survivors' are prefilled again) instead of raising ClusterError.
     # `loong serve` sets it; the offline API raises.
     recover_lost_instances: bool = False
+    # Clusters: run groups asynchronously, as the simulator does: a group starts on idle
+    # instances while others still run theirs, and each group's tokens come back when it
+    # ends (False: lockstep, every group of a plan ends before the next plan).
+    overlap_groups: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

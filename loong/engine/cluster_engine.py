@@ -163,38 +163,69 @@ class ClusterEngine(LLMEngine):
         self._creqs.pop(rid, None)
 
     def _backend_step(self) -> StepOutcome | None:
-        plan = self.policy.schedule()
-        if self.want_logits:
-            plan = dataclasses.replace(plan, want_logits=True)
-        if plan.is_empty:
-            head = self.policy.waiting_head()
-            if head is not None and not self.policy.num_running:
-                raise RuntimeError(
-                    f"the cluster policy cannot place request {head.rid!r} "
-                    f"({len(head.tokens)} tokens) on its prefill group; use "
-                    f"a larger prefill_group_size or kv_capacity_tokens")
-            return None
-        scheduled = [it.request_id for g in plan.groups() for it in g.items]
-        self._mark_scheduled(scheduled)
+        """Start what the policy plans on the idle instances, then wait for a group to end
+        (with `overlap_groups`; otherwise run one plan in lockstep)."""
+        ex = self.executor
+        overlap = self.config.overlap_groups
+        scheduled: list[str] = []
+        preempted: list[str] = []
         try:
-            result = self.executor.execute(plan, self._creqs)
+            for _ in range(len(ex.live) + 2):    # each plan takes instances; few fit
+                plan = self.policy.schedule(busy=ex.busy()) if overlap else self.policy.schedule()
+                if plan.is_empty:
+                    break
+                if self.want_logits:
+                    plan = dataclasses.replace(plan, want_logits=True)
+                rids = [it.request_id for g in plan.groups() for it in g.items]
+                self._mark_scheduled(rids)
+                scheduled += rids
+                preempted += plan.preempted
+                self.last_plan = plan
+                self._account_plan(plan)
+                if not overlap:
+                    result = ex.execute(plan, self._creqs)
+                    return self._apply_results([(result, rids)], scheduled, preempted)
+                ex.submit(plan, self._creqs)
+            if not ex.groups_running:
+                head = self.policy.waiting_head()
+                if head is not None and not self.policy.num_running:
+                    raise RuntimeError(
+                        f"the cluster policy cannot place request {head.rid!r} "
+                        f"({len(head.tokens)} tokens) on its prefill group; use "
+                        f"a larger prefill_group_size or kv_capacity_tokens")
+                if not scheduled:
+                    return None
+            ended = ex.wait_groups()
         except InstanceLost as e:
             return StepOutcome([], [], {}, {}, aborted=self._recover(e))
-        try:
-            # Every scheduled request's chunk is done (a prompt chunk samples nothing).
-            self.policy.update(result, done=scheduled)
-        except Exception as e:     # the policy's view and the instances' diverged
-            self.executor.broken = f"policy and instances disagree: {e}"
-            raise
-        for rid, tok in result.sampled.items():
-            self._creqs[rid].output_token_ids.append(tok)
-        self._account_cluster(plan, result)
-        for rid, row in result.logits.items():
-            self.logits.setdefault(rid, row)      # the prefill's (first sampled) row
-        self.last_plan, self.last_result = plan, result
-        return StepOutcome(scheduled, list(plan.preempted), result.sampled, result.logprobs)
+        return self._apply_results(ended, scheduled, preempted)
 
-    def _account_cluster(self, plan: ClusterStepPlan, result: ClusterStepResult) -> None:
+    def _apply_results(self, ended: list[tuple[ClusterStepResult, list[str]]],
+                       scheduled: list[str], preempted: list[str]) -> StepOutcome:
+        sampled: dict[str, int] = {}
+        logprobs: dict = {}
+        for result, done in ended:
+            try:
+                # Every request of the group is done (a prompt chunk samples nothing).
+                self.policy.update(result, done=done)
+            except Exception as e:     # the policy's view and the instances' diverged
+                self.executor.broken = f"policy and instances disagree: {e}"
+                raise
+            for rid, tok in result.sampled.items():
+                req = self._creqs.get(rid)
+                if req is None:        # finished or aborted while its group ran
+                    continue
+                req.output_token_ids.append(tok)
+                sampled[rid] = tok
+                if rid in result.logprobs:
+                    logprobs[rid] = result.logprobs[rid]
+            self._account_result(result)
+            for rid, row in result.logits.items():
+                self.logits.setdefault(rid, row)      # the prefill's (first sampled) row
+            self.last_result = result
+        return StepOutcome(scheduled, preempted, sampled, logprobs)
+
+    def _account_plan(self, plan: ClusterStepPlan) -> None:
         s = self.stats
         s["steps"] += 1
         s["prefill_tokens"] += sum(len(it.token_ids) for g in plan.prefills for it in g.items)
@@ -205,6 +236,8 @@ class ClusterEngine(LLMEngine):
                 decode = n == 1 and it.start > 0 and it.sample
                 s["decode_tokens" if decode else "prefill_tokens"] += n
         s["max_blocks_used"] = max(s["max_blocks_used"], sum(self.policy.used))
+
+    def _account_result(self, result: ClusterStepResult) -> None:
         live = self.executor.live
         for v, c in result.counters.items():
             self.counters[live[v]].add(c)

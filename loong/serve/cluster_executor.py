@@ -1,22 +1,21 @@
 """ClusterExecutor: the manager side of N instance processes.
 
-Owns: starting a local cluster (N spawned processes, weights handed over in shared memory)
-or accepting instances started by torchrun; the control connections (protobuf frames of
+Owns (starting lives in cluster_start.py): the control connections (protobuf frames of
 proto/loong/control/v1/control.proto, through `ControlConnection`); turning one
 `ClusterStepPlan` into per-instance `InstanceStep`s (with the sampling state each sampling
-instance lacks), collecting the results into one `ClusterStepResult`; noticing dead
-instances and failed steps (`ClusterError`, never a hang); shutdown.
-Groups on disjoint instances run concurrently: every message goes out before any result
-is awaited. Instances send heartbeats; with `recover` set, an instance that dies or goes
-silent is taken out (`InstanceLost`) and the survivors are reset, else the cluster stops. The policy never sees this module; it only sees plans and results.
+instance lacks), filing the instances' answers under the plans they answer and handing
+each group's `ClusterStepResult` back when the group ends; noticing dead instances and
+failed steps (`ClusterError`, never a hang); shutdown.
+Groups run asynchronously: `submit` sends a plan and returns, `wait_groups` hands back
+ended groups, `busy()` names the instances still in one; `execute` runs one plan in
+lockstep. Each instance answers its messages in order (the invariant the filing relies
+on). Instances send heartbeats; with `recover` set, an instance that dies or goes silent
+is taken out (`InstanceLost`) and the survivors are reset, else the cluster stops. The
+policy never sees this module; it only sees plans and results.
 """
 from __future__ import annotations
 
-import os
-import queue
-import secrets
 import socket
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,10 +26,9 @@ from typing import Mapping, Protocol, Sequence
 from loong.config import EngineConfig
 from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult, check_plan, remap_plan
 from loong.worker.control_codec import ControlConnection
-from loong.worker.messages import (Heartbeat, Hello, Inspect, InstanceResult, InstanceSpec,
-                                   InstanceStep, Ready, RequestSync, Reset, Setup, Shutdown)
+from loong.worker.messages import (Heartbeat, Inspect, InstanceResult, InstanceStep, Ready,
+                                   RequestSync, Reset, Shutdown)
 
-STARTUP_TIMEOUT_S = 300.0
 HEARTBEAT_TIMEOUT_S = 3.0      # six missed heartbeats (messages.HEARTBEAT_S = 0.5)
 
 
@@ -60,14 +58,22 @@ class _Instance:
     process: object | None     # multiprocessing.Process for local instances
     ready: Ready | None = None
     inbox: deque = field(default_factory=deque)       # messages read, not yet consumed
+    # Keys of the submitted plans (or resets) this instance still owes an answer, oldest
+    # first: an instance answers its messages in order.
+    expect: deque = field(default_factory=deque)
     last_seen: float = field(default_factory=time.monotonic)
     gone: str | None = None    # why it is out (connection closed, lost)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@dataclass
+class _Submitted:
+    """A plan (None: a reset) sent to its instances, until every one of them answered.
+    `open_groups`: its groups not handed back yet (world ranks)."""
+
+    plan: ClusterStepPlan | None
+    waiting: set[int]
+    results: dict[int, InstanceResult] = field(default_factory=dict)
+    open_groups: list = field(default_factory=list)
 
 
 class ClusterExecutor:
@@ -82,7 +88,9 @@ class ClusterExecutor:
         self.recover = False
         self.heartbeat_timeout_s = HEARTBEAT_TIMEOUT_S
         self.data_plane_timeout_s = 120.0
-        self._owed: set[int] = set()      # ranks whose step result is outstanding
+        self._submitted: dict[int, _Submitted] = {}     # by submission key, in order
+        self._next_key = 0
+        self._error: tuple[float, str] | None = None    # (deadline, why) of a failed step
         # rank -> request_id -> output tokens that instance has seen (for RequestSync)
         self._known: dict[int, dict[str, int]] = {i.rank: {} for i in self.instances}
 
@@ -94,91 +102,25 @@ class ClusterExecutor:
     def blocks_per_instance(self) -> int:
         return min(i.ready.num_blocks for i in self.instances)
 
-    # ----- starting ------------------------------------------------------------------
+    # ----- starting (cluster_start.py) ---------------------------------------------------
     @classmethod
     def start_local(cls, config: EngineConfig, model_config, weights) -> "ClusterExecutor":
         """Spawn config.instances processes on this machine (gloo over loopback)."""
-        import torch.multiprocessing as tmp
-
-        from loong.serve.instance_main import run_instance
-
-        n = config.instances
-        key = secrets.token_bytes(16)
-        listener = Listener(("127.0.0.1", 0), authkey=key)
-        ctx = tmp.get_context("spawn")
-        procs = []
-        for r in range(n):
-            p = ctx.Process(target=run_instance, args=(listener.address, key, r, n,
-                                                       (model_config, weights)),
-                            name=f"loong-instance-{r}", daemon=True)
-            p.start()
-            procs.append(p)
-        init = f"tcp://127.0.0.1:{_free_port()}"
-        return cls._handshake(config, listener, n, init, procs)
+        from loong.serve.cluster_start import start_local
+        return start_local(config, model_config, weights)
 
     @classmethod
     def attach(cls, config: EngineConfig, address: str, key: bytes) -> "ClusterExecutor":
         """Wait for config.instances torchrun-started instances to connect to `address`."""
-        host, _, port = address.rpartition(":")
-        listener = Listener((host or "127.0.0.1", int(port)), authkey=key)
-        return cls._handshake(config, listener, config.instances, "env://", None)
-
-    @classmethod
-    def _handshake(cls, config: EngineConfig, listener: Listener, n: int, init: str,
-                   procs) -> "ClusterExecutor":
-        conns: queue.Queue = queue.Queue()
-
-        def accept() -> None:
-            for _ in range(n):
-                try:
-                    conns.put(listener.accept())
-                except Exception as e:   # listener closed or a bad key
-                    conns.put(e)
-                    return
-
-        threading.Thread(target=accept, daemon=True, name="loong-accept").start()
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        instances: dict[int, _Instance] = {}
-        try:
-            while len(instances) < n:
-                _check_procs(procs, "while starting")
-                if time.monotonic() > deadline:
-                    raise ClusterError(f"only {len(instances)} of {n} instances connected within "
-                                       f"{STARTUP_TIMEOUT_S:.0f}s")
-                try:
-                    c = conns.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                if isinstance(c, Exception):
-                    raise ClusterError(f"accepting instances failed: {c}")
-                c = ControlConnection(c)
-                hello = c.recv()
-                if not isinstance(hello, Hello) or hello.world_size != n or hello.rank in instances:
-                    raise ClusterError(f"unexpected hello {hello!r} (expected world size {n})")
-                instances[hello.rank] = _Instance(hello.rank, c, procs[hello.rank] if procs else None)
-            threads = config.instance_threads or max(1, (os.cpu_count() or 1) // n)
-            setup = Setup(InstanceSpec.from_config(config), init, threads,
-                          config.data_plane_timeout_s)
-            for inst in instances.values():
-                inst.conn.send(setup)
-            ex = cls(list(instances.values()), listener)
-            ex.data_plane_timeout_s = config.data_plane_timeout_s
-            for inst in ex.instances:
-                inst.ready = ex._recv(inst, "starting (loading the model)", STARTUP_TIMEOUT_S)
-            return ex
-        except BaseException:
-            for inst in instances.values():
-                inst.conn.close()
-            for p in procs or ():
-                p.kill()
-                p.join(2.0)
-            _close_listener(listener)
-            raise
+        from loong.serve.cluster_start import attach
+        return attach(config, address, key)
 
     # ----- running -------------------------------------------------------------------
-    def execute(self, plan: ClusterStepPlan, requests: Mapping[str, RequestView]) -> ClusterStepResult:
-        """Run one plan on the instances it involves; raises ClusterError on any failure
-        (InstanceLost when an instance died or got stuck and `recover` is set).
+    def submit(self, plan: ClusterStepPlan, requests: Mapping[str, RequestView]) -> None:
+        """Send one plan to the instances it involves and return at once; `wait_groups`
+        hands back each group's result when it ends. Instances run what they are sent in
+        order, so a plan may name instances still running an earlier one (their part
+        waits); policies keep groups off `busy()` instances.
 
         The plan numbers the live instances 0..len(live)-1 (all of them until one is lost);
         results come back in the same numbering."""
@@ -190,7 +132,6 @@ class ClusterExecutor:
                 raise ValueError(f"plan: replica batch group {g.members} has {len(g.members)} "
                                  f"members; instances run replicas of one instance only (a "
                                  f"larger replica needs tensor parallelism): use replica_size=1")
-        virtual = {r: v for v, r in enumerate(self.live)}
         if len(self.live) != len(self.instances):
             plan = remap_plan(plan, self.live)
         involved: set[int] = set()
@@ -204,50 +145,133 @@ class ClusterExecutor:
             for known in self._known.values():
                 known.pop(rid, None)
         syncs = self._syncs(plan, requests)
+        key = self._register(plan, involved)
         for r in sorted(involved):
             self._send(self.instances[r], InstanceStep(plan, tuple(syncs.get(r, ()))))
-            self._owed.add(r)
+            self.instances[r].expect.append(key)
+
+    def _register(self, plan: ClusterStepPlan | None, ranks) -> int:
+        key = self._next_key
+        self._next_key += 1
+        self._submitted[key] = _Submitted(plan, set(ranks),
+                                          open_groups=list(plan.groups()) if plan else [])
+        return key
+
+    def busy(self) -> frozenset[int]:
+        """Instances (plan numbering) in a group that has not ended yet."""
+        virtual = {r: v for v, r in enumerate(self.live)}
+        return frozenset(virtual[m] for s in self._submitted.values() for g in s.open_groups
+                         for m in g.members if m in virtual)
+
+    @property
+    def groups_running(self) -> bool:
+        return any(s.open_groups for s in self._submitted.values())
+
+    def wait_groups(self) -> list[tuple[ClusterStepResult, list[str]]]:
+        """Block until at least one submitted group has ended (at once when none is open);
+        returns (result, request ids) per ended group, oldest plan first. Raises like
+        `execute`."""
+        while True:
+            self._route()
+            out = self._take_ended()
+            if out or not self.groups_running:
+                return out
+            self._wait_messages(0.2)
+            self._check_alive("a step")
+
+    def execute(self, plan: ClusterStepPlan, requests: Mapping[str, RequestView]) -> ClusterStepResult:
+        """Run one plan to its end (lockstep): every instance it involves answers before
+        this returns. Raises ClusterError on any failure (InstanceLost when an instance
+        died or got stuck and `recover` is set)."""
+        self.submit(plan, requests)
+        key = self._next_key - 1
+        sub = self._submitted[key]
+        self._wait_for(key, f"step {plan.step}")
         result = ClusterStepResult(plan.step)
-        for r, res in self._gather(sorted(involved), f"step {plan.step}").items():
+        for g in sub.open_groups:
+            self._merge(result, self._group_result(sub, g))
+        loose = sorted(set(sub.results) - {m for g in sub.open_groups for m in g.members})
+        self._merge(result, self._reports(sub, loose, ClusterStepResult(plan.step)))
+        return result
+
+    def _wait_for(self, key: int, what: str) -> None:
+        """Until every instance answered submission `key` (it is then forgotten)."""
+        sub = self._submitted[key]
+        while True:
+            self._route()
+            if not sub.waiting and self._error is None:
+                del self._submitted[key]
+                return
+            self._wait_messages(0.2)
+            self._check_alive(what)     # raises InstanceLost when a peer is gone
+
+    def _route(self) -> None:
+        """File the instances' answers under the submissions they answer. The first error
+        fails the cluster at once (its peers may be blocked on the failed instance until
+        their timeout); with `recover`, an error first gets a heartbeat period to show a
+        lost peer instead."""
+        for r in self.live:
+            inst = self.instances[r]
+            while inst.inbox and inst.expect and isinstance(inst.inbox[0], InstanceResult):
+                res = inst.inbox.popleft()
+                sub = self._submitted.get(inst.expect.popleft())
+                if sub is None:
+                    continue
+                sub.results[r] = res
+                sub.waiting.discard(r)
+                if res.error and self._error is None:
+                    what = f"step {sub.plan.step}" if sub.plan else "a reset"
+                    self._error = (time.monotonic() + self.heartbeat_timeout_s + 1.0,
+                                   f"{res.error.rstrip()}\n(during {what})")
+        if self._error is not None and (not self.recover or time.monotonic() > self._error[0]):
+            # Members may have applied part of the step: the policy's view no longer
+            # matches the instances', so the cluster cannot go on.
+            self._fail(self._error[1])
+
+    def _take_ended(self) -> list[tuple[ClusterStepResult, list[str]]]:
+        if self._error is not None:      # a loss or the end of the cluster comes first
+            return []
+        out = []
+        for key, sub in list(self._submitted.items()):
+            for g in list(sub.open_groups):
+                if all(m in sub.results for m in g.members):
+                    sub.open_groups.remove(g)
+                    out.append((self._group_result(sub, g), [it.request_id for it in g.items]))
+            if not sub.waiting:
+                del self._submitted[key]
+        return out
+
+    def _group_result(self, sub: _Submitted, g) -> ClusterStepResult:
+        result = ClusterStepResult(sub.plan.step)
+        for r in g.members:
+            res = sub.results[r]
             for rid, tok in res.sampled.items():
                 if rid in result.sampled:
-                    self._fail(f"{rid!r} sampled by two instances in step {plan.step}")
+                    self._fail(f"{rid!r} sampled by two instances in step {sub.plan.step}")
                 result.sampled[rid] = tok
                 self._known[r][rid] = self._known[r].get(rid, 0) + 1
             result.logprobs.update(res.logprobs)
             result.logits.update(res.logits)
-            v = virtual[r]
-            result.shard_tokens[v] = res.shard_tokens
-            result.free_blocks[v] = res.free_blocks
+        return self._reports(sub, g.members, result)
+
+    def _reports(self, sub: _Submitted, ranks, result: ClusterStepResult) -> ClusterStepResult:
+        """Counters of `ranks`, and their shards and free blocks where the report is
+        current (no later message outstanding: a policy mirror is checked against it)."""
+        virtual = {r: v for v, r in enumerate(self.live)}
+        for r in ranks:
+            res, v = sub.results[r], virtual.get(r)
+            if v is None:
+                continue
             result.counters[v] = res.counters
+            if not self.instances[r].expect:
+                result.shard_tokens[v] = res.shard_tokens
+                result.free_blocks[v] = res.free_blocks
         return result
 
-    def _gather(self, ranks: list[int], what: str) -> dict[int, InstanceResult]:
-        """Every rank's result, in whatever order they come. The first error fails the step
-        at once (its peers may be blocked on the failed instance until their timeout); with
-        `recover`, an error first gets a heartbeat period to show a lost peer instead."""
-        pending = set(ranks)
-        out: dict[int, InstanceResult] = {}
-        error: tuple[float, str] | None = None
-        while True:
-            for r in sorted(pending):
-                inbox = self.instances[r].inbox
-                if inbox:
-                    res = inbox.popleft()
-                    pending.discard(r)
-                    self._owed.discard(r)
-                    out[r] = res
-                    if res.error and error is None:
-                        error = (time.monotonic() + self.heartbeat_timeout_s + 1.0,
-                                 f"{res.error.rstrip()}\n(during {what})")
-            if error is not None and (not self.recover or time.monotonic() > error[0]):
-                # Members may have applied part of the step: the policy's view no longer
-                # matches the instances', so the cluster cannot go on.
-                self._fail(error[1])
-            if not pending and error is None:
-                return out
-            self._wait_messages(0.2)
-            self._check_alive(what)     # raises InstanceLost when a peer is gone
+    @staticmethod
+    def _merge(into: ClusterStepResult, part: ClusterStepResult) -> None:
+        for name in ("sampled", "logprobs", "logits", "shard_tokens", "free_blocks", "counters"):
+            getattr(into, name).update(getattr(part, name))
 
     def _syncs(self, plan: ClusterStepPlan, requests: Mapping[str, RequestView]
                ) -> dict[int, list[RequestSync]]:
@@ -363,33 +387,38 @@ class ClusterExecutor:
             inst.gone = inst.gone or "lost"
             if inst.process is not None and inst.process.exitcode is None:
                 inst.process.kill()      # stuck: its peers unblock when its sockets close
-            self._owed.discard(r)
+            inst.expect.clear()
         self.live = [r for r in self.live if r not in ranks]
         if not self.live:
             self._fail(f"{why}; no instance is left")
         raise InstanceLost(ranks, why)
 
     def recover_after_loss(self) -> list[int]:
-        """After InstanceLost: collect the survivors' outstanding step results (whatever
-        they are), reset them (all KV dropped) and return the live ranks. Survivors that do
-        not answer within the data-plane timeout are lost too."""
+        """After InstanceLost: every plan in flight is void (its requests start over). Take
+        the survivors' outstanding answers (whatever they are), reset them (all KV dropped)
+        and return the live ranks. Survivors that do not answer within the data-plane
+        timeout are lost too."""
         while True:
             try:
+                self._submitted.clear()
+                self._error = None
                 deadline = time.monotonic() + self.data_plane_timeout_s + 5.0
-                while self._owed & set(self.live):
-                    for r in list(self._owed):
-                        if self.instances[r].inbox:
-                            self.instances[r].inbox.clear()
-                            self._owed.discard(r)
+                while True:
+                    self._route()            # answers to forgotten plans are dropped
+                    owing = [r for r in self.live if self.instances[r].expect]
+                    if not owing:
+                        break
+                    if time.monotonic() > deadline:
+                        self._lost(owing, "no answer after a peer was lost")
                     self._wait_messages(0.2)
                     self._check_alive("recovery")
-                    if time.monotonic() > deadline:
-                        self._lost(sorted(self._owed & set(self.live)), "no answer after a peer was lost")
                 for r in self.live:
                     self.instances[r].inbox.clear()
+                key = self._register(None, self.live)
+                for r in self.live:
                     self._send(self.instances[r], Reset())
-                    self._owed.add(r)
-                self._gather(list(self.live), "reset after losing an instance")
+                    self.instances[r].expect.append(key)
+                self._wait_for(key, "reset after losing an instance")
                 for known in self._known.values():
                     known.clear()
                 return list(self.live)
@@ -440,10 +469,3 @@ def _close_listener(listener: Listener) -> None:
         except OSError:
             pass
     listener.close()
-
-
-def _check_procs(procs, what: str) -> None:
-    for r, p in enumerate(procs or ()):
-        if p.exitcode is not None:
-            raise ClusterError(f"instance {r} exited with code {p.exitcode} {what}; see its "
-                               f"output above")

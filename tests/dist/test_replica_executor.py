@@ -53,16 +53,16 @@ def _run(llm, kind):
     pol = use(llm, kind)
     plans = []
     eng = llm.engine
-    orig = eng._account_cluster
+    orig = eng._account_plan
 
-    def account(plan, result):
+    def account(plan):
         plans.append(plan)
-        orig(plan, result)
-    eng._account_cluster = account
+        orig(plan)
+    eng._account_plan = account
     try:
         got = [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
     finally:
-        del eng._account_cluster
+        del eng._account_plan
     return pol, plans, got
 
 
