@@ -58,9 +58,10 @@ class _Instance:
     process: object | None     # multiprocessing.Process for local instances
     ready: Ready | None = None
     inbox: deque = field(default_factory=deque)       # messages read, not yet consumed
-    # Keys of the submitted plans (or resets) this instance still owes an answer, oldest
-    # first: an instance answers its messages in order.
+    # (submission key, message number) of what this instance still owes an answer, oldest
+    # first: an instance answers its messages in order. `sent`: messages numbered so far.
     expect: deque = field(default_factory=deque)
+    sent: int = 0
     last_seen: float = field(default_factory=time.monotonic)
     gone: str | None = None    # why it is out (connection closed, lost)
 
@@ -73,6 +74,7 @@ class _Submitted:
     plan: ClusterStepPlan | None
     waiting: set[int]
     results: dict[int, InstanceResult] = field(default_factory=dict)
+    numbers: dict[int, int] = field(default_factory=dict)   # rank -> message number answered
     open_groups: list = field(default_factory=list)
 
 
@@ -147,8 +149,14 @@ class ClusterExecutor:
         syncs = self._syncs(plan, requests)
         key = self._register(plan, involved)
         for r in sorted(involved):
-            self._send(self.instances[r], InstanceStep(plan, tuple(syncs.get(r, ()))))
-            self.instances[r].expect.append(key)
+            self._send_numbered(self.instances[r], InstanceStep(plan, tuple(syncs.get(r, ()))),
+                                key)
+
+    def _send_numbered(self, inst: _Instance, msg, key: int) -> None:
+        """Send a message the instance answers with an InstanceResult, filed under `key`."""
+        self._send(inst, msg)
+        inst.sent += 1
+        inst.expect.append((key, inst.sent))
 
     def _register(self, plan: ClusterStepPlan | None, ranks) -> int:
         key = self._next_key
@@ -214,10 +222,12 @@ class ClusterExecutor:
             inst = self.instances[r]
             while inst.inbox and inst.expect and isinstance(inst.inbox[0], InstanceResult):
                 res = inst.inbox.popleft()
-                sub = self._submitted.get(inst.expect.popleft())
+                key, number = inst.expect.popleft()
+                sub = self._submitted.get(key)
                 if sub is None:
                     continue
                 sub.results[r] = res
+                sub.numbers[r] = number
                 sub.waiting.discard(r)
                 if res.error and self._error is None:
                     what = f"step {sub.plan.step}" if sub.plan else "a reset"
@@ -256,14 +266,15 @@ class ClusterExecutor:
 
     def _reports(self, sub: _Submitted, ranks, result: ClusterStepResult) -> ClusterStepResult:
         """Counters of `ranks`, and their shards and free blocks where the report is
-        current (no later message outstanding: a policy mirror is checked against it)."""
+        current (it answers the last message sent to that instance: the policy's mirror,
+        which already counts every plan sent, is checked against it)."""
         virtual = {r: v for v, r in enumerate(self.live)}
         for r in ranks:
             res, v = sub.results[r], virtual.get(r)
             if v is None:
                 continue
             result.counters[v] = res.counters
-            if not self.instances[r].expect:
+            if sub.numbers.get(r) == self.instances[r].sent:
                 result.shard_tokens[v] = res.shard_tokens
                 result.free_blocks[v] = res.free_blocks
         return result
@@ -416,8 +427,7 @@ class ClusterExecutor:
                     self.instances[r].inbox.clear()
                 key = self._register(None, self.live)
                 for r in self.live:
-                    self._send(self.instances[r], Reset())
-                    self.instances[r].expect.append(key)
+                    self._send_numbered(self.instances[r], Reset(), key)
                 self._wait_for(key, "reset after losing an instance")
                 for known in self._known.values():
                     known.clear()

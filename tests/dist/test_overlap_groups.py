@@ -47,3 +47,36 @@ def test_decodes_go_on_beside_a_long_prefill(tiny_loaded, tiny_path, want, overl
         assert_clean(llm)
     finally:
         llm.close()
+
+
+def test_abort_while_its_group_runs(tiny_loaded, tiny_path):
+    """Aborting every request while a long prefill runs: with nothing left running, the
+    release goes out at once (housekeeping), before the prefill group's report comes back;
+    that stale report must not be checked against the policy's mirror. Then a new request
+    is served and every block ends free."""
+    llm = start_cluster(tiny_loaded, tiny_path, instances=2, kv_capacity_tokens=4096,
+                        block_size=16, max_num_batched_tokens=4096, policy="pd-disagg")
+    try:
+        eng = llm.engine
+        short = eng.add_request(SHORT, SHORT_SP)
+        while len(eng.get_output(short).token_ids) < 3:
+            eng.step()
+        long_ = eng.add_request(LONG, LONG_SP)
+        eng.step()
+        while 0 not in eng.executor.busy() and eng.has_unfinished():
+            eng.step()
+        assert 0 in eng.executor.busy(), "the long prefill ended before the test could abort"
+        eng.abort(short)
+        eng.abort(long_)
+        eng.housekeeping()                 # nothing runs: the releases are sent now
+        while eng.executor.groups_running:
+            eng.step()
+        again = eng.add_request(SHORT, SHORT_SP)
+        last = None
+        while eng.has_unfinished():
+            last = next((o for o in eng.step() if o.request_id == again), last)
+        assert last.finished and len(last.token_ids) == SHORT_SP.max_tokens
+        eng.housekeeping()
+        assert_clean(llm)
+    finally:
+        llm.close()
