@@ -232,9 +232,7 @@ class ClusterEngine(LLMEngine):
         s["decode_tokens"] += sum(len(g.items) for g in plan.decodes)
         for g in plan.batches:          # replica iterations: decode rows vs prompt chunks
             for it in g.items:
-                n = len(it.token_ids)
-                decode = n == 1 and it.start > 0 and it.sample
-                s["decode_tokens" if decode else "prefill_tokens"] += n
+                s["decode_tokens" if it.is_decode else "prefill_tokens"] += len(it.token_ids)
         s["max_blocks_used"] = max(s["max_blocks_used"], sum(self.policy.used))
 
     def _account_result(self, result: ClusterStepResult) -> None:

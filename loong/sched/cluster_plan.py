@@ -89,6 +89,11 @@ class ChunkItem:
     sample: bool
     keep: tuple[KeepRange, ...]
 
+    @property
+    def is_decode(self) -> bool:
+        """One decode token (as `ScheduledChunk.is_decode`): runs as batched paged decode."""
+        return self.start > 0 and len(self.token_ids) == 1 and self.sample
+
 
 @dataclass(frozen=True)
 class BatchGroupPlan:

@@ -16,18 +16,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from loong.attention.paged_context import PagedAttention
-from loong.sched.cluster_plan import BatchGroupPlan, ChunkItem
+from loong.sched.cluster_plan import BatchGroupPlan
 from loong.sched.plan import ScheduledChunk
 from loong.worker.messages import InstanceResult
 from loong.worker.model_runner import prepare_chunks
 
 if TYPE_CHECKING:
     from loong.worker.instance import InstanceWorker
-
-
-def _is_decode(it: ChunkItem) -> bool:
-    # The same test as ScheduledChunk.is_decode: such rows go to batched paged decode.
-    return it.start > 0 and len(it.token_ids) == 1 and it.sample
 
 
 def run_replica_batch(w: "InstanceWorker", g: BatchGroupPlan, res: InstanceResult,
@@ -38,7 +33,7 @@ def run_replica_batch(w: "InstanceWorker", g: BatchGroupPlan, res: InstanceResul
         raise PlanMismatchError(f"replica {g.members} has {len(g.members)} members; instances "
                                 f"run replicas of one instance only (no tensor parallelism)")
     # The runner's contract: decode rows first, then prefill chunks (stable otherwise).
-    items = sorted(g.items, key=lambda it: not _is_decode(it))
+    items = sorted(g.items, key=lambda it: not it.is_decode)
     chunks: list[ScheduledChunk] = []
     for it in items:
         rid, n = it.request_id, len(it.token_ids)

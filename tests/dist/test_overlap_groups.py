@@ -13,6 +13,19 @@ SHORT_SP = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
 LONG_SP = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 
 
+def _cluster(tiny_loaded, tiny_path, **kw):
+    return start_cluster(tiny_loaded, tiny_path, instances=2, kv_capacity_tokens=4096,
+                         block_size=16, max_num_batched_tokens=4096, policy="pd-disagg", **kw)
+
+
+def _short_decoding_then_long(eng) -> tuple[str, str]:
+    """SHORT decoding on the decode instance (3 tokens out), then LONG queued."""
+    short = eng.add_request(SHORT, SHORT_SP)
+    while len(eng.get_output(short).token_ids) < 3:
+        eng.step()
+    return short, eng.add_request(LONG, LONG_SP)
+
+
 @pytest.fixture(scope="module")
 def want(tiny_loaded, tiny_path):
     single = LLM(tiny_path, loaded=tiny_loaded, dtype="float32", kv_capacity_tokens=8192)
@@ -21,15 +34,10 @@ def want(tiny_loaded, tiny_path):
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_decodes_go_on_beside_a_long_prefill(tiny_loaded, tiny_path, want, overlap):
-    llm = start_cluster(tiny_loaded, tiny_path, instances=2, kv_capacity_tokens=4096,
-                        block_size=16, max_num_batched_tokens=4096, policy="pd-disagg",
-                        overlap_groups=overlap)
+    llm = _cluster(tiny_loaded, tiny_path, overlap_groups=overlap)
     try:
         eng = llm.engine
-        short = eng.add_request(SHORT, SHORT_SP)
-        while len(eng.get_output(short).token_ids) < 3:
-            eng.step()
-        long_ = eng.add_request(LONG, LONG_SP)
+        short, long_ = _short_decoding_then_long(eng)
         overlapped = 0
         outs = {}
         while eng.has_unfinished():
@@ -54,14 +62,10 @@ def test_abort_while_its_group_runs(tiny_loaded, tiny_path):
     release goes out at once (housekeeping), before the prefill group's report comes back;
     that stale report must not be checked against the policy's mirror. Then a new request
     is served and every block ends free."""
-    llm = start_cluster(tiny_loaded, tiny_path, instances=2, kv_capacity_tokens=4096,
-                        block_size=16, max_num_batched_tokens=4096, policy="pd-disagg")
+    llm = _cluster(tiny_loaded, tiny_path)
     try:
         eng = llm.engine
-        short = eng.add_request(SHORT, SHORT_SP)
-        while len(eng.get_output(short).token_ids) < 3:
-            eng.step()
-        long_ = eng.add_request(LONG, LONG_SP)
+        short, long_ = _short_decoding_then_long(eng)
         eng.step()
         while 0 not in eng.executor.busy() and eng.has_unfinished():
             eng.step()
