@@ -1,15 +1,50 @@
-"""EngineConfig: the user-facing knobs of one engine (model, dtype, KV cache, batching).
+"""EngineConfig: the user-facing knobs of one engine (model, dtype, KV cache, batching),
+and RequestLimits: the bounds every request is checked against before any work is done.
 
 Pure Python; no torch. Validation names the field at fault.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 from loong.errors import InvalidRequestError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CLUSTER_POLICIES = (None, "elastic", "simple", "chunked-prefill", "pd-disagg")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on one request, checked cheapest first before tokenizing (a request over a
+    limit is rejected naming the field and the limit). The same limits hold for the
+    offline API and both servers; `loong serve --max-prompt-chars ...` sets them."""
+
+    # Characters of a text prompt, or of all chat message contents together; None = 32 x
+    # the model's context length (no tokenizer turns more text into a prompt that fits).
+    max_prompt_chars: int | None = None
+    # Token ids of a prompt given as ids; None = the model's context length.
+    max_prompt_ids: int | None = None
+    # Messages of one chat.
+    max_chat_messages: int = 1024
+    # Stop strings per request, and characters per stop string.
+    max_stop_strings: int = 16
+    max_stop_string_len: int = 1024
+    # Characters of a client-chosen request id (letters, digits and "-_.:/@+=~#" only).
+    max_request_id_len: int = 128
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None and f.name in ("max_prompt_chars", "max_prompt_ids"):
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InvalidRequestError(f.name, f"must be a positive int, got {v!r}")
+
+    def prompt_chars(self, max_model_len: int) -> int:
+        return self.max_prompt_chars or 32 * max_model_len
+
+    def prompt_ids(self, max_model_len: int) -> int:
+        return self.max_prompt_ids or max_model_len
 
 
 @dataclass(frozen=True)
@@ -67,6 +102,8 @@ class EngineConfig:
     # instances while others still run theirs, and each group's tokens come back when it
     # ends (False: lockstep, every group of a plan ends before the next plan).
     overlap_groups: bool = True
+    # Bounds on every request (prompt size, stop strings, request ids, chat messages).
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -89,6 +126,9 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise InvalidRequestError(name, f"must be a positive int or None, got {value!r}")
+        if not isinstance(self.limits, RequestLimits):
+            raise InvalidRequestError("limits", f"must be a RequestLimits, got "
+                                      f"{type(self.limits).__name__}")
         for name in ("kv_capacity_tokens", "kv_memory_bytes", "max_model_len"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

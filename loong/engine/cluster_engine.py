@@ -24,10 +24,13 @@ from loong.sched.policies.elastic import ElasticPolicy
 from loong.sched.policies.pd_disagg import PDDisaggPolicy
 from loong.sched.policies.replica_batching import ReplicaConfig, ReplicaPolicy
 from loong.sched.policies.simple_esp import ESPPolicyConfig, SimpleESPPolicy
-from loong.serve.cluster_executor import ClusterExecutor, InstanceLost
+from loong.serve.cluster_executor import ClusterExecutor, ClusterReset
 
 CLUSTER_KEY_ENV = "LOONG_CLUSTER_KEY"
 REPLICA_POLICIES = ("chunked-prefill", "pd-disagg")   # baselines: one request, one instance
+# A request in this many failed steps that no single request could be blamed for is
+# ended with finish_reason "error" instead of being started over again.
+MAX_STRIKES = 2
 log = logging.getLogger("loong.engine")
 
 
@@ -36,6 +39,7 @@ class _ClusterRequest:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)
+    strikes: int = 0             # failed steps this request was in (see MAX_STRIKES)
 
 
 class ClusterEngine(LLMEngine):
@@ -108,32 +112,43 @@ class ClusterEngine(LLMEngine):
             return PDDisaggPolicy(rc, prefill_instances=max(1, n // 2))
         return ReplicaPolicy(rc)
 
-    def _recover(self, lost: InstanceLost) -> list[str]:
-        """Go on without lost instances: reset the survivors (all KV dropped), a new policy
-        over them, and every request in flight queued again to be prefilled over its prompt
-        and the tokens generated so far. Returns the requests that no longer fit (they end
-        with finish_reason "abort", stop_reason "instance lost")."""
+    def _recover(self, lost: ClusterReset) -> StepOutcome:
+        """Go on after a loss or a failed step: reset the survivors (all KV dropped), a new
+        policy over them, and every request in flight queued again to be prefilled over
+        its prompt and the tokens generated so far. Requests that no longer fit end with
+        finish_reason "abort" (stop_reason "instance lost"); a suspect of a failed step
+        that was in MAX_STRIKES of them ends with "error"."""
         live = self.executor.recover_after_loss()
         self.lost_instances.extend(lost.ranks)
-        log.warning("lost instance(s) %s (%s); going on with %s, re-prefilling %d request(s)",
-                    lost.ranks, str(lost).splitlines()[0], live, len(self._creqs))
+        log.warning("%s (%s); going on with %s, re-prefilling %d request(s)",
+                    f"lost instance(s) {lost.ranks}" if lost.ranks else "a step failed",
+                    str(lost).splitlines()[0], live, len(self._creqs))
         self.past_policy_stats.append(self.policy.stats)
         self.policy = self._make_policy(len(live))
         for r in lost.ranks:
             self.instance_free_blocks[r] = 0
         for r in live:
             self.instance_free_blocks[r] = self.executor.blocks_per_instance
-        dropped = []
+        outcome = StepOutcome([], [], {}, {})
+        for rid in lost.suspects:
+            req = self._creqs.get(rid)
+            if req is not None:
+                req.strikes += 1
+                if req.strikes >= MAX_STRIKES:
+                    outcome.failed[rid] = (f"{req.strikes} steps with this request failed "
+                                           f"(last: {str(lost).splitlines()[0]})")
         for rid, req in self._creqs.items():
+            if rid in outcome.failed:
+                continue
             tokens = list(req.prompt_token_ids) + list(req.output_token_ids)
             left = max(1, req.params.max_tokens - len(req.output_token_ids))
             try:
                 self._check_lengths(len(tokens), left)
             except InvalidRequestError:
-                dropped.append(rid)
+                outcome.aborted.append(rid)
                 continue
             self.policy.add(rid, tokens)
-        return dropped
+        return outcome
 
     # ----- backend hooks -------------------------------------------------------------
     def check_fits(self, ids: list[int], params: SamplingParams) -> None:
@@ -196,21 +211,26 @@ class ClusterEngine(LLMEngine):
                 if not scheduled:
                     return None
             ended = ex.wait_groups()
-        except InstanceLost as e:
-            return StepOutcome([], [], {}, {}, aborted=self._recover(e))
-        return self._apply_results(ended, scheduled, preempted)
+            return self._apply_results(ended, scheduled, preempted)
+        except ClusterReset as e:
+            return self._recover(e)
 
     def _apply_results(self, ended: list[tuple[ClusterStepResult, list[str]]],
                        scheduled: list[str], preempted: list[str]) -> StepOutcome:
         sampled: dict[str, int] = {}
         logprobs: dict = {}
+        failed: dict[str, str] = {}
         for result, done in ended:
             try:
                 # Every request of the group is done (a prompt chunk samples nothing).
                 self.policy.update(result, done=done)
             except Exception as e:     # the policy's view and the instances' diverged
-                self.executor.broken = f"policy and instances disagree: {e}"
+                why = f"policy and instances disagree: {type(e).__name__}: {e}"
+                if self.executor.recover:
+                    raise ClusterReset([], why, list(done)) from e
+                self.executor.broken = why
                 raise
+            failed.update((rid, why) for rid, why in result.failed.items() if rid in self._creqs)
             for rid, tok in result.sampled.items():
                 req = self._creqs.get(rid)
                 if req is None:        # finished or aborted while its group ran
@@ -223,7 +243,7 @@ class ClusterEngine(LLMEngine):
             for rid, row in result.logits.items():
                 self.logits.setdefault(rid, row)      # the prefill's (first sampled) row
             self.last_result = result
-        return StepOutcome(scheduled, preempted, sampled, logprobs)
+        return StepOutcome(scheduled, preempted, sampled, logprobs, failed=failed)
 
     def _account_plan(self, plan: ClusterStepPlan) -> None:
         s = self.stats
@@ -253,10 +273,10 @@ class ClusterEngine(LLMEngine):
         if not self.policy.num_waiting and not self.policy.num_running:
             try:
                 self.executor.poll_health()
-            except InstanceLost as e:
+                if self.policy.has_work:
+                    self.flush()
+            except ClusterReset as e:
                 self._recover(e)          # nothing in flight: nothing to re-prefill
-            if self.policy.has_work:
-                self.flush()
 
     def flush(self) -> None:
         """Run pending releases and migrations now, without prefill or decode."""

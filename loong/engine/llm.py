@@ -11,6 +11,7 @@ import time
 from typing import Sequence
 
 from loong.config import EngineConfig
+from loong.engine.input_processor import check_messages, render_chat
 from loong.engine.llm_engine import LLMEngine
 from loong.engine.outputs import RequestOutput
 from loong.errors import InvalidRequestError
@@ -102,17 +103,18 @@ class LLM:
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError("messages", "must be a non-empty list of {role, content} dicts")
         conversations = messages if isinstance(messages[0], list) else [messages]
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt)
-                   for c in conversations]
-        # The template already carries any BOS; token ids avoid adding it twice.
-        ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        limits = self.config.limits
+        ids = [render_chat(self.tokenizer, check_messages(c, limits), add_generation_prompt)
+               for c in conversations]
         return self.generate(ids, sampling_params, use_tqdm)
 
     def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine
         # Validate everything first: a bad prompt raises before anything is queued.
-        processed = [engine.process_input(p, sp) for p, sp in zip(prompts, params)]
-        ids = [engine.add_request(tok_ids, sp, prompt_text=text) for text, tok_ids, sp in processed]
+        prepared = [engine.prepare(p, sp) for p, sp in zip(prompts, params)]
+        for prep in prepared:
+            engine.check_fits(prep.ids, prep.params)
+        ids = [engine.add_request(prep) for prep in prepared]
         order = {rid: i for i, rid in enumerate(ids)}
         results: list[RequestOutput | None] = [None] * len(ids)
         bar = ProgressBar(len(ids), use_tqdm)

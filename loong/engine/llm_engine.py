@@ -8,6 +8,7 @@ the runner (`loong.worker`) executes; this module only wires them.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ import torch
 
 from loong.config import EngineConfig
 from loong.engine.detokenizer import IncrementalDetokenizer
-from loong.engine.input_processor import check_params, tokenize_prompt
+from loong.engine.input_processor import ModelLimits, PreparedRequest, check_request_id, prepare_request
 from loong.engine.outputs import RequestMetrics, RequestOutput
 from loong.engine.stop_checker import StopStringChecker, check_stop_reason
 from loong.errors import InvalidRequestError
@@ -29,6 +30,7 @@ from loong.worker.model_runner import ModelRunner
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_DEFAULT_KV_BYTES = 2 << 30
+log = logging.getLogger("loong.engine")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,6 +61,8 @@ class StepOutcome:
     logprobs: dict
     # Requests the backend had to drop (an instance was lost and they no longer fit).
     aborted: list[str] = field(default_factory=list)
+    # request_id -> why: requests whose own execution failed (they end with "error").
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -109,23 +113,31 @@ class LLMEngine:
         return CPU_DEFAULT_KV_BYTES
 
     # ----- requests ------------------------------------------------------------------
-    def process_input(self, prompt: str | list[int], params: SamplingParams | None
-                      ) -> tuple[str | None, list[int], SamplingParams]:
-        """Validate and tokenize; raises InvalidRequestError naming the field. No state changes."""
-        params = check_params(params)
-        text, ids = tokenize_prompt(prompt, self.tokenizer, self.model_config.vocab_size,
-                                    self.max_model_len, params)
-        return text, ids, params
+    @property
+    def model_limits(self) -> ModelLimits:
+        return ModelLimits(self.model_config.vocab_size, self.max_model_len)
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, prompt_text: str | None = None) -> str:
-        """Validate and queue one request; on bad input raises and changes nothing."""
-        text, ids, params = self.process_input(prompt, params)
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+    def prepare(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None,
+                *, messages: list[dict] | None = None) -> PreparedRequest:
+        """Validate, render and tokenize one request (raises InvalidRequestError naming the
+        field). Reads no engine state: safe to call from any thread."""
+        return prepare_request(prompt, params, tokenizer=self.tokenizer, model=self.model_limits,
+                               limits=self.config.limits, messages=messages)
+
+    def add_request(self, prompt: str | list[int] | PreparedRequest,
+                    params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Queue one request (validated here unless `prompt` is already a PreparedRequest);
+        on bad input raises and changes nothing."""
+        prep = prompt if isinstance(prompt, PreparedRequest) else self.prepare(prompt, params)
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        else:
+            check_request_id(request_id, self.config.limits)
         if request_id in self._states:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
+        ids, params = prep.ids, prep.params
         self._backend_add(request_id, ids, params)
-        out = RequestOutput(request_id, text if text is not None else prompt_text, ids,
+        out = RequestOutput(request_id, prep.text, ids,
                             metrics=RequestMetrics(time.perf_counter()),
                             logprobs=[] if params.logprobs is not None else None)
         self._states[request_id] = _RequestState(
@@ -167,11 +179,29 @@ class LLMEngine:
             if state is not None:
                 self._finish(rid, state, "abort", "instance lost")
                 updated.append(state.output)
+        for rid, why in outcome.failed.items():
+            state = self._states.get(rid)
+            if state is not None:
+                self._fail_request(rid, state, why)
+                updated.append(state.output)
         for rid, token in outcome.sampled.items():
-            state = self._states[rid]
-            self._append_token(rid, state, token, outcome.logprobs.get(rid), now)
+            state = self._states.get(rid)
+            if state is None:
+                continue
+            try:
+                self._append_token(rid, state, token, outcome.logprobs.get(rid), now)
+            except Exception as e:            # noqa: BLE001 - this request only
+                self._fail_request(rid, state, f"processing its output failed: "
+                                               f"{type(e).__name__}: {e}")
             updated.append(state.output)
         return updated
+
+    def _fail_request(self, rid: str, state: _RequestState, why: str) -> None:
+        """End one request whose own execution failed; the others go on."""
+        log.error("request %s failed: %s", rid, why)
+        state.output.error = why
+        if rid in self._states:
+            self._finish(rid, state, "error", None)
 
     # ----- the backend: one in-process instance (ClusterEngine overrides these) ------
     def check_fits(self, ids: list[int], params: SamplingParams) -> None:
@@ -195,7 +225,8 @@ class LLMEngine:
         result = self.runner.execute(plan)
         self.scheduler.update(result)
         self._account(plan)
-        return StepOutcome(scheduled, list(plan.preempted), result.sampled, result.logprobs)
+        return StepOutcome(scheduled, list(plan.preempted), result.sampled, result.logprobs,
+                           failed=result.failed)
 
     def _mark_scheduled(self, rids: list[str]) -> None:
         """Record first-scheduled times (call before executing the step)."""

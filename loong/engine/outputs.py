@@ -36,13 +36,15 @@ class RequestOutput:
     prompt_token_ids: list[int]
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    # None while running; "stop" (EOS, stop token or stop string), "length" or "abort".
+    # None while running; "stop" (EOS, stop token or stop string), "length", "abort" or
+    # "error" (this request's execution failed; `error` says why; others went on).
     finish_reason: str | None = None
     # The stop string or stop token id that ended the request, if any.
     stop_reason: str | int | None = None
     # Per output token: (logprob of the sampled token, [(token_id, logprob), ...]).
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     metrics: RequestMetrics | None = None
+    error: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -164,6 +164,8 @@ class ClusterStepResult:
     shard_tokens: dict[int, dict[str, int]] = field(default_factory=dict)
     free_blocks: dict[int, int] = field(default_factory=dict)
     counters: dict[int, InstanceCounters] = field(default_factory=dict)
+    # request_id -> why: requests whose own execution failed (sampling); no token.
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 class PlanError(ValueError):

@@ -60,3 +60,6 @@ class StepResult:
     # request_id -> (logprob of the sampled token, [(token_id, logprob), ...] top-N),
     # only for requests that asked for logprobs.
     logprobs: dict[str, tuple[float, list[tuple[int, float]]]] = field(default_factory=dict)
+    # request_id -> why: requests whose own execution failed this step (no token, no
+    # progress); the engine ends them with finish_reason "error", the others go on.
+    failed: dict[str, str] = field(default_factory=dict)

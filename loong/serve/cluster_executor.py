@@ -10,7 +10,8 @@ Groups run asynchronously: `submit` sends a plan and returns, `wait_groups` hand
 ended groups, `busy()` names the instances still in one; `execute` runs one plan in
 lockstep. Each instance answers its messages in order (the invariant the filing relies
 on). Instances send heartbeats; with `recover` set, an instance that dies or goes silent
-is taken out (`InstanceLost`) and the survivors are reset, else the cluster stops. The
+is taken out (`InstanceLost`) and the survivors are reset, and a step that fails on a
+live instance resets them all (`ClusterReset`); without it the cluster stops. The
 policy never sees this module; it only sees plans and results.
 """
 from __future__ import annotations
@@ -42,13 +43,21 @@ class RequestView(Protocol):
     output_token_ids: Sequence[int]
 
 
-class InstanceLost(ClusterError):
-    """Instances died or got stuck (heartbeat silence); the others survive. Raised only
-    with `ClusterExecutor.recover`; call `recover_after_loss()` before the next step."""
+class ClusterReset(ClusterError):
+    """The cluster must drop all KV and start its requests over, on the instances still
+    alive: some died or got stuck (`ranks`, see InstanceLost), or a step failed in a way
+    no single request can be blamed for (`ranks` empty; `suspects`: the requests of the
+    failed group). Raised only with `ClusterExecutor.recover`; call
+    `recover_after_loss()` before the next step."""
 
-    def __init__(self, ranks: list[int], why: str) -> None:
+    def __init__(self, ranks: list[int], why: str, suspects: list[str] | None = None) -> None:
         super().__init__(why)
         self.ranks = list(ranks)
+        self.suspects = list(suspects or ())
+
+
+class InstanceLost(ClusterReset):
+    """Instances died or got stuck (heartbeat silence); the others survive."""
 
 
 @dataclass
@@ -92,7 +101,8 @@ class ClusterExecutor:
         self.data_plane_timeout_s = 120.0
         self._submitted: dict[int, _Submitted] = {}     # by submission key, in order
         self._next_key = 0
-        self._error: tuple[float, str] | None = None    # (deadline, why) of a failed step
+        # (deadline, why, requests of the failed groups) of a failed step
+        self._error: tuple[float, str, list[str]] | None = None
         # rank -> request_id -> output tokens that instance has seen (for RequestSync)
         self._known: dict[int, dict[str, int]] = {i.rank: {} for i in self.instances}
 
@@ -231,12 +241,18 @@ class ClusterExecutor:
                 sub.waiting.discard(r)
                 if res.error and self._error is None:
                     what = f"step {sub.plan.step}" if sub.plan else "a reset"
+                    suspects = [it.request_id for g in (sub.plan.groups() if sub.plan else ())
+                                if r in g.members for it in g.items]
                     self._error = (time.monotonic() + self.heartbeat_timeout_s + 1.0,
-                                   f"{res.error.rstrip()}\n(during {what})")
+                                   f"{res.error.rstrip()}\n(during {what})", suspects)
         if self._error is not None and (not self.recover or time.monotonic() > self._error[0]):
             # Members may have applied part of the step: the policy's view no longer
-            # matches the instances', so the cluster cannot go on.
-            self._fail(self._error[1])
+            # matches the instances'. With recover (and no peer lost in the grace period),
+            # the survivors are reset and every request starts over; else the cluster stops.
+            _, why, suspects = self._error
+            if not self.recover:
+                self._fail(why)
+            raise ClusterReset([], why, suspects)
 
     def _take_ended(self) -> list[tuple[ClusterStepResult, list[str]]]:
         if self._error is not None:      # a loss or the end of the cluster comes first
@@ -262,6 +278,7 @@ class ClusterExecutor:
                 self._known[r][rid] = self._known[r].get(rid, 0) + 1
             result.logprobs.update(res.logprobs)
             result.logits.update(res.logits)
+            result.failed.update(res.failed)
         return self._reports(sub, g.members, result)
 
     def _reports(self, sub: _Submitted, ranks, result: ClusterStepResult) -> ClusterStepResult:
@@ -281,7 +298,8 @@ class ClusterExecutor:
 
     @staticmethod
     def _merge(into: ClusterStepResult, part: ClusterStepResult) -> None:
-        for name in ("sampled", "logprobs", "logits", "shard_tokens", "free_blocks", "counters"):
+        for name in ("sampled", "logprobs", "logits", "shard_tokens", "free_blocks", "counters",
+                     "failed"):
             getattr(into, name).update(getattr(part, name))
 
     def _syncs(self, plan: ClusterStepPlan, requests: Mapping[str, RequestView]
@@ -405,7 +423,7 @@ class ClusterExecutor:
         raise InstanceLost(ranks, why)
 
     def recover_after_loss(self) -> list[int]:
-        """After InstanceLost: every plan in flight is void (its requests start over). Take
+        """After ClusterReset: every plan in flight is void (its requests start over). Take
         the survivors' outstanding answers (whatever they are), reset them (all KV dropped)
         and return the live ranks. Survivors that do not answer within the data-plane
         timeout are lost too."""

@@ -1,21 +1,27 @@
 """EngineLoop: one engine run on its own thread, fed by concurrent RPC handlers.
 
-Owns: admission (validation on the loop thread, a bounded queue of requests and prompt
-tokens, unique request ids), the step loop, per-request streams of deltas (new tokens,
-new text, logprobs; the last one carries finish reason, usage and timing), aborts with a
-cause (client Abort, cancelled call, deadline, server-side timeout, shutdown), draining,
-and publishing the stats snapshot after every step.
+Owns: admission in two halves: preparation (limits, chat rendering, tokenization,
+validation) on a small pool of threads, so a huge prompt never stalls the streams in
+flight; then, on the loop thread, a bounded queue of requests and prompt tokens and
+unique request ids. Also the step loop, per-request streams of deltas (new tokens, new
+text, logprobs; the last one carries finish reason, usage and timing), aborts with a cause
+(client Abort, cancelled call, deadline, server-side timeout, shutdown), draining, and
+publishing the stats snapshot after every step.
 
 Invariants: only the loop thread touches the engine. Commands from other threads are
-closures run between two steps, so an abort takes effect before the next iteration and
-its KV is released by that iteration. A sink (the RPC layer's callback) is called on the
-loop thread and must not block. If the engine fails (an instance died, a step failed),
-every request in flight ends with `Delta.error` and the loop stops admitting.
+closures run between two steps, in the order they were queued, so an abort takes effect
+before the next iteration and its KV is released by that iteration. A submission's
+`Ticket` can be cancelled at any moment: before preparation ends (it is then never
+admitted), or after (its request is aborted by the next command batch). A sink (the RPC
+layer's callback) is called on the loop thread and must not block. If the engine fails
+for good (no instance left), every request in flight ends with `Delta.error` and the loop
+stops admitting; a request whose own execution failed ends with finish_reason "error".
 """
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import queue
 import threading
 import time
@@ -23,6 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+from loong.engine.input_processor import PreparedRequest, check_request_id
 from loong.errors import InvalidRequestError
 from loong.sampling_params import SamplingParams
 from loong.serve import engine_gauges
@@ -35,8 +42,8 @@ _TIMEOUT_CAUSES = {"timeout"}
 
 
 class Rejected(Exception):
-    """A request was not admitted. `cause`: invalid, duplicate, queue_full, draining or
-    unavailable; `field`: the request field at fault (invalid input only)."""
+    """A request was not admitted. `cause`: invalid, duplicate, queue_full, draining,
+    unavailable, cancelled or internal; `field`: the request field at fault (invalid input)."""
 
     def __init__(self, cause: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -45,7 +52,9 @@ class Rejected(Exception):
 
 @dataclass
 class Delta:
-    """New output of one request since its previous delta."""
+    """New output of one request since its previous delta. The last one has a
+    finish_reason; "error" means this request's execution failed (`error` says why), while
+    `error` with no finish_reason means the engine itself failed and the request is lost."""
 
     request_id: str
     token_ids: list[int] = field(default_factory=list)
@@ -56,23 +65,12 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     timing: dict | None = None
-    error: str | None = None      # the engine failed; the request is lost
-
-
-@dataclass
-class _Stream:
-    sink: Callable[[Delta], None]
-    prompt_tokens: int
-    deadline: float | None          # monotonic; server-side timeout
-    sent_tokens: int = 0
-    sent_text: int = 0
-    sent_logprobs: int = 0
-    scheduled: bool = False
+    error: str | None = None
 
 
 @dataclass
 class Submission:
-    """One request as the RPC layer hands it over (exactly one of the three inputs)."""
+    """One request as an API layer hands it over (exactly one of the three inputs)."""
 
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
@@ -82,10 +80,42 @@ class Submission:
     timeout_s: float = 0.0
 
 
+class Ticket:
+    """One submission on its way through the loop. `future` gives its request id or raises
+    `Rejected`; `cancel(cause)` ends it at whatever stage it is (see the module notes)."""
+
+    def __init__(self, loop: "EngineLoop", sink: Callable[[Delta], None]) -> None:
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.sink = sink
+        self.cancelled: str | None = None      # the cause, once cancelled
+        self.request_id: str | None = None     # once admitted
+        self._loop = loop
+
+    def result(self, timeout: float | None = None) -> str:
+        return self.future.result(timeout)
+
+    def cancel(self, cause: str = "cancel") -> None:
+        if self.cancelled is None:
+            self.cancelled = cause
+        self._loop._call(lambda: self._loop._cancel(self), concurrent.futures.Future())
+
+
+@dataclass
+class _Stream:
+    ticket: Ticket
+    prompt_tokens: int
+    deadline: float | None          # monotonic; server-side timeout
+    sent_tokens: int = 0
+    sent_text: int = 0
+    sent_logprobs: int = 0
+    scheduled: bool = False
+
+
 class EngineLoop:
     def __init__(self, engine, stats: ServerStats | None = None, *,
                  max_queued_requests: int = 1024, max_queued_tokens: int | None = None,
-                 on_failure: Callable[[str], None] | None = None) -> None:
+                 on_failure: Callable[[str], None] | None = None,
+                 prepare_threads: int = 1, max_preparing: int = 256) -> None:
         self.engine = engine
         self.stats = stats or ServerStats()
         self.max_queued_requests = max_queued_requests
@@ -99,6 +129,12 @@ class EngineLoop:
         self.failed: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loong-engine-loop", daemon=True)
+        # Preparation (tokenizing, rendering) off the loop thread, at most max_preparing
+        # submissions at once. One thread keeps admission in submission order.
+        self._prep_pool = concurrent.futures.ThreadPoolExecutor(prepare_threads, "loong-prepare")
+        self._preparing = 0
+        self.max_preparing = max_preparing
+        self._prep_lock = threading.Lock()
 
     # ----- other threads ---------------------------------------------------------------
     def start(self) -> "EngineLoop":
@@ -106,11 +142,23 @@ class EngineLoop:
         self._thread.start()
         return self
 
-    def submit(self, sub: Submission, sink: Callable[[Delta], None]) -> concurrent.futures.Future:
-        """Queue a request; the future gives its request id or raises `Rejected`."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._call(lambda: fut.set_result(self._admit(sub, sink)), fut)
-        return fut
+    def submit(self, sub: Submission, sink: Callable[[Delta], None]) -> Ticket:
+        """Prepare a request off the loop thread, then queue it; the ticket's future gives
+        its request id or raises `Rejected`."""
+        ticket = Ticket(self, sink)
+        with self._prep_lock:
+            full = self._preparing >= self.max_preparing
+            if not full:
+                self._preparing += 1
+        if full:
+            ticket.future.set_exception(Rejected(
+                "queue_full", f"{self._preparing} requests are being prepared; retry later"))
+        elif self._stop.is_set() or not self._thread.is_alive():
+            self._prepared()
+            ticket.future.set_exception(Rejected("unavailable", self.failed or "the server is stopping"))
+        else:
+            self._prep_pool.submit(self._prepare, sub, ticket)
+        return ticket
 
     def abort(self, request_id: str, cause: str) -> concurrent.futures.Future:
         """End a request in flight; the future gives True if it was in flight."""
@@ -127,6 +175,11 @@ class EngineLoop:
     @property
     def num_in_flight(self) -> int:
         return len(self._streams)
+
+    @property
+    def num_preparing(self) -> int:
+        """Submissions still being prepared (not yet queued for admission)."""
+        return self._preparing
 
     def drain(self, timeout_s: float) -> int:
         """Stop admitting, let requests in flight finish for up to timeout_s, abort the rest
@@ -150,6 +203,7 @@ class EngineLoop:
         self._cmds.put(lambda: None)
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=60.0)
+        self._prep_pool.shutdown(wait=False, cancel_futures=True)
 
     def _call(self, fn: Callable, fut: concurrent.futures.Future) -> None:
         def run() -> None:
@@ -159,9 +213,36 @@ class EngineLoop:
                 if not fut.done():
                     fut.set_exception(e)
         if self._stop.is_set() or not self._thread.is_alive():
-            fut.set_exception(Rejected("unavailable", self.failed or "the server is stopping"))
+            if not fut.done():
+                fut.set_exception(Rejected("unavailable", self.failed or "the server is stopping"))
             return
         self._cmds.put(run)
+
+    # ----- preparation (pool threads) --------------------------------------------------
+    def _prepare(self, sub: Submission, ticket: Ticket) -> None:
+        try:
+            if ticket.cancelled:
+                self.stats.abort_before_admission(ticket.cancelled)
+                raise Rejected("cancelled", "cancelled before admission")
+            prep = prepare_submission(self.engine, sub)
+        except Rejected as e:
+            ticket.future.set_exception(e)
+            return
+        except InvalidRequestError as e:
+            ticket.future.set_exception(Rejected("invalid", str(e), e.field))
+            return
+        except Exception as e:                # noqa: BLE001 - a bug, not the client's fault
+            log.exception("preparing a request failed")
+            ticket.future.set_exception(Rejected("internal", f"preparing the request failed: "
+                                                 f"{type(e).__name__}: {e}"))
+            return
+        finally:
+            self._prepared()
+        self._call(lambda: ticket.future.set_result(self._admit(sub, prep, ticket)), ticket.future)
+
+    def _prepared(self) -> None:
+        with self._prep_lock:
+            self._preparing -= 1
 
     # ----- the loop thread -------------------------------------------------------------
     def _run(self) -> None:
@@ -195,7 +276,10 @@ class EngineLoop:
             except queue.Empty:
                 return
 
-    def _admit(self, sub: Submission, sink: Callable[[Delta], None]) -> str:
+    def _admit(self, sub: Submission, prep: PreparedRequest, ticket: Ticket) -> str:
+        if ticket.cancelled:                  # the call ended while it was being prepared
+            self.stats.abort_before_admission(ticket.cancelled)
+            raise Rejected("cancelled", "cancelled before admission")
         if self.failed:
             raise Rejected("unavailable", f"the engine failed ({self.failed}); restart the server")
         if self.draining:
@@ -204,12 +288,9 @@ class EngineLoop:
         rid = sub.request_id or f"req-{uuid.uuid4().hex[:16]}"
         if rid in self._streams:
             raise Rejected("duplicate", f"request_id: {rid!r} is already in flight", "request_id")
+        ids = prep.ids
         try:
-            prompt = sub.prompt if sub.prompt is not None else sub.prompt_token_ids
-            if sub.messages is not None:
-                prompt = _render_chat(engine.tokenizer, sub.messages)
-            text, ids, params = engine.process_input(prompt, sub.params)
-            engine.check_fits(ids, params)     # never fits: invalid, not "queue full"
+            engine.check_fits(ids, prep.params)     # never fits: invalid, not "queue full"
         except InvalidRequestError as e:
             raise Rejected("invalid", str(e), e.field) from None
         if len(self._streams) - self._num_scheduled() >= self.max_queued_requests:
@@ -218,14 +299,18 @@ class EngineLoop:
         if self._queued_tokens + len(ids) > self.max_queued_tokens:
             raise Rejected("queue_full", f"{self._queued_tokens} prompt tokens are already "
                            f"waiting (limit {self.max_queued_tokens}); retry later")
-        try:
-            engine.add_request(ids, params, request_id=rid, prompt_text=text)
-        except InvalidRequestError as e:      # e.g. longer than the cluster's KV
-            raise Rejected("invalid", str(e), e.field) from None
+        engine.add_request(prep, request_id=rid)
         deadline = time.monotonic() + sub.timeout_s if sub.timeout_s > 0 else None
-        self._streams[rid] = _Stream(sink, len(ids), deadline)
+        self._streams[rid] = _Stream(ticket, len(ids), deadline)
+        ticket.request_id = rid
         self._queued_tokens += len(ids)
         return rid
+
+    def _cancel(self, ticket: Ticket) -> None:
+        rid = ticket.request_id
+        stream = self._streams.get(rid) if rid is not None else None
+        if stream is not None and stream.ticket is ticket:
+            self._abort(rid, ticket.cancelled or "cancel")
 
     def _num_scheduled(self) -> int:
         return sum(1 for s in self._streams.values() if s.scheduled)
@@ -270,22 +355,27 @@ class EngineLoop:
             d.finish_reason, d.stop_reason = finish_reason, out.stop_reason
             d.prompt_tokens, d.completion_tokens = s.prompt_tokens, len(out.token_ids)
             d.timing = _timing(out.metrics)
+            d.error = out.error
             del self._streams[rid]
             if not s.scheduled:
                 self._queued_tokens -= s.prompt_tokens
+            if finish_reason == "error":
+                abort_cause = "error"
             self.stats.finish(s.prompt_tokens, len(out.token_ids), out.ttft, out.tpot,
                               abort_cause)
             log.info("request finished", extra={"fields": {
                 "request_id": rid, "finish_reason": finish_reason, "cause": abort_cause,
                 "prompt_tokens": s.prompt_tokens, "completion_tokens": len(out.token_ids),
-                "ttft_s": round(d.timing["ttft_s"], 4), "e2e_s": round(d.timing["e2e_s"], 4)}})
-        s.sink(d)
+                "ttft_s": round(d.timing["ttft_s"], 4), "e2e_s": round(d.timing["e2e_s"], 4),
+                **({"error": out.error} if out.error else {})}})
+        _deliver(s.ticket, d)
 
     def _fail(self, why: str) -> None:
         log.error("engine failed: %s", why)
         self.failed = why.splitlines()[0]
         for rid, s in list(self._streams.items()):
-            s.sink(Delta(rid, error=f"the engine failed ({self.failed}); the request is lost"))
+            _deliver(s.ticket, Delta(rid, error=f"the engine failed ({self.failed}); the request "
+                                                f"is lost"))
             self.stats.finish(s.prompt_tokens, s.sent_tokens, None, None, "engine_failure")
         self._streams.clear()
         if self.on_failure is not None:
@@ -302,6 +392,29 @@ class EngineLoop:
                 return
 
 
+def _deliver(ticket: Ticket, d: Delta) -> None:
+    """Hand a delta to its API layer; a sink that fails (its event loop closed, a bug)
+    loses that call's deltas, never the engine."""
+    try:
+        ticket.sink(d)
+    except Exception:                         # noqa: BLE001
+        log.exception("delivering output of request %s failed", d.request_id)
+
+
+def prepare_submission(engine, sub: Submission) -> PreparedRequest:
+    """Every check of a submission that needs no engine state, cheapest first, then
+    rendering and tokenizing (thread-safe; raises InvalidRequestError naming the field)."""
+    check_request_id(sub.request_id, engine.config.limits)
+    t = sub.timeout_s
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        raise InvalidRequestError("timeout_s", f"must be a finite number >= 0 (0 = none), got {t!r}")
+    given = [x is not None for x in (sub.prompt, sub.prompt_token_ids, sub.messages)]
+    if sum(given) != 1:
+        raise InvalidRequestError("input", "set exactly one of prompt, prompt_token_ids or messages")
+    prompt = sub.prompt if sub.prompt is not None else sub.prompt_token_ids
+    return engine.prepare(prompt, sub.params, messages=sub.messages)
+
+
 def warm_up(engine, prompt_tokens: int = 48) -> float:
     """Run one short greedy request to completion (loads kernels, touches every layer) so
     the first real request does not pay for it. Returns the seconds it took."""
@@ -314,20 +427,6 @@ def warm_up(engine, prompt_tokens: int = 48) -> float:
         engine.step()
     engine.housekeeping()
     return time.perf_counter() - t0
-
-
-def _render_chat(tokenizer, messages: list[dict]) -> list[int]:
-    if not messages:
-        raise InvalidRequestError("messages", "is empty")
-    for i, m in enumerate(messages):
-        if m.get("role") not in ("system", "user", "assistant"):
-            raise InvalidRequestError(f"messages[{i}].role", f"must be system, user or "
-                                      f"assistant, got {m.get('role')!r}")
-        if not isinstance(m.get("content"), str):
-            raise InvalidRequestError(f"messages[{i}].content", "must be a string")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    # The template carries any BOS itself.
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _timing(m) -> dict:

@@ -1,10 +1,13 @@
 """The public gRPC service (loong.v1.Loong) over an EngineLoop, plus health and reflection.
 
 Owns: turning proto requests into `Submission`s (validation errors name the proto field,
-e.g. "sampling.top_p: ..."), streaming `Delta`s back as `GenerateResponse`s, mapping
-rejections to status codes (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE), aborting a
-request whose call is cancelled or whose deadline passes, the API-key check, and building
-the asyncio server (standard grpc.health.v1 health service and server reflection).
+e.g. "sampling.top_p: ..."; a message that does not even parse, such as invalid UTF-8 in a
+string, is INVALID_ARGUMENT naming the field too), streaming `Delta`s back as
+`GenerateResponse`s, mapping rejections to status codes (INVALID_ARGUMENT,
+RESOURCE_EXHAUSTED, UNAVAILABLE; INTERNAL naming the request when its own execution
+failed), cancelling a request whose call ends early at whatever stage it is (while being
+prepared, waiting or running), the API-key check, and building the asyncio server
+(standard grpc.health.v1 health service and server reflection).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from loong.errors import InvalidRequestError
 from loong.sampling_params import SamplingParams
 from loong.serve.engine_loop import Delta, EngineLoop, Rejected, Submission
+from loong.serve.proto_decode import Undecodable, tolerant
 from loong.v1 import loong_pb2, loong_pb2_grpc
 
 SERVICE = loong_pb2.DESCRIPTOR.services_by_name["Loong"].full_name
@@ -26,7 +30,9 @@ _CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT,
           "duplicate": grpc.StatusCode.INVALID_ARGUMENT,
           "queue_full": grpc.StatusCode.RESOURCE_EXHAUSTED,
           "draining": grpc.StatusCode.UNAVAILABLE,
-          "unavailable": grpc.StatusCode.UNAVAILABLE}
+          "unavailable": grpc.StatusCode.UNAVAILABLE,
+          "cancelled": grpc.StatusCode.CANCELLED,
+          "internal": grpc.StatusCode.INTERNAL}
 _OPTIONAL = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
              "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty",
              "skip_special_tokens")
@@ -47,18 +53,28 @@ def sampling_from_proto(sp: loong_pb2.SamplingParams) -> SamplingParams:
         kw["stop_token_ids"] = list(sp.stop_token_ids)
     kw["ignore_eos"] = sp.ignore_eos
     kw["include_stop_str_in_output"] = sp.include_stop_str_in_output
-    try:
-        return SamplingParams(**kw)
-    except InvalidRequestError as e:
-        raise InvalidRequestError(f"sampling.{e.field}", str(e).split(": ", 1)[-1]) from None
+    return SamplingParams(**kw)
+
+
+def proto_field(name: str) -> str:
+    """The proto path of a canonical request field: SamplingParams fields live under
+    `sampling.` ("max_tokens" -> "sampling.max_tokens"); the rest are top-level."""
+    head = name.split(".", 1)[0].split("[", 1)[0]
+    return f"sampling.{name}" if head in SamplingParams.__dataclass_fields__ else name
+
+
+def renamed(e: InvalidRequestError | Rejected) -> str:
+    """The error's message with its field given its proto path."""
+    text, field = str(e), e.field
+    if field and text.startswith(field + ": "):
+        return f"{proto_field(field)}: {text[len(field) + 2:]}"
+    return text
 
 
 def submission_from_proto(req: loong_pb2.GenerateRequest) -> Submission:
     which = req.WhichOneof("input")
     sub = Submission(params=sampling_from_proto(req.sampling), request_id=req.request_id,
                      timeout_s=req.timeout_s)
-    if req.timeout_s < 0:
-        raise InvalidRequestError("timeout_s", f"must be >= 0, got {req.timeout_s}")
     if which == "prompt":
         sub.prompt = req.prompt
     elif which == "prompt_token_ids":
@@ -106,25 +122,37 @@ class LoongServicer(loong_pb2_grpc.LoongServicer):
 
     async def Generate(self, request, context):
         stats = self.loop.stats
+        if isinstance(request, Undecodable):
+            stats.reject("invalid")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
             sub = submission_from_proto(request)
         except InvalidRequestError as e:
             stats.reject("invalid")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, renamed(e))
         deltas: asyncio.Queue = asyncio.Queue()
         aio_loop = asyncio.get_running_loop()
         left = context.time_remaining()
         deadline = None if left is None else aio_loop.time() + left
-        try:
-            rid = await asyncio.wrap_future(
-                self.loop.submit(sub, lambda d: aio_loop.call_soon_threadsafe(deltas.put_nowait, d)))
-        except Rejected as e:
-            stats.reject(e.cause)
-            await context.abort(_CODES[e.cause], str(e))
+        ticket = self.loop.submit(
+            sub, lambda d: aio_loop.call_soon_threadsafe(deltas.put_nowait, d))
+        # Until the last message is sent, leaving this function in any way (cancelled
+        # call, deadline, disconnect) cancels the ticket: the request is then never
+        # admitted, or aborted (KV freed) by the next iteration.
         finished = False
         try:
+            try:
+                rid = await asyncio.wrap_future(ticket.future)
+            except Rejected as e:
+                finished = True
+                stats.reject(e.cause)
+                await context.abort(_CODES[e.cause], renamed(e))
             while True:
                 d: Delta = await deltas.get()
+                if d.finish_reason == "error":
+                    finished = True
+                    await context.abort(grpc.StatusCode.INTERNAL,
+                                        f"request {rid!r} failed: {d.error}")
                 if d.error is not None:
                     finished = True
                     await context.abort(grpc.StatusCode.UNAVAILABLE, d.error)
@@ -133,11 +161,14 @@ class LoongServicer(loong_pb2_grpc.LoongServicer):
                 if finished:
                     return
         finally:
-            if not finished:      # the call was cancelled or its deadline passed
+            if not finished:
                 late = deadline is not None and aio_loop.time() >= deadline - 0.05
-                self.loop.abort(rid, "deadline" if late else "cancel")
+                ticket.cancel("deadline" if late else "cancel")
 
     async def Abort(self, request, context):
+        if isinstance(request, Undecodable):
+            self.loop.stats.reject("invalid")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         if not request.request_id:
             self.loop.stats.reject("invalid")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: is empty")
@@ -148,10 +179,27 @@ class LoongServicer(loong_pb2_grpc.LoongServicer):
         return loong_pb2.AbortResponse(found=found)
 
     async def GetModelInfo(self, request, context):
-        return loong_pb2.ModelInfo(**self.model_info)
+        alive = sum(1 for g in self.loop.stats.as_dict()["instances"] if g["alive"])
+        return loong_pb2.ModelInfo(**self.model_info, instances_alive=alive)
 
     async def GetStats(self, request, context):
         return stats_to_proto(self.loop.stats.as_dict())
+
+
+def add_servicer(servicer: LoongServicer, server) -> None:
+    """Register the service with request deserializers that never fail (see proto_decode)."""
+    methods = {"Generate": (grpc.unary_stream_rpc_method_handler, loong_pb2.GenerateRequest,
+                            loong_pb2.GenerateResponse),
+               "Abort": (grpc.unary_unary_rpc_method_handler, loong_pb2.AbortRequest,
+                         loong_pb2.AbortResponse),
+               "GetModelInfo": (grpc.unary_unary_rpc_method_handler,
+                                loong_pb2.GetModelInfoRequest, loong_pb2.ModelInfo),
+               "GetStats": (grpc.unary_unary_rpc_method_handler, loong_pb2.GetStatsRequest,
+                            loong_pb2.Stats)}
+    handlers = {name: kind(getattr(servicer, name), request_deserializer=tolerant(req),
+                           response_serializer=resp.SerializeToString)
+                for name, (kind, req, resp) in methods.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -205,7 +253,7 @@ def build_server(loop: EngineLoop, model_info: dict, address: str, *, api_key: s
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", 64 << 20),
         ("grpc.max_send_message_length", 64 << 20)])
-    loong_pb2_grpc.add_LoongServicer_to_server(LoongServicer(loop, model_info), server)
+    add_servicer(LoongServicer(loop, model_info), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

@@ -92,6 +92,11 @@ class ServerStats:
             if abort_cause is not None:
                 self.aborts[abort_cause] += 1
 
+    def abort_before_admission(self, cause: str) -> None:
+        """A call that ended (cancel, deadline) before its request was admitted."""
+        with self._lock:
+            self.aborts[cause] += 1
+
     def publish(self, snapshot: EngineSnapshot) -> None:
         with self._lock:
             self.snapshot = snapshot

@@ -153,7 +153,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "vocab_size", "max_model_len", "eos_token_ids", "dtype", "device", "instances", "policy", "block_size", "kv_tokens_per_instance", "version")
+    __slots__ = ("model", "vocab_size", "max_model_len", "eos_token_ids", "dtype", "device", "instances", "policy", "block_size", "kv_tokens_per_instance", "version", "instances_alive")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,7 @@ class ModelInfo(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_TOKENS_PER_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_ALIVE_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     max_model_len: int
@@ -176,7 +177,8 @@ class ModelInfo(_message.Message):
     block_size: int
     kv_tokens_per_instance: int
     version: str
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., instances: _Optional[int] = ..., policy: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_tokens_per_instance: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    instances_alive: int
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., instances: _Optional[int] = ..., policy: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_tokens_per_instance: _Optional[int] = ..., version: _Optional[str] = ..., instances_alive: _Optional[int] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()

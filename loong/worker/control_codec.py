@@ -159,6 +159,7 @@ def tensor_from_proto(p: pb.Tensor):
 def _result_to(r: InstanceResult, out: pb.InstanceResult) -> None:
     out.rank, out.step, out.free_blocks = r.rank, r.step, r.free_blocks
     out.sampled.update(r.sampled)
+    out.failed.update(r.failed)
     out.shard_tokens.update(r.shard_tokens)
     for rid, (lp, top) in r.logprobs.items():
         entry = out.logprobs[rid]
@@ -177,7 +178,7 @@ def _result_from(p: pb.InstanceResult) -> InstanceResult:
     counters = InstanceCounters(**{name: getattr(p.counters, name)
                                    for name in InstanceCounters.__dataclass_fields__})
     return InstanceResult(
-        p.rank, p.step, sampled=dict(p.sampled),
+        p.rank, p.step, sampled=dict(p.sampled), failed=dict(p.failed),
         logprobs={rid: (e.logprob, [(t.token_id, t.logprob) for t in e.top])
                   for rid, e in p.logprobs.items()},
         logits={rid: tensor_from_proto(t) for rid, t in p.logits.items()},

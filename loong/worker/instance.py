@@ -21,6 +21,7 @@ from loong.kv.migration import recv_shard_tail, send_shard_tail
 from loong.kv.shards import ShardTable
 from loong.model.llama import LlamaModel
 from loong.sched.cluster_plan import DecodeGroupPlan, InstanceCounters, PrefillGroupPlan
+from loong.worker import faults
 from loong.worker.comm import Comm
 from loong.worker.messages import InstanceResult, InstanceStep
 from loong.worker.model_runner import RunnerRequest, sample_requests
@@ -98,11 +99,14 @@ class InstanceWorker:
                 raise PlanMismatchError(f"instance {self.rank} samples {rid!r} without its "
                                         f"sampling state")
             reqs.append(self.requests[rid])
-        for i, (rid, (tok, lp)) in enumerate(zip(rids, sample_requests(
+        for i, (rid, row) in enumerate(zip(rids, sample_requests(
                 self.sampler, logits, reqs, self.eos_token_ids))):
-            res.sampled[rid] = tok
-            if lp is not None:
-                res.logprobs[rid] = lp
+            if row.error is not None:
+                res.failed[rid] = row.error
+                continue
+            res.sampled[rid] = row.token
+            if row.logprobs is not None:
+                res.logprobs[rid] = row.logprobs
             if want_logits:
                 res.logits[rid] = logits[i].clone()
 
@@ -117,6 +121,7 @@ class InstanceWorker:
             if self.shards.tokens(it.request_id):
                 raise PlanMismatchError(f"instance {self.rank} already holds KV of "
                                         f"{it.request_id!r}; release it before a new prefill")
+            faults.check("forward", it.token_ids[pos::n], "a ring prefill")
         keep_slots = [self.shards.append(it.request_id, c) if c else []
                       for it, c in zip(g.items, plan_keep_counts(keep))]
         attn = RingPrefillAttention(self.comm, members, pos, layout, keep, keep_slots,
@@ -184,6 +189,8 @@ class InstanceWorker:
             for layer in range(cfg.num_layers):
                 attn.peer_layer(layer)
             return
+        for it in mine:
+            faults.check("forward", (it.token_id,), "a decode step")
         ids = torch.tensor([it.token_id for it in mine], dtype=torch.int64, device=dev)
         positions = torch.tensor([it.position for it in mine], dtype=torch.int64, device=dev)
         dyn = [(r, r + 1, it.position + 1) for r, it in enumerate(mine)]

@@ -93,6 +93,8 @@ class InstanceResult:
     free_blocks: int = 0
     counters: InstanceCounters = field(default_factory=InstanceCounters)
     error: str | None = None
+    # request -> why its own execution failed (it sampled no token; the others went on)
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

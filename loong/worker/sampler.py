@@ -193,15 +193,17 @@ class SamplerOutput:
 
 
 def _row_index(rows: list[Sequence[int]], vocab: int, device) -> torch.Tensor | None:
-    """Flat indices row*V + id for every id of every row (None when there are none)."""
+    """Flat indices row*V + id for every id in [0, V) of every row (None when there are
+    none). Ids outside the vocabulary name no logit: they are dropped, never written (an
+    unchecked id would land in another row's logits or past the end of the buffer)."""
     lengths = [len(r) for r in rows]
     if sum(lengths) == 0:
         return None
-    ids = torch.tensor(list(chain.from_iterable(rows)), dtype=torch.int64, device=device)
-    row = torch.repeat_interleave(
-        torch.arange(len(rows), device=device) * vocab,
-        torch.tensor(lengths, dtype=torch.int64, device=device))
-    return row + ids
+    ids = torch.tensor(list(chain.from_iterable(rows)), dtype=torch.int64)   # host side
+    row = torch.repeat_interleave(torch.arange(len(rows)) * vocab, torch.tensor(lengths))
+    valid = (ids >= 0) & (ids < vocab)
+    flat = (row + ids)[valid]
+    return flat.to(device) if flat.numel() else None
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -316,7 +318,8 @@ class Sampler:
         logprobs = logits.log_softmax(dim=-1) if want_lp else None
         if batch.do_masks:
             idx = _row_index(batch.masked_token_ids, logits.shape[1], logits.device)
-            logits.view(-1)[idx] = float("-inf")
+            if idx is not None:
+                logits.view(-1)[idx] = float("-inf")
 
         if batch.all_greedy:
             tokens = logits.argmax(dim=-1)

@@ -148,7 +148,7 @@ def test_chat_uses_template(llm):
     assert "Paris" in o.text
     with pytest.raises(InvalidRequestError) as e:
         llm.chat([{"role": "user"}], SamplingParams(max_tokens=2))
-    assert e.value.field == "messages"
+    assert e.value.field == "messages[0].content"      # the field at fault, precisely
 
 
 def test_no_blocks_leak_after_all(llm):

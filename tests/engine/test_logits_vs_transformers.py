@@ -15,7 +15,8 @@ from tests.helpers_models import write_tiny_hf_checkpoint
 def engine_prefill_logits(llm, ids):
     """All-position logits from our model through the paged attention path (chunked)."""
     from loong.attention.paged_context import PagedAttention
-    from loong.sched.plan import ScheduledChunk, StepPlan
+    from loong.sched.plan import ScheduledChunk
+    from loong.worker.model_runner import prepare_chunks
 
     eng = llm.engine
     runner = eng.runner
@@ -25,8 +26,8 @@ def engine_prefill_logits(llm, ids):
         chunk = 37  # odd chunk size: exercises context + causal merge across block edges
         for start in range(0, len(ids), chunk):
             part = ids[start:start + chunk]
-            plan = StepPlan(1, [ScheduledChunk("r", part, start, blocks, False)])
-            t_ids, pos, meta, _, dyn = runner._prepare(plan)
+            chunks = [ScheduledChunk("r", part, start, blocks, False)]
+            t_ids, pos, meta, _, dyn = prepare_chunks(chunks, runner.block_size, runner.device)
             with torch.no_grad():
                 hidden = eng.model(t_ids, pos, PagedAttention(eng.cache, meta, runner.scale), dyn)
                 rows.append(eng.model.logits(hidden))

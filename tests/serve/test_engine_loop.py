@@ -82,6 +82,7 @@ def test_queue_bounds_and_duplicates(loop):
                         lambda d: None) for i in range(5)]
     dup = loop.submit(Submission(prompt_token_ids=ids(10, 0), params=p, request_id="r0"),
                       lambda d: None)
+    wait_until(lambda: loop.num_preparing == 0, what="preparation off the loop thread")
     release.set()
     assert [f.result(10) for f in futs[:3]] == ["r0", "r1", "r2"]
     for f in futs[3:]:
@@ -96,6 +97,7 @@ def test_queue_bounds_and_duplicates(loop):
     release = held(loop)
     a = loop.submit(Submission(prompt_token_ids=ids(150, 1), params=p), lambda d: None)
     b = loop.submit(Submission(prompt_token_ids=ids(60, 2), params=p), lambda d: None)
+    wait_until(lambda: loop.num_preparing == 0, what="preparation off the loop thread")
     release.set()
     assert a.result(10)
     with pytest.raises(Rejected) as e:

@@ -301,7 +301,7 @@ class InstanceCounters(_message.Message):
     def __init__(self, bytes_sent: _Optional[int] = ..., bytes_recv: _Optional[int] = ..., ring_steps: _Optional[int] = ..., comm_wait_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., migrated_tokens: _Optional[int] = ...) -> None: ...
 
 class InstanceResult(_message.Message):
-    __slots__ = ("rank", "step", "sampled", "logprobs", "logits", "shard_tokens", "free_blocks", "counters", "error")
+    __slots__ = ("rank", "step", "sampled", "logprobs", "logits", "shard_tokens", "free_blocks", "counters", "error", "failed")
     class SampledEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -330,6 +330,13 @@ class InstanceResult(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class FailedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
@@ -339,6 +346,7 @@ class InstanceResult(_message.Message):
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
     rank: int
     step: int
     sampled: _containers.ScalarMap[str, int]
@@ -348,7 +356,8 @@ class InstanceResult(_message.Message):
     free_blocks: int
     counters: InstanceCounters
     error: str
-    def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ..., sampled: _Optional[_Mapping[str, int]] = ..., logprobs: _Optional[_Mapping[str, Logprobs]] = ..., logits: _Optional[_Mapping[str, Tensor]] = ..., shard_tokens: _Optional[_Mapping[str, int]] = ..., free_blocks: _Optional[int] = ..., counters: _Optional[_Union[InstanceCounters, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    failed: _containers.ScalarMap[str, str]
+    def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ..., sampled: _Optional[_Mapping[str, int]] = ..., logprobs: _Optional[_Mapping[str, Logprobs]] = ..., logits: _Optional[_Mapping[str, Tensor]] = ..., shard_tokens: _Optional[_Mapping[str, int]] = ..., free_blocks: _Optional[int] = ..., counters: _Optional[_Union[InstanceCounters, _Mapping]] = ..., error: _Optional[str] = ..., failed: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("rank",)

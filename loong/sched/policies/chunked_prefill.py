@@ -60,6 +60,10 @@ class ChunkedPrefillScheduler:
 
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raise InvalidRequestError if the request's KV could never fit this instance."""
+        if num_prompt_tokens > self.capacity_tokens:
+            raise InvalidRequestError(
+                "prompt", f"{num_prompt_tokens} tokens need more KV than this instance holds "
+                f"({self.capacity_tokens} tokens); shorten the prompt or raise kv_capacity_tokens")
         if num_prompt_tokens + max_tokens - 1 > self.capacity_tokens:
             raise InvalidRequestError(
                 "max_tokens",
@@ -152,6 +156,8 @@ class ChunkedPrefillScheduler:
             req = self.requests.get(chunk.request_id)
             if req is None or req.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
+            if chunk.request_id in result.failed:
+                continue  # the engine ends it now
             req.num_computed = chunk.start + chunk.num_tokens
             if chunk.sample:
                 req.output_token_ids.append(result.sampled[chunk.request_id])
