@@ -25,8 +25,9 @@ setup(
     ],
     extras_require={
         # grpcio-tools is pinned: the test that generated code is current compares its output.
+        # hypothesis drives the fuzzing tier (generated requests against a live server).
         "test": ["pytest", "transformers>=4.45", "accelerate", "sentencepiece",
-                 "grpcio-tools==1.85.1"],
+                 "grpcio-tools==1.85.1", "hypothesis>=6.100"],
         "gpu": ["flash-attn"],
         # Only the experiments' PNG plots; they print tables and write JSON without it.
         "plots": ["matplotlib"],

@@ -151,14 +151,23 @@ class EngineLoop:
             if not full:
                 self._preparing += 1
         if full:
-            ticket.future.set_exception(Rejected(
+            self._reject(ticket, Rejected(
                 "queue_full", f"{self._preparing} requests are being prepared; retry later"))
         elif self._stop.is_set() or not self._thread.is_alive():
             self._prepared()
-            ticket.future.set_exception(Rejected("unavailable", self.failed or "the server is stopping"))
+            self._reject(ticket, Rejected("unavailable", self.failed or "the server is stopping"))
         else:
             self._prep_pool.submit(self._prepare, sub, ticket)
         return ticket
+
+    def _reject(self, ticket: Ticket, e: Rejected) -> None:
+        """Refuse a submission, counted here (its caller may be gone): a cancelled one is
+        an abort before admission, anything else a rejection by cause."""
+        if e.cause == "cancelled":
+            self.stats.abort_before_admission(ticket.cancelled or "cancel")
+        else:
+            self.stats.reject(e.cause)
+        _settle(ticket.future, exc=e)
 
     def abort(self, request_id: str, cause: str) -> concurrent.futures.Future:
         """End a request in flight; the future gives True if it was in flight."""
@@ -222,23 +231,30 @@ class EngineLoop:
     def _prepare(self, sub: Submission, ticket: Ticket) -> None:
         try:
             if ticket.cancelled:
-                self.stats.abort_before_admission(ticket.cancelled)
                 raise Rejected("cancelled", "cancelled before admission")
             prep = prepare_submission(self.engine, sub)
         except Rejected as e:
-            ticket.future.set_exception(e)
+            self._reject(ticket, e)
             return
         except InvalidRequestError as e:
-            ticket.future.set_exception(Rejected("invalid", str(e), e.field))
+            self._reject(ticket, Rejected("invalid", str(e), e.field))
             return
         except Exception as e:                # noqa: BLE001 - a bug, not the client's fault
             log.exception("preparing a request failed")
-            ticket.future.set_exception(Rejected("internal", f"preparing the request failed: "
-                                                 f"{type(e).__name__}: {e}"))
+            self._reject(ticket, Rejected("internal", f"preparing the request failed: "
+                                                      f"{type(e).__name__}: {e}"))
             return
         finally:
             self._prepared()
-        self._call(lambda: ticket.future.set_result(self._admit(sub, prep, ticket)), ticket.future)
+        self._call(lambda: self._admit_ticket(sub, prep, ticket), ticket.future)
+
+    def _admit_ticket(self, sub: Submission, prep: PreparedRequest, ticket: Ticket) -> None:
+        try:
+            rid = self._admit(sub, prep, ticket)
+        except Rejected as e:
+            self._reject(ticket, e)
+            return
+        _settle(ticket.future, rid)
 
     def _prepared(self) -> None:
         with self._prep_lock:
@@ -278,7 +294,6 @@ class EngineLoop:
 
     def _admit(self, sub: Submission, prep: PreparedRequest, ticket: Ticket) -> str:
         if ticket.cancelled:                  # the call ended while it was being prepared
-            self.stats.abort_before_admission(ticket.cancelled)
             raise Rejected("cancelled", "cancelled before admission")
         if self.failed:
             raise Rejected("unavailable", f"the engine failed ({self.failed}); restart the server")
@@ -390,6 +405,17 @@ class EngineLoop:
                 self._cmds.get_nowait()()
             except queue.Empty:
                 return
+
+
+def _settle(fut: concurrent.futures.Future, result=None, exc: BaseException | None = None) -> None:
+    """Resolve a future its waiter may have cancelled meanwhile (then nothing happens)."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 def _deliver(ticket: Ticket, d: Delta) -> None:

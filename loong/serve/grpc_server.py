@@ -105,7 +105,7 @@ def stats_to_proto(d: dict) -> loong_pb2.Stats:
     s = loong_pb2.Stats(running=d["running"], waiting=d["waiting"], preempted=d["preempted"],
                         migrations=d["migrations"], finished=d["finished"],
                         prompt_tokens=d["prompt_tokens"], completion_tokens=d["completion_tokens"],
-                        uptime_s=d["uptime_s"], steps=d["steps"])
+                        uptime_s=d["uptime_s"], steps=d["steps"], received=d["received"])
     s.instances.extend(loong_pb2.InstanceStats(**g) for g in d["instances"])
     s.group_sizes.update({int(k): v for k, v in d["group_sizes"].items()})
     s.aborts.update(d["aborts"])
@@ -122,6 +122,7 @@ class LoongServicer(loong_pb2_grpc.LoongServicer):
 
     async def Generate(self, request, context):
         stats = self.loop.stats
+        stats.receive()
         if isinstance(request, Undecodable):
             stats.reject("invalid")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
@@ -143,9 +144,8 @@ class LoongServicer(loong_pb2_grpc.LoongServicer):
         try:
             try:
                 rid = await asyncio.wrap_future(ticket.future)
-            except Rejected as e:
+            except Rejected as e:             # the loop counted it
                 finished = True
-                stats.reject(e.cause)
                 await context.abort(_CODES[e.cause], renamed(e))
             while True:
                 d: Delta = await deltas.get()
@@ -167,10 +167,8 @@ class LoongServicer(loong_pb2_grpc.LoongServicer):
 
     async def Abort(self, request, context):
         if isinstance(request, Undecodable):
-            self.loop.stats.reject("invalid")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         if not request.request_id:
-            self.loop.stats.reject("invalid")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: is empty")
         try:
             found = await asyncio.wrap_future(self.loop.abort(request.request_id, "client"))

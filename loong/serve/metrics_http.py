@@ -1,9 +1,12 @@
-"""A small HTTP endpoint for Prometheus: GET /metrics (text format 0.0.4) and GET /health.
+"""A small HTTP endpoint for Prometheus: GET /metrics (text format 0.0.4) and GET /health
+(200 while serving, else 503; the body is JSON: status, instances, instances_alive and
+degraded, true when a lost instance took capacity away).
 
 Runs on its own daemon thread (stdlib http.server); reads `ServerStats`, never the engine.
 """
 from __future__ import annotations
 
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
@@ -12,7 +15,7 @@ from loong.serve.server_stats import ServerStats
 
 
 def start_metrics_server(stats: ServerStats, host: str, port: int,
-                         healthy: Callable[[], bool]) -> ThreadingHTTPServer:
+                         healthy: Callable[[], bool], instances: int = 1) -> ThreadingHTTPServer:
     """Serve until `.shutdown()`; `.server_address[1]` is the bound port (port 0 = any)."""
 
     class Handler(BaseHTTPRequestHandler):
@@ -22,7 +25,10 @@ def start_metrics_server(stats: ServerStats, host: str, port: int,
                 self._reply(200, stats.prometheus_text(), "text/plain; version=0.0.4")
             elif path == "/health":
                 ok = healthy()
-                self._reply(200 if ok else 503, "SERVING\n" if ok else "NOT_SERVING\n")
+                alive = sum(1 for g in stats.as_dict()["instances"] if g["alive"])
+                body = {"status": "SERVING" if ok else "NOT_SERVING", "instances": instances,
+                        "instances_alive": alive, "degraded": alive < instances}
+                self._reply(200 if ok else 503, json.dumps(body) + "\n", "application/json")
             else:
                 self._reply(404, "try /metrics or /health\n")
 

@@ -15,7 +15,9 @@ import logging
 import signal
 import sys
 
-from loong.config import EngineConfig
+from dataclasses import fields
+
+from loong.config import EngineConfig, RequestLimits
 
 log = logging.getLogger("loong.serve")
 POLICIES = ("elastic", "static-sp", "chunked-prefill", "pd-disagg")
@@ -46,6 +48,20 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="serve Prometheus text on http://HOST:PORT/metrics (0 = any port)")
     p.add_argument("--log-format", default="text", choices=["text", "json"])
     p.add_argument("--cost-model", default=None, help="elastic policy's cost-model preset or JSON")
+    p.add_argument("--data-plane-timeout-s", type=float, default=120.0,
+                   help="a data-plane send/recv between instances that takes longer fails "
+                        "the step (the cluster is then reset and its requests start over)")
+    lim = p.add_argument_group("request limits (over a limit: INVALID_ARGUMENT naming it)")
+    lim.add_argument("--max-prompt-chars", type=int, default=None,
+                     help="characters of a text prompt or of all chat contents (default: 32x "
+                          "the model's context length)")
+    lim.add_argument("--max-prompt-ids", type=int, default=None,
+                     help="token ids of a prompt (default: the model's context length)")
+    lim.add_argument("--max-chat-messages", type=int, default=1024)
+    lim.add_argument("--max-stop-strings", type=int, default=16)
+    lim.add_argument("--max-stop-string-len", type=int, default=1024)
+    lim.add_argument("--max-request-id-len", type=int, default=128,
+                     help="characters of a client-chosen request_id (letters, digits, -_.:/@+=~#)")
     p.add_argument("--cluster-address", default=None, metavar="HOST:PORT",
                    help="wait for --instances instances started elsewhere (`loong instance` "
                         "under torchrun) to join here, instead of starting them locally; the "
@@ -62,7 +78,8 @@ def engine_config(args) -> EngineConfig:
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
               instances=n, decode_masters=args.decode_masters,
               prefill_group_size=args.prefill_group_size, cost_model=args.cost_model,
-              cluster_address=args.cluster_address, recover_lost_instances=True)
+              cluster_address=args.cluster_address, recover_lost_instances=True,
+              data_plane_timeout_s=args.data_plane_timeout_s, limits=request_limits(args))
     if args.policy == "static-sp":
         kw.update(policy="simple", prefill_group_size=n)
     elif args.policy == "pd-disagg" and n < 2:
@@ -75,6 +92,10 @@ def engine_config(args) -> EngineConfig:
     elif args.policy == "elastic" and n > 1:
         kw["policy"] = None if (args.decode_masters or args.prefill_group_size) else "elastic"
     return EngineConfig(**kw)
+
+
+def request_limits(args) -> RequestLimits:
+    return RequestLimits(**{f.name: getattr(args, f.name) for f in fields(RequestLimits)})
 
 
 def model_info(engine, config: EngineConfig, policy: str) -> dict:
@@ -143,7 +164,8 @@ async def _serve(args, cfg: EngineConfig, api_key, tls) -> int:
         await set_health(health, True)
         if args.metrics_port is not None:
             metrics = start_metrics_server(stats, args.host, args.metrics_port,
-                                           lambda: healthy["ok"] and not loop.draining)
+                                           lambda: healthy["ok"] and not loop.draining,
+                                           instances=cfg.instances)
         for sig in (signal.SIGTERM, signal.SIGINT):
             aio_loop.add_signal_handler(sig, stop.set)
         extra = f", metrics on http://{args.host}:{metrics.server_address[1]}/metrics" if metrics else ""

@@ -66,6 +66,7 @@ class ServerStats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.started = time.monotonic()
+        self.received = 0           # Generate calls that reached the server
         self.finished = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -74,6 +75,10 @@ class ServerStats:
         self.ttft = Histogram(TTFT_BOUNDS)
         self.tpot = Histogram(TPOT_BOUNDS)
         self.snapshot = EngineSnapshot()
+
+    def receive(self) -> None:
+        with self._lock:
+            self.received += 1
 
     def reject(self, cause: str) -> None:
         with self._lock:
@@ -93,8 +98,10 @@ class ServerStats:
                 self.aborts[abort_cause] += 1
 
     def abort_before_admission(self, cause: str) -> None:
-        """A call that ended (cancel, deadline) before its request was admitted."""
+        """A call that ended (cancel, deadline) before its request was admitted: it is
+        finished too, so that received == finished + rejected once idle."""
         with self._lock:
+            self.finished += 1
             self.aborts[cause] += 1
 
     def publish(self, snapshot: EngineSnapshot) -> None:
@@ -110,6 +117,7 @@ class ServerStats:
                 "instances": [vars(g).copy() for g in s.instances],
                 "group_sizes": dict(s.group_sizes), "migrations": s.migrations,
                 "aborts": dict(self.aborts), "rejections": dict(self.rejections),
+                "received": self.received,
                 "finished": self.finished, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
                 "ttft_s": self.ttft.as_dict(), "tpot_s": self.tpot.as_dict(),
@@ -132,6 +140,8 @@ class ServerStats:
                [("", d["waiting"])])
         metric("preemptions_total", "counter", "Requests preempted (KV dropped, recomputed).",
                [("", d["preempted"])])
+        metric("requests_received_total", "counter", "Generate calls received.",
+               [("", d["received"])])
         metric("requests_finished_total", "counter", "Requests finished, any reason.",
                [("", d["finished"])])
         metric("prompt_tokens_total", "counter", "Prompt tokens of finished requests.",

@@ -209,7 +209,7 @@ class Histogram(_message.Message):
     def __init__(self, upper_bounds: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("running", "waiting", "preempted", "instances", "group_sizes", "migrations", "aborts", "rejections", "finished", "prompt_tokens", "completion_tokens", "ttft_s", "tpot_s", "uptime_s", "steps")
+    __slots__ = ("running", "waiting", "preempted", "instances", "group_sizes", "migrations", "aborts", "rejections", "finished", "prompt_tokens", "completion_tokens", "ttft_s", "tpot_s", "uptime_s", "steps", "received")
     class GroupSizesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -246,6 +246,7 @@ class Stats(_message.Message):
     TPOT_S_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     preempted: int
@@ -261,4 +262,5 @@ class Stats(_message.Message):
     tpot_s: Histogram
     uptime_s: float
     steps: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., preempted: _Optional[int] = ..., instances: _Optional[_Iterable[_Union[InstanceStats, _Mapping]]] = ..., group_sizes: _Optional[_Mapping[int, int]] = ..., migrations: _Optional[int] = ..., aborts: _Optional[_Mapping[str, int]] = ..., rejections: _Optional[_Mapping[str, int]] = ..., finished: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_s: _Optional[_Union[Histogram, _Mapping]] = ..., tpot_s: _Optional[_Union[Histogram, _Mapping]] = ..., uptime_s: _Optional[float] = ..., steps: _Optional[int] = ...) -> None: ...
+    received: int
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., preempted: _Optional[int] = ..., instances: _Optional[_Iterable[_Union[InstanceStats, _Mapping]]] = ..., group_sizes: _Optional[_Mapping[int, int]] = ..., migrations: _Optional[int] = ..., aborts: _Optional[_Mapping[str, int]] = ..., rejections: _Optional[_Mapping[str, int]] = ..., finished: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_s: _Optional[_Union[Histogram, _Mapping]] = ..., tpot_s: _Optional[_Union[Histogram, _Mapping]] = ..., uptime_s: _Optional[float] = ..., steps: _Optional[int] = ..., received: _Optional[int] = ...) -> None: ...

@@ -83,7 +83,7 @@ def test_chat_and_streaming(client):
     (dict(prompt_token_ids=[5] * 2200, max_tokens=4), "prompt"),        # beyond the cluster's KV
     (dict(prompt="hi", temperature=-1.0), "sampling.temperature"),
     (dict(prompt="hi", top_p=1.5), "sampling.top_p"),
-    (dict(prompt="hi", max_tokens=9000), "max_tokens"),
+    (dict(prompt="hi", max_tokens=9000), "sampling.max_tokens"),
 ])
 def test_invalid_argument_names_the_field(client, kwargs, field):
     with pytest.raises(LoongClientError) as e:

@@ -1,9 +1,11 @@
 """The server's process life and access control: SIGTERM drains and exits with no child
 left; the API key guards every RPC but health; TLS; generated code is current."""
+import json
 import os
 import subprocess
 import sys
 import threading
+import urllib.request
 
 import grpc
 import pytest
@@ -110,7 +112,7 @@ def test_kill_9_of_an_instance_keeps_serving(loaded_default):
     prompt = loaded_default.tokenizer.encode("The history of the river towns began when")
     ref = LLM(loaded=loaded_default, dtype="float32", device="cpu").generate(
         [prompt], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))[0]
-    srv = ServerProcess("--instances", "3", "--kv-capacity-tokens", "1024")
+    srv = ServerProcess("--instances", "3", "--kv-capacity-tokens", "1024", "--metrics-port", "0")
     try:
         pids = _instance_pids(srv)
         assert len(pids) == 3, srv.output()
@@ -126,6 +128,14 @@ def test_kill_9_of_an_instance_keeps_serving(loaded_default):
             assert r.completion_tokens == 4
             alive = {g["rank"]: g["alive"] for g in c.stats()["instances"]}
             assert sum(alive.values()) == 2 and len(alive) == 3
+            # Capacity shrank: model info and the health details say so.
+            info = c.model_info()
+            assert info["instances"] == 3 and info["instances_alive"] == 2
+            port = int(srv.output().split("metrics on http://")[1].split(":")[1].split("/")[0])
+            health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health",
+                                                       timeout=10).read())
+            assert health == {"status": "SERVING", "instances": 3, "instances_alive": 2,
+                              "degraded": True}
             os.kill(pids[2], sig.SIGSTOP)        # stuck, not dead
             wait_until(lambda: sum(g["alive"] for g in c.stats()["instances"]) == 1, 20,
                        "the stuck instance to be taken out")

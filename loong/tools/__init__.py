@@ -1,0 +1,1 @@
+"""Tools that drive a running Loong from outside: load and soak generators, harnesses."""
