@@ -3,6 +3,7 @@
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,3 +42,20 @@ def wait_until(cond, timeout_s: float = 30.0, what: str = "condition") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+@contextmanager
+def ready_client(server: ServerProcess):
+    """A LoongClient on the server, once its health check passes."""
+    from loong.client import LoongClient
+    with LoongClient(server.address, timeout=120) as c:
+        c.wait_ready(60)
+        yield c
+
+
+def idle_and_empty(client) -> bool:
+    """Every call received has ended, nothing runs or waits, no KV block is in use."""
+    st = client.stats()
+    return (st["running"] == 0 and st["waiting"] == 0
+            and st["received"] == st["finished"] + sum(st["rejections"].values())
+            and all(g["blocks_used"] == 0 for g in st["instances"]))

@@ -8,7 +8,6 @@ and once idle every instance holds zero KV blocks.
 Bounded for CI (150 derandomized examples); a longer run with fresh random examples is
 `LOONG_FUZZ_EXAMPLES=5000 pytest tests/serve/test_fuzz_generate.py`.
 """
-import math
 import os
 import re
 
@@ -19,10 +18,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from loong.client import LoongClient  # noqa: E402
 from loong.serve.proto_decode import _twin_class  # noqa: E402,PLC2701 - bytes strings
 from loong.v1 import loong_pb2  # noqa: E402
-from tests.serve.conftest import ServerProcess, wait_until  # noqa: E402
+from tests.serve.conftest import ServerProcess, idle_and_empty, ready_client, wait_until  # noqa: E402
 
 EXAMPLES = int(os.environ.get("LOONG_FUZZ_EXAMPLES", "150"))
 RANDOM = "LOONG_FUZZ_EXAMPLES" in os.environ      # a longer run explores new examples
@@ -123,8 +121,7 @@ def server(tiny_path):
 
 @pytest.fixture(scope="module")
 def client(server):
-    with LoongClient(server.address, timeout=120) as c:
-        c.wait_ready(60)
+    with ready_client(server) as c:
         yield c
 
 
@@ -169,12 +166,5 @@ def test_fuzzed_requests_never_hurt_the_server(client, raw_call):
     assert seen.get("OK", 0) >= EXAMPLES // 10 and seen.get("INVALID_ARGUMENT", 0) >= EXAMPLES // 10, seen
     assert client.health() == "SERVING"
     assert reference_tokens(client) == before
-
-    def idle():
-        s = client.stats()
-        return (s["running"] == 0 and s["waiting"] == 0
-                and all(g["blocks_used"] == 0 for g in s["instances"]))
-    wait_until(idle, 60, "every instance to hold zero KV blocks")
-    st_ = client.stats()
-    assert not math.isnan(st_["uptime_s"])
-    assert st_["received"] == st_["finished"] + sum(st_["rejections"].values())
+    # Once idle, every call received has ended one way and no instance holds KV.
+    wait_until(lambda: idle_and_empty(client), 60, "every instance to hold zero KV blocks")

@@ -11,8 +11,8 @@ import urllib.request
 import grpc
 import pytest
 
-from loong.client import AsyncLoongClient, LoongClient, LoongClientError
-from tests.serve.conftest import ROOT, ServerProcess, wait_until
+from loong.client import AsyncLoongClient, LoongClientError
+from tests.serve.conftest import ROOT, ServerProcess, ready_client, wait_until
 
 KV_PER_INSTANCE = 1024      # a 1,100-token prompt needs both instances
 MAX_QUEUED_TOKENS = 1400
@@ -28,8 +28,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    with LoongClient(server.address, timeout=120) as c:
-        c.wait_ready(60)
+    with ready_client(server) as c:
         yield c
 
 

@@ -10,9 +10,9 @@ import time
 import grpc
 import pytest
 
-from loong.client import AsyncLoongClient, LoongClient, LoongClientError
+from loong.client import AsyncLoongClient, LoongClientError
 from loong.v1 import loong_pb2, loong_pb2_grpc
-from tests.serve.conftest import ServerProcess, wait_until
+from tests.serve.conftest import ServerProcess, idle_and_empty, ready_client, wait_until
 
 SAMPLE_MARKER, FORWARD_MARKER = 77, 78
 KV = 1024
@@ -30,17 +30,8 @@ def server(tiny_path):
 
 @pytest.fixture(scope="module")
 def client(server):
-    with LoongClient(server.address, timeout=120) as c:
-        c.wait_ready(60)
+    with ready_client(server) as c:
         yield c
-
-
-def idle_and_empty(client):
-    """Every call received has ended, nothing runs or waits, no KV block is in use."""
-    st = client.stats()
-    return (st["running"] == 0 and st["waiting"] == 0
-            and st["received"] == st["finished"] + sum(st["rejections"].values())
-            and all(g["blocks_used"] == 0 for g in st["instances"]))
 
 
 def raw_generate(address, data: bytes):
