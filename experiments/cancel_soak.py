@@ -31,7 +31,7 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
 
-from loong.serve.server_process import ServerProcess  # noqa: E402
+from loong.tools.server_process import ServerProcess  # noqa: E402
 from loong.tools.cancel_soak import plan_soak, run_soak  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")

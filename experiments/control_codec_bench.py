@@ -18,8 +18,8 @@ import time
 from loong.sampling_params import SamplingParams
 from loong.sched.cluster_plan import (ClusterStepPlan, DecodeGroupPlan, DecodeItem,
                                       InstanceCounters, KeepRange, PrefillGroupPlan, PrefillItem)
-from loong.worker.control_codec import decode, encode
-from loong.worker.messages import InstanceResult, InstanceStep, RequestSync
+from loong.cluster.control_codec import decode, encode
+from loong.worker.step_io import InstanceResult, InstanceStep, RequestSync
 
 
 def decode_step(batch: int) -> InstanceStep:

@@ -29,9 +29,9 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
 
-from loong.bench import parse_bench_args, run_bench  # noqa: E402
+from loong.tools.bench import parse_bench_args, run_bench  # noqa: E402
 from loong.sched.cost_model import load_cost_model  # noqa: E402
-from loong.serve.server_process import ServerProcess  # noqa: E402
+from loong.tools.server_process import ServerProcess  # noqa: E402
 from loong.sim.run import run_simulation  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")

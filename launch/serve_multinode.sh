@@ -33,4 +33,4 @@ fi
 : "${NODE_RANK:?set NODE_RANK}"
 exec torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
   --master-addr "${MASTER_ADDR:-$MANAGER_ADDR}" --master-port "${MASTER_PORT:-29500}" \
-  -m loong.serve.instance_main --manager "$MANAGER_ADDR:$MANAGER_PORT"
+  -m loong.cluster.instance_main --manager "$MANAGER_ADDR:$MANAGER_PORT"

@@ -4,9 +4,9 @@
 (on N instance processes with the ESP data plane when N > 1); several
 `--prompt`s or a `--prompts-file` (one prompt per line) make a batch with a progress bar.
 `loong profile --instances N --out profile.json --preset-out preset.json [--quick]` measures
-local instances and fits a cost-model preset (loong/serve/profiler.py).
+local instances and fits a cost-model preset (loong/tools/profiler.py).
 `loong serve [--instances N] [--port P] ...` runs the gRPC server (loong/serve/serve_main.py);
-`loong client generate|info|stats|health|abort` talks to one (loong/client_cli.py);
+`loong client generate|info|stats|health|abort` talks to one (loong/client/cli.py);
 `loong instance --manager HOST:PORT` joins a manager under torchrun.
 Errors in the input exit with status 2 and a one-line message naming the field.
 """
@@ -82,11 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"])
     sim.add_argument("--cv", type=float, default=1.0, help="gamma arrivals' coefficient of variation")
     sim.add_argument("--json", default=None, help="write the metrics JSON here")
-    from loong.client_cli import add_client_parser
+    from loong.client.cli import add_client_parser
     from loong.serve.serve_main import add_serve_parser
     _add_engine_args(add_serve_parser(sub))
     add_client_parser(sub)
-    from loong.bench import add_bench_parser
+    from loong.tools.bench import add_bench_parser
     add_bench_parser(sub)
     inst = sub.add_parser("instance", help="run one instance that joins a manager (under torchrun)",
                           add_help=False)
@@ -126,7 +126,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
             raise ValueError(f"{name}: must be a positive int, got {v}")
     if not 0 < args.max_foreign_cpu <= 1:
         raise ValueError(f"max_foreign_cpu: must be in (0, 1], got {args.max_foreign_cpu}")
-    from loong.serve.profiler import default_grid, fit_profile, run_profile, summary_table
+    from loong.tools.profiler import default_grid, fit_profile, run_profile, summary_table
     if args.refit:
         with open(args.refit, encoding="utf-8") as f:
             raw = json.load(f)
@@ -247,8 +247,8 @@ def _describe_cluster(stats: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["instance"]:      # its own parser (loong.serve.instance_main)
-        from loong.serve.instance_main import main as instance_main
+    if argv[:1] == ["instance"]:      # its own parser (loong.cluster.instance_main)
+        from loong.cluster.instance_main import main as instance_main
         return instance_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
@@ -259,10 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "profile":
             return cmd_profile(args)
         if args.command == "client":
-            from loong.client_cli import cmd_client
+            from loong.client.cli import cmd_client
             return cmd_client(args)
         if args.command == "bench":
-            from loong.bench import cmd_bench
+            from loong.tools.bench import cmd_bench
             return cmd_bench(args)
         if args.command == "serve":
             from loong.serve.serve_main import cmd_serve

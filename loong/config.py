@@ -74,7 +74,7 @@ class EngineConfig:
     # that run the ESP data plane (kv_capacity_tokens / kv_memory_bytes are per instance).
     instances: int = 1
     # With instances > 1: wait for torchrun-started instances to connect to this HOST:PORT
-    # (see loong.serve.instance_main) instead of spawning them locally.
+    # (see loong.cluster.instance_main) instead of spawning them locally.
     cluster_address: str | None = None
     # Threads per instance process; None = CPU cores / instances.
     instance_threads: int | None = None

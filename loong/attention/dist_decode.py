@@ -22,7 +22,7 @@ import torch
 from loong import ops
 from loong.attention import get_attention_backend
 from loong.kv.cache_pool import KVCachePool
-from loong.worker.comm import TAG_DECODE_PARTIAL, TAG_DECODE_Q, Comm
+from loong.comm import TAG_DECODE_PARTIAL, TAG_DECODE_Q, Comm
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from loong import ops
 from loong.attention import get_attention_backend
 from loong.kv.cache_pool import KVCachePool
-from loong.worker.comm import TAG_RING_KV, Comm
+from loong.comm import TAG_RING_KV, Comm
 
 
 def stripe_count(length: int, pos: int, n: int) -> int:

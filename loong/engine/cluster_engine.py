@@ -24,7 +24,8 @@ from loong.sched.policies.elastic import ElasticPolicy
 from loong.sched.policies.pd_disagg import PDDisaggPolicy
 from loong.sched.policies.replica_batching import ReplicaConfig, ReplicaPolicy
 from loong.sched.policies.simple_esp import ESPPolicyConfig, SimpleESPPolicy
-from loong.serve.cluster_executor import ClusterExecutor, ClusterReset
+from loong.cluster import launch
+from loong.cluster.executor import ClusterReset
 
 CLUSTER_KEY_ENV = "LOONG_CLUSTER_KEY"
 REPLICA_POLICIES = ("chunked-prefill", "pd-disagg")   # baselines: one request, one instance
@@ -50,9 +51,9 @@ class ClusterEngine(LLMEngine):
             if not key:
                 raise InvalidRequestError("cluster_address", f"set {CLUSTER_KEY_ENV} (hex) to the "
                                           f"key the instances were started with")
-            self.executor = ClusterExecutor.attach(cfg, cfg.cluster_address, bytes.fromhex(key))
+            self.executor = launch.attach(cfg, cfg.cluster_address, bytes.fromhex(key))
         else:
-            self.executor = ClusterExecutor.start_local(cfg, loaded.config, loaded.weights)
+            self.executor = launch.start_local(cfg, loaded.config, loaded.weights)
         ex = self.executor
         ex.recover = cfg.recover_lost_instances
         self.block_size = cfg.block_size

@@ -15,7 +15,7 @@ from loong import ops
 from loong.kv.cache_pool import KVCachePool
 from loong.kv.shards import ShardTable
 from loong.sched.cluster_plan import MigrationPlan
-from loong.worker.comm import TAG_MIGRATION, Comm
+from loong.comm import TAG_MIGRATION, Comm
 
 DEFAULT_CHUNK_BLOCKS = 64
 

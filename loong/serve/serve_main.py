@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import logging
 import signal
-import sys
 
 from dataclasses import fields
 
@@ -187,8 +186,3 @@ async def _serve(args, cfg: EngineConfig, api_key, tls) -> int:
         await asyncio.to_thread(engine.close)
     print("loong: server stopped", flush=True)
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from loong.cli import main
-    sys.exit(main(["serve", *sys.argv[1:]]))

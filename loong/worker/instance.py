@@ -22,15 +22,11 @@ from loong.kv.shards import ShardTable
 from loong.model.llama import LlamaModel
 from loong.sched.cluster_plan import DecodeGroupPlan, InstanceCounters, PrefillGroupPlan
 from loong.worker import faults
-from loong.worker.comm import Comm
-from loong.worker.messages import InstanceResult, InstanceStep
+from loong.comm import Comm
+from loong.worker.step_io import InstanceResult, InstanceStep, PlanMismatchError
 from loong.worker.model_runner import RunnerRequest, sample_requests
 from loong.worker.replica_step import run_replica_batch
 from loong.worker.sampler import Sampler
-
-
-class PlanMismatchError(RuntimeError):
-    """The plan disagrees with what this instance holds (a manager bookkeeping bug)."""
 
 
 class InstanceWorker:
@@ -88,7 +84,7 @@ class InstanceWorker:
         counters.compute_s = max(0.0, time.perf_counter() - t0 - counters.comm_wait_s)
         return res
 
-    def _sample(self, rids: list[str], hidden: torch.Tensor, res: InstanceResult,
+    def sample_rows(self, rids: list[str], hidden: torch.Tensor, res: InstanceResult,
                 want_logits: bool) -> None:
         if not rids:
             return
@@ -142,7 +138,7 @@ class InstanceWorker:
             positions = torch.tensor(layout.local_positions(pos), dtype=torch.int64, device=dev)
             hidden = self.model(torch.tensor(ids, dtype=torch.int64, device=dev), positions, attn,
                                 dyn if self.model.rope.dynamic else None)
-            self._sample(sample_ids, hidden[sample_rows], res, want_logits)
+            self.sample_rows(sample_ids, hidden[sample_rows], res, want_logits)
         else:
             # No rows here (every prompt shorter than the group): still relay and keep KV.
             cfg = self.model.cfg
@@ -195,7 +191,7 @@ class InstanceWorker:
         positions = torch.tensor([it.position for it in mine], dtype=torch.int64, device=dev)
         dyn = [(r, r + 1, it.position + 1) for r, it in enumerate(mine)]
         hidden = self.model(ids, positions, attn, dyn if self.model.rope.dynamic else None)
-        self._sample([it.request_id for it in mine], hidden, res, want_logits)
+        self.sample_rows([it.request_id for it in mine], hidden, res, want_logits)
 
     def _table(self, rid: str) -> list[int]:
         s = self.shards.shards.get(rid)

@@ -13,21 +13,35 @@ Must not import: the scheduler policies, the engine, or the serving processes.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from loong.attention.paged_context import PagedAttention
+from loong.kv.block_pool import BlockPool
+from loong.kv.cache_pool import KVCachePool
+from loong.kv.shards import ShardTable
+from loong.model.llama import LlamaModel
 from loong.sched.cluster_plan import BatchGroupPlan
 from loong.sched.plan import ScheduledChunk
-from loong.worker.messages import InstanceResult
 from loong.worker.model_runner import prepare_chunks
-
-if TYPE_CHECKING:
-    from loong.worker.instance import InstanceWorker
+from loong.worker.step_io import InstanceResult, PlanMismatchError
 
 
-def run_replica_batch(w: "InstanceWorker", g: BatchGroupPlan, res: InstanceResult,
+class ReplicaHost(Protocol):
+    """What a replica step uses of its instance (an `InstanceWorker`)."""
+
+    rank: int
+    shards: ShardTable
+    pool: BlockPool
+    cache: KVCachePool
+    model: LlamaModel
+    scale: float
+
+    def sample_rows(self, rids: list[str], hidden, res: InstanceResult,
+                    want_logits: bool) -> None: ...
+
+
+def run_replica_batch(w: ReplicaHost, g: BatchGroupPlan, res: InstanceResult,
                       want_logits: bool) -> None:
-    from loong.worker.instance import PlanMismatchError
     me = w.rank
     if g.members != (me,):
         raise PlanMismatchError(f"replica {g.members} has {len(g.members)} members; instances "
@@ -52,4 +66,4 @@ def run_replica_batch(w: "InstanceWorker", g: BatchGroupPlan, res: InstanceResul
                                                             w.model.device)
     attn = PagedAttention(w.cache, meta, w.scale)
     hidden = w.model(ids, positions, attn, dyn if w.model.rope.dynamic else None)
-    w._sample([c.request_id for c in chunks if c.sample], hidden[sample_rows], res, want_logits)
+    w.sample_rows([c.request_id for c in chunks if c.sample], hidden[sample_rows], res, want_logits)

@@ -17,8 +17,8 @@ import pytest
 
 from loong import LLM, SamplingParams
 from loong.sched.cluster_plan import ClusterStepPlan, KeepRange, PrefillGroupPlan, PrefillItem
-from loong.serve.cluster_executor import ClusterError
-from loong.worker.messages import InstanceStep
+from loong.cluster.executor import ClusterError
+from loong.worker.step_io import InstanceStep
 from tests.dist.conftest import ROOT, assert_clean, start_cluster
 
 SP = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -75,7 +75,7 @@ def test_torchrun_started_instances_serve_identically(tiny_loaded, tiny_path, mo
     env = dict(os.environ, LOONG_CLUSTER_KEY=key, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           "-m", "loong.serve.instance_main", "--manager", f"127.0.0.1:{manager_port}"]
+           "-m", "loong.cluster.instance_main", "--manager", f"127.0.0.1:{manager_port}"]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

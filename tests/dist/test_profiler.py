@@ -12,7 +12,7 @@ import pytest
 
 from loong import cli
 from loong.sched.cost_model import load_cost_model
-from loong.serve.profiler import default_grid, fit_profile, run_profile, summary_table
+from loong.tools.profiler import default_grid, fit_profile, run_profile, summary_table
 
 
 @pytest.fixture(scope="module")

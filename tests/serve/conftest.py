@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from loong.serve.server_process import ServerProcess as _ServerProcess  # noqa: E402
+from loong.tools.server_process import ServerProcess as _ServerProcess  # noqa: E402
 
 
 def make_engine(path, **kw):

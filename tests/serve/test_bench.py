@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from loong.bench import (BenchResult, bench_report, cmd_bench, format_summary, parse_bench_args,
+from loong.tools.bench import (BenchResult, bench_report, cmd_bench, format_summary, parse_bench_args,
                          to_record)
-from loong.bench_requests import (BenchRequest, build_requests, clip_lengths, length_limits,
+from loong.tools.bench_requests import (BenchRequest, build_requests, clip_lengths, length_limits,
                                   parse_random_workload, synthetic_token_ids)
 from loong.sim.arrivals import gamma_arrivals, poisson_arrivals
 from loong.sim.workloads import default_data_dir

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from loong.client import AsyncLoongClient, LoongClient, LoongClientError, build_request, collect
-from loong.client_cli import add_client_parser, cmd_client
+from loong.client.cli import add_client_parser, cmd_client
 from loong.v1 import loong_pb2, loong_pb2_grpc
 
 API_KEY = "secret"

@@ -16,10 +16,10 @@ from loong.sampling_params import SamplingParams
 from loong.sched.cluster_plan import (BatchGroupPlan, ChunkItem, ClusterStepPlan, DecodeGroupPlan,
                                       DecodeItem, InstanceCounters, KeepRange, MigrationPlan,
                                       PrefillGroupPlan, PrefillItem)
-from loong.worker.control_codec import (ControlConnection, ControlProtocolError, decode, encode)
-from loong.worker.messages import (Heartbeat, Hello, Inspect, InspectReply, InstanceResult,
-                                   InstanceSpec, InstanceStep, Ready, RequestSync, Reset, Setup,
-                                   Shutdown)
+from loong.cluster.control_codec import (ControlConnection, ControlProtocolError, decode, encode)
+from loong.cluster.messages import (Heartbeat, Hello, Inspect, InspectReply, InstanceSpec,
+                                    Ready, Reset, Setup, Shutdown)
+from loong.worker.step_io import InstanceResult, InstanceStep, RequestSync
 
 
 def full_plan() -> ClusterStepPlan:

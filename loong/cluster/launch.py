@@ -15,10 +15,10 @@ import time
 from multiprocessing.connection import Listener
 
 from loong.config import EngineConfig
-from loong.serve.cluster_executor import (ClusterError, ClusterExecutor, _close_listener,
+from loong.cluster.executor import (ClusterError, ClusterExecutor, _close_listener,
                                           _Instance)
-from loong.worker.control_codec import ControlConnection
-from loong.worker.messages import Hello, InstanceSpec, Setup
+from loong.cluster.control_codec import ControlConnection
+from loong.cluster.messages import Hello, InstanceSpec, Setup
 
 STARTUP_TIMEOUT_S = 300.0
 
@@ -27,7 +27,7 @@ def start_local(config: EngineConfig, model_config, weights) -> ClusterExecutor:
     """Spawn config.instances processes on this machine (gloo over loopback)."""
     import torch.multiprocessing as tmp
 
-    from loong.serve.instance_main import run_instance
+    from loong.cluster.instance_main import run_instance
 
     n = config.instances
     key = secrets.token_bytes(16)

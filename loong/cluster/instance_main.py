@@ -3,10 +3,10 @@
 Owns: the instance side of the control protocol (Hello -> Setup -> Ready, then
 InstanceStep -> InstanceResult until Shutdown; protobuf frames, see
 proto/loong/control/v1/control.proto) and building the instance's model and KV pool.
-Started by the local launcher (`ClusterExecutor.start_local`, weights
+Started by the local launcher (`loong.cluster.launch.start_local`, weights
 handed over in shared memory) or by torchrun:
 
-    LOONG_CLUSTER_KEY=<hex> torchrun --nproc-per-node N -m loong.serve.instance_main \\
+    LOONG_CLUSTER_KEY=<hex> torchrun --nproc-per-node N -m loong.cluster.instance_main \\
         --manager HOST:PORT
 
 (rank and world size from torchrun's RANK / WORLD_SIZE, the data plane from MASTER_ADDR /
@@ -65,9 +65,10 @@ def _build(setup, loaded, rank: int):
 
 def run_instance(address, authkey: bytes, rank: int, world_size: int, loaded=None) -> None:
     """Serve one instance until Shutdown. `loaded`: (ModelConfig, weights) or None (load)."""
-    from loong.worker.control_codec import ControlConnection
-    from loong.worker.messages import (HEARTBEAT_S, Heartbeat, Hello, Inspect, InstanceResult,
-                                       InstanceStep, Ready, Reset, Shutdown)
+    from loong.cluster.control_codec import ControlConnection
+    from loong.cluster.messages import (HEARTBEAT_S, Heartbeat, Hello, Inspect, Ready, Reset,
+                                        Shutdown)
+    from loong.worker.step_io import InstanceResult, InstanceStep
     conn = _LockedConn(ControlConnection(_connect(address, authkey)))
     conn.send(Hello(rank, world_size, os.getpid()))
     setup = conn.recv()
@@ -75,7 +76,7 @@ def run_instance(address, authkey: bytes, rank: int, world_size: int, loaded=Non
     import torch.distributed as dist
 
     from loong import ops
-    from loong.worker.comm import Comm, DataPlaneError
+    from loong.comm import Comm, DataPlaneError
     from loong.worker.instance import InstanceWorker
 
     torch.set_num_threads(max(1, setup.num_threads))
@@ -173,7 +174,7 @@ def _connect(address, authkey: bytes, timeout_s: float = CONNECT_TIMEOUT_S):
 
 
 def _inspect(worker, msg):
-    from loong.worker.messages import InspectReply
+    from loong.cluster.messages import InspectReply
     if msg.what == "kv":
         return InspectReply(kv=worker.shard_kv(msg.request_id))
     if msg.what == "integrity":

@@ -3,7 +3,7 @@
 Owns: `BenchRequest`, the workload names (`random:IN:OUT`, `leval-docs`, and every `loong
 sim` workload), deterministic synthetic prompt ids, length limits from the server's
 GetModelInfo, clipping, and arrival schedules identical to the simulator's for the same
-rate, arrival process and seed (see loong/bench.py for how they are sent). No torch.
+rate, arrival process and seed (see loong/tools/bench.py for how they are sent). No torch.
 """
 from __future__ import annotations
 

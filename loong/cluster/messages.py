@@ -1,18 +1,17 @@
-"""Control messages between the manager side (executor) and instance processes.
+"""Control messages between the manager side (executor) and instance processes: the
+handshake (Hello, Setup with an InstanceSpec, Ready), liveness (Heartbeat), Reset,
+Shutdown and inspection; the step itself is `loong.worker.step_io`.
 
-Plain data; no torch objects in requests (results and inspection replies may carry
-tensors, for tests). On the wire each message is one `loong.control.v1.ControlMessage`
+Plain data; no torch objects in requests (inspection replies may carry tensors, for
+tests). On the wire each message is one `loong.control.v1.ControlMessage`
 (proto/loong/control/v1/control.proto; `control_codec.py` converts): the field names here
 and there are the same. The data plane (KV, queries, partials) never goes through here.
 Must not import: torch, model or engine code.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-
-from loong.sampling_params import SamplingParams
-from loong.sched.cluster_plan import ClusterStepPlan, InstanceCounters
 
 
 @dataclass(frozen=True)
@@ -60,41 +59,6 @@ class Ready:
     block_size: int
     kv_bytes: int
     csrc: bool
-
-
-@dataclass(frozen=True)
-class RequestSync:
-    """Sampling state of one request for the instance that samples it this step.
-
-    `params`/`prompt_token_ids` are set when the instance does not know the request yet;
-    `output_token_ids` are the output tokens it has not seen (all of them for a new one).
-    """
-
-    request_id: str
-    params: SamplingParams | None
-    prompt_token_ids: tuple[int, ...] | None
-    output_token_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class InstanceStep:
-    plan: ClusterStepPlan
-    syncs: tuple[RequestSync, ...] = ()
-
-
-@dataclass
-class InstanceResult:
-    rank: int
-    step: int
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, Any] = field(default_factory=dict)
-    logits: dict[str, Any] = field(default_factory=dict)
-    shard_tokens: dict[str, int] = field(default_factory=dict)
-    free_blocks: int = 0
-    counters: InstanceCounters = field(default_factory=InstanceCounters)
-    error: str | None = None
-    # request -> why its own execution failed (it sampled no token; the others went on)
-    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -371,7 +371,7 @@ def run_profile(model: str | None = None, instances: int = 2, *, device: str = "
     profile (JSON-ready dict)."""
     from loong.engine.llm_engine import resolve_device, resolve_dtype
     from loong.model.loader import load_model_files
-    from loong.serve.cluster_executor import ClusterExecutor
+    from loong.cluster import launch
 
     if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
         raise ValueError(f"instances: must be a positive int, got {instances!r}")
@@ -395,7 +395,7 @@ def run_profile(model: str | None = None, instances: int = 2, *, device: str = "
     if mc.max_position_embeddings < max(max(grid.prefill_lengths), max(grid.decode_lengths) + 64):
         raise ValueError(f"model: its context ({mc.max_position_embeddings}) is shorter than the grid")
     info = machine_info()
-    ex = ClusterExecutor.start_local(cfg, mc, loaded.weights)
+    ex = launch.start_local(cfg, mc, loaded.weights)
     try:
         ready = ex.instances[0].ready
         kv_bpt = ready.kv_bytes // (ready.num_blocks * ready.block_size)

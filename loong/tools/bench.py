@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 
 
-from loong.bench_requests import (CHARS_PER_TOKEN, MAX_RETRIES, BenchRequest, build_requests,
+from loong.tools.bench_requests import (CHARS_PER_TOKEN, MAX_RETRIES, BenchRequest, build_requests,
                                   length_limits)
 from loong.sched.metrics import PAPER_SLOS, RequestRecord, summarize
 

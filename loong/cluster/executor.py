@@ -1,6 +1,6 @@
 """ClusterExecutor: the manager side of N instance processes.
 
-Owns (starting lives in cluster_start.py): the control connections (protobuf frames of
+Owns (starting lives in launch.py): the control connections (protobuf frames of
 proto/loong/control/v1/control.proto, through `ControlConnection`); turning one
 `ClusterStepPlan` into per-instance `InstanceStep`s (with the sampling state each sampling
 instance lacks), filing the instances' answers under the plans they answer and handing
@@ -24,11 +24,10 @@ from multiprocessing.connection import Listener
 from multiprocessing.connection import wait as mp_wait
 from typing import Mapping, Protocol, Sequence
 
-from loong.config import EngineConfig
 from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult, check_plan, remap_plan
-from loong.worker.control_codec import ControlConnection
-from loong.worker.messages import (Heartbeat, Inspect, InstanceResult, InstanceStep, Ready,
-                                   RequestSync, Reset, Shutdown)
+from loong.cluster.control_codec import ControlConnection
+from loong.cluster.messages import Heartbeat, Inspect, Ready, Reset, Shutdown
+from loong.worker.step_io import InstanceResult, InstanceStep, RequestSync
 
 HEARTBEAT_TIMEOUT_S = 3.0      # six missed heartbeats (messages.HEARTBEAT_S = 0.5)
 
@@ -113,19 +112,6 @@ class ClusterExecutor:
     @property
     def blocks_per_instance(self) -> int:
         return min(i.ready.num_blocks for i in self.instances)
-
-    # ----- starting (cluster_start.py) ---------------------------------------------------
-    @classmethod
-    def start_local(cls, config: EngineConfig, model_config, weights) -> "ClusterExecutor":
-        """Spawn config.instances processes on this machine (gloo over loopback)."""
-        from loong.serve.cluster_start import start_local
-        return start_local(config, model_config, weights)
-
-    @classmethod
-    def attach(cls, config: EngineConfig, address: str, key: bytes) -> "ClusterExecutor":
-        """Wait for config.instances torchrun-started instances to connect to `address`."""
-        from loong.serve.cluster_start import attach
-        return attach(config, address, key)
 
     # ----- running -------------------------------------------------------------------
     def submit(self, plan: ClusterStepPlan, requests: Mapping[str, RequestView]) -> None:
