@@ -13,6 +13,9 @@ out 0 / lse -inf for queries without keys; DESIGN.md rule 4). Kernel choice:
     (fp16/bf16 only) and `_scaled_dot_product_efficient_attention` (any float; its logsumexp
     is padded along L to a multiple of 32, and is sliced here). GQA expands kv heads.
 
+Shape checks, the empty result and `gather_kv` (device-independent torch) come from
+loong.attention.cpu, which re-exports them from loong.ops.torch_attention.
+
 Must not import: loong modules outside loong.attention.
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from loong.attention.cpu import _check_decode, _check_qkv, _empty_result, gather_kv
+from loong.attention.cpu import check_decode, check_qkv, empty_result, gather_kv
 from loong.attention.lse import compose_chunk_prefill
 
 Tensor = torch.Tensor
@@ -67,11 +70,11 @@ def _expand_kv(k: Tensor, g: int) -> Tensor:
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
                fn: str) -> Tuple[Tensor, Tensor]:
-    g = _check_qkv(q, k, v, fn)
+    g = check_qkv(q, k, v, fn)
     if causal and q.shape[0] != k.shape[0]:
         raise ValueError(f"{fn}: Lq={q.shape[0]} must equal Lk={k.shape[0]}")
     if q.shape[0] == 0 or k.shape[0] == 0:
-        return _empty_result(q)
+        return empty_result(q)
     fa = _flash_attn()
     if fa and q.dtype in (torch.float16, torch.bfloat16):
         out, lse, _ = fa.flash_attn_func(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
@@ -94,11 +97,11 @@ def full_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tenso
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                            context_lens: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
     """q `[B, H, D]` against each row's context_lens[b] cached tokens -> (out, lse `[B, H]`)."""
-    g = _check_decode(q, k_cache, v_cache, block_tables, context_lens)
+    g = check_decode(q, k_cache, v_cache, block_tables, context_lens)
     B, H, D = q.shape
     nb, bs, hkv, _ = k_cache.shape
     if B == 0:
-        return _empty_result(q)
+        return empty_result(q)
     lens = context_lens.to(torch.int32)
     empty = lens <= 0
     fa = _flash_attn()
@@ -112,7 +115,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         # One padded gather of whole blocks + efficient attention with an additive mask.
         max_len = int(lens.max())
         if max_len <= 0:
-            return _empty_result(q)
+            return empty_result(q)
         nblk = -(-max_len // bs)
         tbl = block_tables[:, :nblk].long()
         used = (torch.arange(nblk, device=q.device).view(1, -1)

@@ -1,9 +1,12 @@
 """Merging partial attention results through their log-sum-exp (the one merge primitive).
 
-Owns: `merge_attention` and `merge_attention_many`. Every attention function in loong returns
-`(out, lse)` where `lse` is fp32, natural log, and has the shape of `out` without its last dim
-(DESIGN.md, rule 4). Two partial results over disjoint key sets A and B combine exactly into the
-result over A u B:
+Owns: the merge contract below, `merge_attention_many` and `compose_chunk_prefill`;
+`merge_attention` (the two-way merge) is implemented in `loong.ops.torch_elementwise`, where
+it is also the fallback of the C++ kernel `loong.ops.lse_merge`, and is re-exported here.
+
+Every attention function in loong returns `(out, lse)` where `lse` is fp32, natural log, and
+has the shape of `out` without its last dim (DESIGN.md, rule 4). Two partial results over
+disjoint key sets A and B combine exactly into the result over A u B:
 
     lse = log(exp(lse_a) + exp(lse_b))
     out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse)
@@ -12,7 +15,7 @@ An empty key set is written as out = 0, lse = -inf; it is the identity of the me
 two empty partials gives an empty one (out 0, lse -inf) rather than NaN. This is what lets ring
 prefill and distributed decode merge whatever shards they receive in any order and grouping.
 
-Must not import: anything from loong beyond this package's siblings (it imports only torch).
+Must not import: anything from loong beyond this package's siblings and loong.ops (below it).
 """
 from __future__ import annotations
 
@@ -20,45 +23,11 @@ from typing import Sequence, Tuple
 
 import torch
 
+from loong.ops.torch_elementwise import check_merge_pair, merge_attention
+
 Tensor = torch.Tensor
 
-__all__ = ["merge_attention", "merge_attention_many"]
-
-
-def _check_pair(out: Tensor, lse: Tensor, what: str) -> None:
-    if out.shape[:-1] != lse.shape:
-        raise ValueError(
-            f"{what}: lse shape {tuple(lse.shape)} must equal out shape without its last dim "
-            f"{tuple(out.shape[:-1])}")
-
-
-def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
-                    lse_b: Tensor) -> Tuple[Tensor, Tensor]:
-    """Merge two partial attention results over disjoint key sets.
-
-    out_*: `[..., D]` any float dtype; lse_*: `[...]` (fp32 expected; other floats are upcast).
-    Returns (out `[..., D]` in out_a's dtype, lse `[...]` fp32). Math is done in fp32.
-    -inf in either lse is handled (that side contributes nothing); both -inf gives out 0, lse -inf.
-    """
-    _check_pair(out_a, lse_a, "merge_attention(a)")
-    _check_pair(out_b, lse_b, "merge_attention(b)")
-    if out_a.shape != out_b.shape:
-        raise ValueError(f"merge_attention: out shapes differ {tuple(out_a.shape)} vs "
-                         f"{tuple(out_b.shape)}")
-    la = lse_a.float()
-    lb = lse_b.float()
-    m = torch.maximum(la, lb)
-    # Where both sides are empty m is -inf and (l - m) would be NaN: shift by 0 instead.
-    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    wa = torch.exp(la - m)
-    wb = torch.exp(lb - m)
-    s = wa + wb
-    lse = m + torch.log(s)                      # s == 0 -> log 0 = -inf (m was set to 0)
-    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-    wa = (wa * inv).unsqueeze(-1)
-    wb = (wb * inv).unsqueeze(-1)
-    out = out_a.float() * wa + out_b.float() * wb
-    return out.to(out_a.dtype), lse
+__all__ = ["merge_attention", "merge_attention_many", "compose_chunk_prefill"]
 
 
 def merge_attention_many(outs: Sequence[Tensor],
@@ -74,7 +43,7 @@ def merge_attention_many(outs: Sequence[Tensor],
     if len(outs) == 0:
         raise ValueError("merge_attention_many: need at least one partial result")
     for i, (o, l) in enumerate(zip(outs, lses)):
-        _check_pair(o, l, f"merge_attention_many[{i}]")
+        check_merge_pair(o, l, f"merge_attention_many[{i}]")
         if o.shape != outs[0].shape:
             raise ValueError(f"merge_attention_many: out[{i}] shape {tuple(o.shape)} differs "
                              f"from out[0] shape {tuple(outs[0].shape)}")

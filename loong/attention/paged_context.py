@@ -4,7 +4,7 @@ Owns: the per-step metadata (slot mapping, decode block tables, prefill segments
 order of work inside a layer: store the step's k/v in the paged cache, run batched paged
 decode for the decode rows, and chunked-prefill attention (own chunk causal + earlier
 context in full, merged by log-sum-exp) for each prefill segment.
-The flat batch holds decode tokens first, then prefill chunks (see `sched/plan.py`).
+The flat batch holds decode tokens first, then prefill chunks (see `worker/replica_step.py`).
 """
 from __future__ import annotations
 

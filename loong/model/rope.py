@@ -1,8 +1,11 @@
 """Rotary position embedding with the Hugging Face `rope_scaling` variants.
 
-Owns: inverse frequencies for default, linear, dynamic NTK, YaRN and llama3 RoPE, the
-cos/sin cache, and applying the rotation (rotate-half layout, as Hugging Face checkpoints
-store q/k). Imports torch only.
+Owns: inverse frequencies for default, linear, dynamic NTK, YaRN and llama3 RoPE and the
+cos/sin cache. `apply_rotary` (the rotation, rotate-half layout as Hugging Face checkpoints
+store q/k) is re-exported from `loong.ops.torch_elementwise`, where it is also the fallback of
+the C++ kernel `loong.ops.rotary_`.
+
+Must not import: loong modules other than loong.model.config and loong.ops (torch otherwise).
 
 Dynamic NTK depends on the sequence length. Hugging Face recomputes it from the longest
 position in each forward call; we use, per sequence, the last position scheduled in the
@@ -15,6 +18,9 @@ import math
 import torch
 
 from loong.model.config import ModelConfig
+from loong.ops.torch_elementwise import apply_rotary
+
+__all__ = ["inv_freq_and_scale", "RotaryEmbedding", "apply_rotary"]
 
 
 def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
@@ -131,12 +137,3 @@ class RotaryEmbedding:
                     cos[start:end], sin[start:end] = c, s
         return cos, sin
 
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos/sin: [T, D]. Returns x rotated (rotate-half convention)."""
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos + rotated * sin

@@ -11,6 +11,7 @@ from loong.attention import get_attention_backend
 from loong.attention import cpu as acpu
 from loong.attention.lse import merge_attention, merge_attention_many
 from loong.attention.reference import attention_reference
+from loong.ops import torch_attention
 
 HEADS = [(9, 3, 64), (4, 4, 32)]        # (H, Hkv, D): SmolLM2 GQA shape and plain MHA
 DTYPES = [torch.float32, torch.bfloat16]
@@ -274,7 +275,7 @@ def test_paged_decode(strategy, bs, dtype, H, Hkv, D):
 def test_paged_decode_grouping(monkeypatch, budget, fn):
     """Every grouping of the torch fallback (all per-row, mixed, one batched call), and the
     dispatching entry point (the C++ kernel when built), give the reference answer."""
-    monkeypatch.setattr(acpu, "DECODE_GROUP_TOKENS", budget)
+    monkeypatch.setattr(torch_attention, "DECODE_GROUP_TOKENS", budget)
     g = torch.Generator().manual_seed(12)
     lens = [3, 0, 40, 7, 7, 100, 1, 64]
     kc, vc, tables, cl, rows_kv = make_paged(lens, 3, 64, 4, torch.float32, g)

@@ -3,41 +3,49 @@
 Owns: `csrc_available`, `paged_decode_attention`, `lse_merge`, `causal_attention`,
 `full_attention`, the decoder layer's fused elementwise ops (`rms_norm`, `add_rms_norm`,
 `rotary_`, `silu_mul`), KV block pack / unpack for migration (`kv_pack`, `kv_unpack_`),
-`build_info`, `load_error`, and the build recipe (`EXTENSION_NAME`, `extension_sources`,
-`EXTRA_CFLAGS`, `EXTRA_LDFLAGS`) that a setup.py-time build can reuse.
+`build_info`, `load_error`, the loading state (tried once, thread-safe, one warning), and
+re-exports the build recipe (`EXTENSION_NAME`, `extension_sources`, `EXTRA_CFLAGS`,
+`EXTRA_LDFLAGS`) that a setup.py-time build can reuse. Submodules: `build` (the recipe, the
+cache key, loading), `torch_attention`, `torch_elementwise` and `torch_kv` (the torch
+implementations: fallbacks and parity baselines).
 
 The extension `loong_cpu_ops` is compiled just in time with torch.utils.cpp_extension (ninja,
 the host C++ compiler, `-O3 -march=native -fopenmp`) on first use, once per machine: the build
 directory is `~/.cache/loong/torch_extensions/<key>` where the key hashes the sources, the
 torch and Python versions, the flags and the CPU's feature flags (a `-march=native` binary must
 never be reused on a CPU with fewer features). `LOONG_EXTENSIONS_DIR` replaces
-`~/.cache/loong/torch_extensions`; `LOONG_CSRC_CFLAGS` appends compiler flags (part of the key). A module `loong._loong_cpu_ops` built ahead of time (e.g. by
-setup.py with the same sources) is preferred when present. The first build takes about a
-minute; later processes load the cached library in well under a second.
+`~/.cache/loong/torch_extensions`; `LOONG_CSRC_CFLAGS` appends compiler flags (part of the
+key). A module `loong._loong_cpu_ops` built ahead of time (e.g. by setup.py with the same
+sources) is preferred when present. The first build takes about a minute; later processes load
+the cached library in well under a second.
 
 Fallbacks: with `LOONG_DISABLE_CSRC=1`, or if the build fails (no compiler, no ninja, sources
-not shipped), every function here runs the torch implementation
-(`loong.attention.cpu.paged_decode_attention_torch`, `loong.attention.lse.merge_attention`,
-`loong.kv.pack.kv_pack_torch` / `kv_unpack_torch_`, ...); a build failure is reported once
+not shipped), every function here runs the torch implementation in this package
+(`torch_attention.paged_decode_attention_torch`, `torch_elementwise.merge_attention`,
+`torch_kv.kv_pack_torch` / `kv_unpack_torch_`, ...); a build failure is reported once
 with a RuntimeWarning. Inputs the kernels do not handle (non-CPU tensors, dtypes other than
 float32 / bfloat16 for decode, mixed dtypes, non-contiguous caches) also take the torch path,
 so the functions accept whatever the fallbacks accept.
 
-Must not import: loong modules at import time (the fallbacks are imported when first needed),
-so loong.attention can import this module without a cycle.
+Must not import: any loong module outside this package (loong.attention, loong.kv and
+loong.model import this package and re-export its torch implementations; dependencies point
+one way, down to here).
 """
 from __future__ import annotations
 
-import hashlib
-import importlib
 import logging
-import os
-import sys
 import threading
 import warnings
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
+
+from loong.ops import build
+from loong.ops import torch_attention as ta
+from loong.ops import torch_elementwise as te
+from loong.ops import torch_kv as tk
+from loong.ops.build import EXTENSION_NAME, EXTRA_CFLAGS, EXTRA_LDFLAGS, extension_sources
+from loong.ops.torch_elementwise import rms_norm_torch
 
 Tensor = torch.Tensor
 
@@ -48,82 +56,17 @@ __all__ = ["csrc_available", "paged_decode_attention", "lse_merge", "causal_atte
 
 log = logging.getLogger(__name__)
 
-EXTENSION_NAME = "loong_cpu_ops"
-EXTRA_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
-EXTRA_LDFLAGS = ["-fopenmp"]
-_SOURCE_FILES = ("paged_attention.cpp", "lse_merge.cpp", "prefill_attention.cpp",
-                 "fused_elementwise.cpp", "kv_pack.cpp", "bindings.cpp")
-_CSRC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "csrc", "cpu")
-_PREBUILT = "loong._loong_cpu_ops"
-
+# Loading state. Tests reset these attributes (and replace `_load`) on this module, so `_get`
+# reads them here, never through another module.
 _lock = threading.Lock()
 _ext = None                       # the loaded module
 _tried = False                    # a load was attempted (successfully or not)
 _error: Optional[str] = None      # why the extension is unavailable
 
 
-def extension_sources() -> List[str]:
-    """Absolute paths of the C++ sources of `loong_cpu_ops`."""
-    return [os.path.join(_CSRC_DIR, f) for f in _SOURCE_FILES]
-
-
-def _cpu_signature() -> str:
-    """The CPU model and feature flags (what -march=native compiles for)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-        keep = [ln for ln in lines if ln.startswith(("flags", "model name", "vendor_id"))]
-        return "\n".join(sorted(set(keep)))
-    except OSError:
-        import platform
-        return f"{platform.machine()} {platform.processor()}"
-
-
-def _cflags() -> List[str]:
-    """EXTRA_CFLAGS plus any from LOONG_CSRC_CFLAGS (e.g. '-march=x86-64-v3' for a binary that
-    runs on older CPUs, or '-mno-avx512f' to test the scalar code)."""
-    return EXTRA_CFLAGS + os.environ.get("LOONG_CSRC_CFLAGS", "").split()
-
-
-def _build_dir(sources: List[str]) -> str:
-    h = hashlib.sha256()
-    for path in sources:
-        with open(path, "rb") as f:
-            h.update(os.path.basename(path).encode() + b"\0" + f.read() + b"\0")
-    h.update(f"torch={torch.__version__} python={sys.version_info[:2]} "
-             f"cflags={_cflags()} ldflags={EXTRA_LDFLAGS}".encode())
-    h.update(_cpu_signature().encode())
-    root = os.environ.get("LOONG_EXTENSIONS_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "loong", "torch_extensions")
-    return os.path.join(root, h.hexdigest()[:20])
-
-
-def _disabled() -> bool:
-    return os.environ.get("LOONG_DISABLE_CSRC", "").strip().lower() not in ("", "0", "false",
-                                                                            "no")
-
-
 def _load():
     """Import the prebuilt module or JIT-build it; raises on failure."""
-    try:
-        return importlib.import_module(_PREBUILT)
-    except ImportError:
-        pass
-    sources = extension_sources()
-    missing = [s for s in sources if not os.path.exists(s)]
-    if missing:
-        raise FileNotFoundError(f"C++ sources not found: {missing}")
-    from torch.utils import cpp_extension
-
-    build_dir = _build_dir(sources)
-    os.makedirs(build_dir, exist_ok=True)
-    log.info("loong.ops: loading %s from %s (the first build on a machine takes about a "
-             "minute)", EXTENSION_NAME, build_dir)
-    verbose = os.environ.get("LOONG_CSRC_VERBOSE", "") not in ("", "0")
-    return cpp_extension.load(name=EXTENSION_NAME, sources=sources, extra_cflags=_cflags(),
-                              extra_ldflags=EXTRA_LDFLAGS, build_directory=build_dir,
-                              verbose=verbose)
+    return build.load_extension()
 
 
 def _get():
@@ -134,7 +77,7 @@ def _get():
     with _lock:
         if _tried:
             return _ext
-        if _disabled():
+        if build.csrc_disabled():
             _error = "disabled by LOONG_DISABLE_CSRC"
             log.info("loong.ops: C++ kernels disabled by LOONG_DISABLE_CSRC; using torch")
         else:
@@ -174,7 +117,7 @@ _MERGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                            context_lens: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
     """Paged decode attention; same contract as
-    `loong.attention.cpu.paged_decode_attention_torch`.
+    `torch_attention.paged_decode_attention_torch`.
 
     q `[B, H, D]`, caches `[num_blocks, block_size, Hkv, D]`, block_tables int32
     `[B, max_blocks]`, context_lens int32 `[B]` -> (out `[B, H, D]` in q's dtype, lse `[B, H]`
@@ -188,9 +131,8 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
             or v_cache.dtype != q.dtype or q.device.type != "cpu"
             or k_cache.device.type != "cpu" or v_cache.device.type != "cpu"
             or not k_cache.is_contiguous() or not v_cache.is_contiguous()):
-        from loong.attention.cpu import paged_decode_attention_torch
-        return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens,
-                                            scale)
+        return ta.paged_decode_attention_torch(q, k_cache, v_cache, block_tables,
+                                               context_lens, scale)
     if block_tables.dtype != torch.int32 or not block_tables.is_contiguous():
         block_tables = block_tables.to(torch.int32).contiguous()
     if context_lens.dtype != torch.int32 or not context_lens.is_contiguous():
@@ -203,7 +145,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
 def lse_merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
               lse_b: Tensor) -> Tuple[Tensor, Tensor]:
     """Merge two partial attention results over disjoint key sets; same contract as
-    `loong.attention.lse.merge_attention`.
+    `torch_elementwise.merge_attention`.
 
     out_* `[..., D]`, lse_* `[...]` -> (out in out_a's dtype, lse fp32); an lse of -inf marks an
     empty partial (both empty: out 0, lse -inf). The C++ kernel runs for CPU tensors whose outs
@@ -215,8 +157,7 @@ def lse_merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
             or lse_a.shape != out_a.shape[:-1] or lse_b.shape != out_a.shape[:-1]
             or not lse_a.is_floating_point() or not lse_b.is_floating_point()
             or any(t.device.type != "cpu" for t in (out_a, lse_a, out_b, lse_b))):
-        from loong.attention.lse import merge_attention
-        return merge_attention(out_a, lse_a, out_b, lse_b)
+        return te.merge_attention(out_a, lse_a, out_b, lse_b)
     out, lse = ext.lse_merge(out_a.contiguous(), lse_a.float().contiguous(),
                              out_b.contiguous(), lse_b.float().contiguous())
     return out, lse
@@ -250,38 +191,36 @@ def prefill_kernel_supports(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
     """Square causal prefill attention; same contract as
-    `loong.attention.cpu.causal_attention_torch` (q `[L, H, D]`, k/v `[L, Hkv, D]`, query i
+    `torch_attention.causal_attention_torch` (q `[L, H, D]`, k/v `[L, Hkv, D]`, query i
     sees keys 0..i -> out `[L, H, D]` in q's dtype, lse `[L, H]` fp32 natural log).
 
     Runs the C++ kernel when `prefill_kernel_supports` the inputs (any strides), else the torch
     implementation. Bad shapes raise ValueError (checked by the torch path's validator).
     """
-    from loong.attention import cpu as _acpu
-    _acpu._check_qkv(q, k, v, "causal_attention")
+    ta.check_qkv(q, k, v, "causal_attention")
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"causal_attention: Lq={q.shape[0]} must equal Lk={k.shape[0]}")
     if not prefill_kernel_supports(q, k, v):
-        return _acpu.causal_attention_torch(q, k, v, scale)
+        return ta.causal_attention_torch(q, k, v, scale)
     out, lse = _get().prefill_attention(q, k, v, float(scale), True)
     return out, lse
 
 
 def full_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
     """Unmasked attention (every query sees every key; Lk == 0 gives out 0, lse -inf); same
-    contract as `loong.attention.cpu.full_attention_torch`. The C++ kernel runs when
+    contract as `torch_attention.full_attention_torch`. The C++ kernel runs when
     `prefill_kernel_supports` the inputs and there are at least FULL_KERNEL_MIN_LQ queries,
     else the torch implementation."""
-    from loong.attention import cpu as _acpu
-    _acpu._check_qkv(q, k, v, "full_attention")
+    ta.check_qkv(q, k, v, "full_attention")
     if q.shape[0] < FULL_KERNEL_MIN_LQ or not prefill_kernel_supports(q, k, v):
-        return _acpu.full_attention_torch(q, k, v, scale)
+        return ta.full_attention_torch(q, k, v, scale)
     out, lse = _get().prefill_attention(q, k, v, float(scale), False)
     return out, lse
 
 
 # Fused elementwise ops of the decoder layer (csrc/cpu/fused_elementwise.cpp). The kernels run
 # for CPU float32 / bfloat16 tensors of one dtype with a contiguous last dim; anything else runs
-# the torch code below, which has the same semantics.
+# the torch code in torch_elementwise, which has the same semantics.
 _ELEMENTWISE_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -290,13 +229,6 @@ def _rows_ok(x: Tensor, weight: Tensor) -> bool:
             and x.device.type == "cpu" and x.stride(1) == 1 and weight.dim() == 1
             and weight.shape[0] == x.shape[1] and weight.is_contiguous()
             and weight.device.type == "cpu")
-
-
-def rms_norm_torch(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Hugging Face RMSNorm: normalise in fp32 (fp32 statistics), cast to x's dtype, then
-    multiply by weight in that dtype."""
-    import torch.nn.functional as F
-    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * weight
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -321,7 +253,7 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Ten
 
 def rotary_(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate-half RoPE in place: x `[T, heads, D]` (any strides), cos/sin `[T, D]`; x becomes
-    `loong.model.rope.apply_rotary(x, cos, sin)` (products and sum rounded in x's dtype).
+    `torch_elementwise.apply_rotary(x, cos, sin)` (products and sum rounded in x's dtype).
     Returns x."""
     ext = _get()
     if (ext is None or x.dtype not in _ELEMENTWISE_DTYPES or x.dim() != 3
@@ -330,8 +262,7 @@ def rotary_(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
             or cos.shape != (x.shape[0], x.shape[2]) or sin.shape != cos.shape
             or not cos.is_contiguous() or not sin.is_contiguous()
             or cos.device.type != "cpu" or sin.device.type != "cpu"):
-        from loong.model.rope import apply_rotary
-        return x.copy_(apply_rotary(x, cos, sin))
+        return x.copy_(te.apply_rotary(x, cos, sin))
     ext.rotary_(x, cos, sin)
     return x
 
@@ -341,15 +272,13 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     ext = _get()
     if (ext is None or gate_up.dtype not in _ELEMENTWISE_DTYPES or gate_up.dim() != 2
             or gate_up.device.type != "cpu" or gate_up.stride(1) != 1 or gate_up.shape[1] % 2):
-        import torch.nn.functional as F
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return te.silu_mul_torch(gate_up)
     return ext.silu_mul(gate_up)
 
 
 # KV block pack / unpack (csrc/cpu/kv_pack.cpp): one memcpy per (layer, k/v, slot) row. The
 # kernels run for a contiguous CPU cache of these dtypes and integer slots (converted to a
-# contiguous CPU int64 tensor); anything else runs loong.kv.pack, which has the same contract.
+# contiguous CPU int64 tensor); anything else runs torch_kv, which has the same contract.
 _PACK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -366,7 +295,7 @@ def _pack_kernel_slots(kv: Tensor, slots: Tensor) -> Tensor | None:
 
 
 def kv_pack(kv: Tensor, slots: Tensor) -> Tensor:
-    """Gather KV slots for migration; same contract as `loong.kv.pack.kv_pack_torch`.
+    """Gather KV slots for migration; same contract as `torch_kv.kv_pack_torch`.
 
     kv `[L, 2, num_blocks, block_size, H, D]`, slots 1-D integer `[n]` (slot = block_id *
     block_size + offset, any order, may be empty) -> new contiguous `[L, 2, n, H, D]` with
@@ -377,21 +306,19 @@ def kv_pack(kv: Tensor, slots: Tensor) -> Tensor:
     ext = _get()
     idx = _pack_kernel_slots(kv, slots) if ext is not None else None
     if idx is None:
-        from loong.kv.pack import kv_pack_torch
-        return kv_pack_torch(kv, slots)
+        return tk.kv_pack_torch(kv, slots)
     return ext.kv_pack(kv, idx)
 
 
 def kv_unpack_(kv: Tensor, slots: Tensor, packed: Tensor) -> None:
     """Write packed `[L, 2, n, H, D]` (kv's dtype) into the slots of kv in place, the inverse
-    of `kv_pack`; same contract as `loong.kv.pack.kv_unpack_torch_`. Slots must be distinct
+    of `kv_pack`; same contract as `torch_kv.kv_unpack_torch_`. Slots must be distinct
     (with a repeated slot, which row lands is unspecified). Bad shapes / dtypes raise
     ValueError, a slot outside the cache IndexError; nothing is written then."""
     ext = _get()
     idx = _pack_kernel_slots(kv, slots) if ext is not None else None
     if (idx is None or not isinstance(packed, Tensor) or packed.dtype != kv.dtype
             or packed.device.type != "cpu"):
-        from loong.kv.pack import kv_unpack_torch_
-        kv_unpack_torch_(kv, slots, packed)
+        tk.kv_unpack_torch_(kv, slots, packed)
         return
     ext.kv_unpack_(kv, idx, packed.contiguous())
