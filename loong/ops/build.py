@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import logging
 import os
+import time
 import sys
 from typing import List
 
@@ -96,9 +97,30 @@ def load_extension():
 
     directory = build_dir(sources)
     os.makedirs(directory, exist_ok=True)
+    clear_stale_lock(directory)
     log.info("loong.ops: loading %s from %s (the first build on a machine takes about a "
              "minute)", EXTENSION_NAME, directory)
     verbose = os.environ.get("LOONG_CSRC_VERBOSE", "") not in ("", "0")
     return cpp_extension.load(name=EXTENSION_NAME, sources=sources, extra_cflags=cflags(),
                               extra_ldflags=EXTRA_LDFLAGS, build_directory=directory,
                               verbose=verbose)
+
+
+STALE_LOCK_S = 600.0     # a build takes about a minute; a lock this old has no owner left
+
+
+def clear_stale_lock(directory: str) -> None:
+    """torch's build lock is a file; a build killed midway leaves it behind and every later
+    process would wait on it forever. Remove one older than STALE_LOCK_S."""
+    lock = os.path.join(directory, "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("loong.ops: removing a build lock left %.0f s ago by a build that did not "
+                    "finish (%s)", age, lock)
+        try:
+            os.remove(lock)
+        except OSError:
+            pass
