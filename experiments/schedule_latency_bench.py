@@ -42,7 +42,8 @@ from loong.sched.cluster_plan import ClusterStepResult  # noqa: E402
 from loong.sched.cost_model import load_cost_model  # noqa: E402
 from loong.sched.policies.dp_batching import dp_batching  # noqa: E402
 from loong.sched.policies.elastic import ElasticConfig, ElasticPolicy  # noqa: E402
-from loong.sched.policies.simple_esp import ESPPolicyConfig, _Req  # noqa: E402
+from loong.sched.policies.placement import ESPRequest  # noqa: E402
+from loong.sched.policies.simple_esp import ESPPolicyConfig  # noqa: E402
 
 INSTANCES, BLOCK = 64, 16
 GOAL_MS = 2.0
@@ -97,22 +98,28 @@ def apply(pol, plan) -> list[str]:
 
 
 def snapshot(pol):
+    st = pol.state
     reqs = {r.rid: (r.seq, r.tokens, dict(r.placement), r.master)
-            for r in list(pol.waiting) + list(pol.running.values())}
-    return (reqs, [r.rid for r in pol.waiting], list(pol.running), list(pol.used),
-            dict(pol.__dict__))
+            for r in list(st.waiting) + list(st.running.values())}
+    return (reqs, [r.rid for r in st.waiting], list(st.running), list(st.used),
+            dict(pol.__dict__), dict(st.__dict__),
+            {h: dict(getattr(pol, h).__dict__) for h in ("decoder", "dispatcher")})
 
 
 def restore(pol, snap):
-    reqs, waiting, running, used, attrs = snap
-    objs = {rid: _Req(rid, seq, toks, dict(pl), m) for rid, (seq, toks, pl, m) in reqs.items()}
+    reqs, waiting, running, used, attrs, st_attrs, helpers = snap
+    objs = {rid: ESPRequest(rid, seq, toks, dict(pl), m)
+            for rid, (seq, toks, pl, m) in reqs.items()}
     pol.__dict__.update(attrs)
-    pol.waiting = deque(objs[rid] for rid in waiting)
-    pol.running = {rid: objs[rid] for rid in running}
-    pol.used = list(used)
-    pol._in_flight, pol._releases, pol._migrations = set(), [], []
-    pol.stats = {k: (dict(v) if isinstance(v, dict) else v) for k, v in attrs["stats"].items()}
-    pol._head = attrs["_head"]
+    for h, h_attrs in helpers.items():
+        getattr(pol, h).__dict__.update(h_attrs)
+    st = pol.state
+    st.__dict__.update(st_attrs)
+    st.waiting = deque(objs[rid] for rid in waiting)
+    st.running = {rid: objs[rid] for rid in running}
+    st.used[:] = used                  # the block mirror's own list
+    st.in_flight, st.releases, st.migrations = set(), [], []
+    st.stats = {k: (dict(v) if isinstance(v, dict) else v) for k, v in st_attrs["stats"].items()}
 
 
 def pct(xs, p):

@@ -1,16 +1,18 @@
 """EngineConfig: the user-facing knobs of one engine (model, dtype, KV cache, batching),
 and RequestLimits: the bounds every request is checked against before any work is done.
 
-Pure Python; no torch. Validation names the field at fault.
+Pure Python; no torch; of the policy layer it imports only the policy names
+(`loong.sched.policies.names`). Validation names the field at fault.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
 from loong.errors import InvalidRequestError
+from loong.sched.policies.names import POLICY_NAMES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-CLUSTER_POLICIES = (None, "elastic", "simple", "chunked-prefill", "pd-disagg")
+CLUSTER_POLICIES = (None, *POLICY_NAMES)     # None: the engine's default policy
 
 
 @dataclass(frozen=True)
@@ -80,11 +82,13 @@ class EngineConfig:
     instance_threads: int | None = None
     # A data-plane send/recv that does not complete in this time fails the step.
     data_plane_timeout_s: float = 120.0
-    # Cluster policy: "elastic" (LoongServe's scheduling) or "simple" (SimpleESPPolicy,
-    # whose knobs follow). None: elastic, unless a SimpleESPPolicy knob below is set.
-    # The baselines, over replicas of one instance each: "chunked-prefill" (LightLLM
-    # SplitFuse per instance, chunks of max_num_batched_tokens) and "pd-disagg" (half the
-    # instances prefill whole prompts, the rest decode; needs instances >= 2).
+    # Cluster policy: one of loong.sched.policies.names.POLICY_NAMES (what each means:
+    # loong.sched.policies.registry): "elastic" (LoongServe's scheduling), "simple"
+    # (SimpleESPPolicy, whose knobs follow), "static-sp"; the baselines, over replicas of
+    # one instance each: "chunked-prefill" (LightLLM SplitFuse per instance, chunks of
+    # max_num_batched_tokens), "sarathi", "vllm" and "pd-disagg" (half the instances
+    # prefill whole prompts, the rest decode; needs instances >= 2). None: the engine's
+    # default policy.
     policy: str | None = None
     # The elastic policy's cost model: a preset name or a CostModel JSON path. None: the
     # profiled CPU preset where it exists, else the A800 one (only ratios matter to it).

@@ -55,6 +55,49 @@ def _check_bool(name: str, value: Any) -> bool:
     return value
 
 
+def _stop_strings(stop: Any) -> tuple[str, ...]:
+    """`stop` checked and as a tuple."""
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str):
+        stop = (stop,)
+    elif isinstance(stop, (list, tuple)):
+        stop = tuple(stop)
+    else:
+        raise InvalidRequestError(
+            "stop", f"must be a string or a list of strings, got {type(stop).__name__}")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidRequestError(
+            "stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+    for s in stop:
+        if not isinstance(s, str):
+            raise InvalidRequestError(
+                "stop", f"every stop string must be a str, got {type(s).__name__}")
+        if not s:
+            raise InvalidRequestError("stop", "stop strings must be non-empty")
+        if len(s) > MAX_STOP_STRING_LEN:
+            raise InvalidRequestError(
+                "stop", f"stop strings must be at most {MAX_STOP_STRING_LEN} characters")
+    return stop
+
+
+def _stop_token_ids(stop_token_ids: Any) -> tuple[int, ...]:
+    """`stop_token_ids` checked and as a tuple."""
+    if stop_token_ids is None:
+        stop_token_ids = ()
+    elif isinstance(stop_token_ids, (list, tuple)):
+        stop_token_ids = tuple(stop_token_ids)
+    else:
+        raise InvalidRequestError(
+            "stop_token_ids",
+            f"must be a list of integers, got {type(stop_token_ids).__name__}")
+    for t in stop_token_ids:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise InvalidRequestError(
+                "stop_token_ids", f"every id must be a non-negative integer, got {t!r}")
+    return stop_token_ids
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens for one request and when to stop. Validated on construction."""
@@ -77,8 +120,29 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
+        # Each group is checked in this order (the first bad field is the one reported),
+        # then the values are normalised: floats are floats, -1 top_k is 0, sequences are
+        # tuples.
+        self._check_lengths()
+        temperature, top_p, top_k, min_p = self._check_shaping()
+        penalties = self._check_penalties()
+        stop, stop_token_ids = _stop_strings(self.stop), _stop_token_ids(self.stop_token_ids)
+        _check_bool("ignore_eos", self.ignore_eos)
+        _check_bool("include_stop_str_in_output", self.include_stop_str_in_output)
+        _check_bool("skip_special_tokens", self.skip_special_tokens)
+        self._check_logprobs()
         setattr_ = object.__setattr__
-        # --- lengths ---
+        setattr_(self, "temperature", temperature)
+        setattr_(self, "top_p", top_p)
+        setattr_(self, "top_k", 0 if top_k == -1 else top_k)
+        setattr_(self, "min_p", min_p)
+        for name, value in zip(("repetition_penalty", "presence_penalty", "frequency_penalty"),
+                               penalties):
+            setattr_(self, name, value)
+        setattr_(self, "stop", stop)
+        setattr_(self, "stop_token_ids", stop_token_ids)
+
+    def _check_lengths(self) -> None:
         max_tokens = _check_int("max_tokens", self.max_tokens)
         if max_tokens < 1:
             raise InvalidRequestError("max_tokens", f"must be >= 1, got {max_tokens}")
@@ -89,7 +153,8 @@ class SamplingParams:
             raise InvalidRequestError(
                 "min_tokens", f"must be <= max_tokens ({max_tokens}), got {min_tokens}")
 
-        # --- randomness shaping ---
+    def _check_shaping(self) -> tuple[float, float, int, float]:
+        """Randomness shaping and the seed; returns (temperature, top_p, top_k, min_p)."""
         temperature = _check_float("temperature", self.temperature)
         if temperature < 0.0:
             raise InvalidRequestError("temperature", f"must be >= 0, got {temperature}")
@@ -106,8 +171,10 @@ class SamplingParams:
             seed = _check_int("seed", self.seed)
             if not MIN_SEED <= seed < MAX_SEED:
                 raise InvalidRequestError("seed", f"must be in [-2**63, 2**64), got {seed}")
+        return temperature, top_p, top_k, min_p
 
-        # --- penalties ---
+    def _check_penalties(self) -> tuple[float, float, float]:
+        """(repetition_penalty, presence_penalty, frequency_penalty), checked."""
         repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty)
         if repetition_penalty <= 0.0:
             raise InvalidRequestError(
@@ -120,64 +187,14 @@ class SamplingParams:
         if not -2.0 <= frequency_penalty <= 2.0:
             raise InvalidRequestError(
                 "frequency_penalty", f"must be in [-2, 2], got {frequency_penalty}")
+        return repetition_penalty, presence_penalty, frequency_penalty
 
-        # --- stop conditions ---
-        stop = self.stop
-        if stop is None:
-            stop = ()
-        elif isinstance(stop, str):
-            stop = (stop,)
-        elif isinstance(stop, (list, tuple)):
-            stop = tuple(stop)
-        else:
-            raise InvalidRequestError(
-                "stop", f"must be a string or a list of strings, got {type(stop).__name__}")
-        if len(stop) > MAX_STOP_STRINGS:
-            raise InvalidRequestError(
-                "stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
-        for s in stop:
-            if not isinstance(s, str):
-                raise InvalidRequestError(
-                    "stop", f"every stop string must be a str, got {type(s).__name__}")
-            if not s:
-                raise InvalidRequestError("stop", "stop strings must be non-empty")
-            if len(s) > MAX_STOP_STRING_LEN:
-                raise InvalidRequestError(
-                    "stop", f"stop strings must be at most {MAX_STOP_STRING_LEN} characters")
-        stop_token_ids = self.stop_token_ids
-        if stop_token_ids is None:
-            stop_token_ids = ()
-        elif isinstance(stop_token_ids, (list, tuple)):
-            stop_token_ids = tuple(stop_token_ids)
-        else:
-            raise InvalidRequestError(
-                "stop_token_ids",
-                f"must be a list of integers, got {type(stop_token_ids).__name__}")
-        for t in stop_token_ids:
-            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-                raise InvalidRequestError(
-                    "stop_token_ids", f"every id must be a non-negative integer, got {t!r}")
-        _check_bool("ignore_eos", self.ignore_eos)
-        _check_bool("include_stop_str_in_output", self.include_stop_str_in_output)
-        _check_bool("skip_special_tokens", self.skip_special_tokens)
-
-        # --- logprobs ---
+    def _check_logprobs(self) -> None:
         if self.logprobs is not None:
             logprobs = _check_int("logprobs", self.logprobs)
             if not 0 <= logprobs <= MAX_LOGPROBS:
                 raise InvalidRequestError(
                     "logprobs", f"must be in [0, {MAX_LOGPROBS}], got {logprobs}")
-
-        # Normalise: floats are floats, -1 top_k is 0, sequences are tuples.
-        setattr_(self, "temperature", temperature)
-        setattr_(self, "top_p", top_p)
-        setattr_(self, "top_k", 0 if top_k == -1 else top_k)
-        setattr_(self, "min_p", min_p)
-        setattr_(self, "repetition_penalty", repetition_penalty)
-        setattr_(self, "presence_penalty", presence_penalty)
-        setattr_(self, "frequency_penalty", frequency_penalty)
-        setattr_(self, "stop", stop)
-        setattr_(self, "stop_token_ids", stop_token_ids)
 
     # ------------------------------------------------------------------ queries
     def is_greedy(self) -> bool:

@@ -1,49 +1,32 @@
 """One simulated serving run: workload + arrivals + policy + cost model -> metrics JSON.
 
-Owns: `POLICIES` (the cluster policies the simulator can drive, built on one contract) and
-`run_simulation`, which `loong sim` and the experiments call. The metrics are those of
+Owns: the simulator's choice of policy options (`sim_policy_spec`: the paper's replica
+sizes, SplitFuse budgets per workload, vLLM's sequence limit) and `run_simulation`, which
+`loong sim` and the experiments call; the policy itself comes from the one registry
+(`loong.sched.policies.registry.build_policy`). The metrics are those of
 `loong.sched.metrics`, the same the real benchmarks report.
 Never imports torch.
 """
 from __future__ import annotations
 
 import time
-from typing import Callable
 
-from loong.sched.cost_model import CostModel, load_cost_model
+from loong.sched.cost_model import load_cost_model
 from loong.sched.metrics import PAPER_SLOS, summarize
-from loong.sched.policies.elastic import ElasticPolicy
-from loong.sched.policies.pd_disagg import PDDisaggPolicy
-from loong.sched.policies.replica_batching import ReplicaConfig, ReplicaPolicy
-from loong.sched.policies.simple_esp import ESPPolicyConfig, SimpleESPPolicy
-from loong.sched.queues import QueueDiscipline
+from loong.sched.policies.registry import (POLICY_NAMES, REPLICA_POLICY_NAMES, PolicySpec,
+                                           build_policy)
 from loong.sim.arrivals import assign_arrivals, gamma_arrivals, poisson_arrivals
 from loong.sim.simulator import Simulator
 from loong.sim.workloads import build_workload
-
-
-def _elastic(cfg: ESPPolicyConfig, cost: CostModel):
-    return ElasticPolicy(cfg, cost)
-
-
-def _simple(cfg: ESPPolicyConfig, cost: CostModel):
-    return SimpleESPPolicy(cfg)
-
-
-def _static_sp(cfg: ESPPolicyConfig, cost: CostModel):
-    # LoongServe's "w/o ESP" path: every prefill over all instances, KV left spread over
-    # them (no scale-down), one decode master, prefill and decode never side by side.
-    import dataclasses
-    return SimpleESPPolicy(dataclasses.replace(
-        cfg, prefill_group_size=cfg.num_instances, decode_masters=1, concurrent_prefill=False,
-        balanced_keep=True))
-
 
 # The paper's baselines on one 8-GPU node (4 of our TP2 instances): LightLLM SplitFuse and
 # vLLM as one TP8 replica (4 instances), DistServe as a TP4 prefill replica and a TP2 x PP2
 # decode replica (2 instances each). Token budgets per workload are the paper's SplitFuse
 # block sizes.
 SPLITFUSE_BUDGET = {"sharegpt": 256, "leval": 2048, "lveval": 16384, "mixed": 2048, "zipf": 512}
+# Prompt tokens one prefill step (ESP) or prefill-only iteration (vllm, pd-disagg) takes at
+# most, and the chunks' sum per SplitFuse iteration: in effect no limit.
+SIM_MAX_PREFILL_TOKENS = 500_000
 
 
 def paper_dataset(workload: str) -> str:
@@ -66,42 +49,24 @@ def default_replica_size(policy: str, instances: int) -> int:
 VLLM_MAX_NUM_SEQS = 256
 
 
-def _replica_cfg(cfg: ESPPolicyConfig, replica_size: int | None, budget: int | None,
-                 policy: str, **kw) -> ReplicaConfig:
-    k = replica_size or default_replica_size(policy, cfg.num_instances)
-    kw.setdefault("max_num_seqs", cfg.max_num_seqs)
-    return ReplicaConfig(cfg.num_instances, cfg.blocks_per_instance, cfg.block_size,
-                         replica_size=k, token_budget=budget,
-                         max_prefill_tokens=cfg.max_prefill_tokens, **kw)
-
-
-def _chunked(cfg, cost, replica_size=None, token_budget=2048, dispatch="least-loaded"):
-    # LightLLM SplitFuse, the paper's chunked-prefill baseline: the block size bounds each
-    # prompt's chunk; every decode runs every iteration.
-    return ReplicaPolicy(_replica_cfg(cfg, replica_size, token_budget, "chunked-prefill",
-                                      chunk_per_request=True, dispatch=dispatch))
-
-
-def _sarathi(cfg, cost, replica_size=None, token_budget=2048, dispatch="least-loaded"):
-    # Sarathi-Serve / vLLM chunked prefill: one token budget per iteration, decodes first.
-    return ReplicaPolicy(_replica_cfg(cfg, replica_size, token_budget, "sarathi",
-                                      dispatch=dispatch))
-
-
-def _vllm(cfg, cost, replica_size=None, token_budget=None, dispatch="least-loaded"):
-    return ReplicaPolicy(_replica_cfg(cfg, replica_size, None, "vllm", dispatch=dispatch,
-                                      max_num_seqs=min(cfg.max_num_seqs, VLLM_MAX_NUM_SEQS)))
-
-
-def _pd(cfg, cost, replica_size=None, token_budget=None, dispatch="least-loaded"):
-    rc = _replica_cfg(cfg, replica_size, None, "pd-disagg", dispatch=dispatch)
-    return PDDisaggPolicy(rc, prefill_instances=max(rc.replica_size, cfg.num_instances // 2))
-
-
-POLICIES: dict[str, Callable] = {"elastic": _elastic, "static-sp": _static_sp, "simple": _simple,
-                                 "chunked-prefill": _chunked, "sarathi": _sarathi, "vllm": _vllm,
-                                 "pd-disagg": _pd}
-REPLICA_POLICIES = ("chunked-prefill", "sarathi", "vllm", "pd-disagg")
+def sim_policy_spec(policy: str, instances: int, blocks_per_instance: int, block_size: int = 16,
+                    max_num_seqs: int = 1024, workload: str = "mixed",
+                    replica_size: int | None = None, token_budget: int | None = None,
+                    dispatch: str = "least-loaded", queue: str = "fcfs") -> PolicySpec:
+    """The simulator's `PolicySpec` for `policy`: the paper's settings where the caller
+    gives none (replica sizes of `default_replica_size`, SplitFuse budgets per
+    `workload`, vLLM's limit of running sequences)."""
+    spec = dict(name=policy, num_instances=instances, blocks_per_instance=blocks_per_instance,
+                block_size=block_size, max_num_seqs=max_num_seqs,
+                max_prefill_tokens=SIM_MAX_PREFILL_TOKENS, queue=queue)
+    if policy not in REPLICA_POLICY_NAMES:
+        return PolicySpec(**spec)
+    if policy == "vllm":
+        spec["max_num_seqs"] = min(max_num_seqs, VLLM_MAX_NUM_SEQS)
+    if policy in ("chunked-prefill", "sarathi"):
+        spec["token_budget"] = token_budget or SPLITFUSE_BUDGET.get(paper_dataset(workload), 2048)
+    return PolicySpec(**spec, replica_size=replica_size or default_replica_size(policy, instances),
+                      dispatch=dispatch)
 
 
 def run_simulation(workload: str, policy: str = "elastic", instances: int = 4,
@@ -115,14 +80,14 @@ def run_simulation(workload: str, policy: str = "elastic", instances: int = 4,
     statistics). rate None replays a trace's real arrival times. `dispatch` (replica
     baselines): "least-loaded" or "round-robin". `keep_records` adds "records", the
     per-request `RequestRecord`s (not JSON), for readouts the summary lacks."""
-    if policy not in POLICIES:
-        raise ValueError(f"policy: {policy!r} is not one of {sorted(POLICIES)}")
+    if policy not in POLICY_NAMES:
+        raise ValueError(f"policy: {policy!r} is not one of {sorted(POLICY_NAMES)}")
     if instances < 1:
         raise ValueError(f"instances: must be >= 1, got {instances}")
-    if replica_size is not None and policy not in REPLICA_POLICIES:
-        raise ValueError(f"replica_size: only for {list(REPLICA_POLICIES)}, not {policy!r}")
-    if dispatch != "least-loaded" and policy not in REPLICA_POLICIES:
-        raise ValueError(f"dispatch: only for {list(REPLICA_POLICIES)}, not {policy!r}")
+    if replica_size is not None and policy not in REPLICA_POLICY_NAMES:
+        raise ValueError(f"replica_size: only for {list(REPLICA_POLICY_NAMES)}, not {policy!r}")
+    if dispatch != "least-loaded" and policy not in REPLICA_POLICY_NAMES:
+        raise ValueError(f"dispatch: only for {list(REPLICA_POLICY_NAMES)}, not {policy!r}")
     cost = load_cost_model(preset)
     reqs = build_workload(workload, data_dir, requests, seed)
     if not reqs:
@@ -138,20 +103,15 @@ def run_simulation(workload: str, policy: str = "elastic", instances: int = 4,
     else:
         raise ValueError(f"arrival: {arrival!r} is not 'poisson' or 'gamma'")
     blocks = cost.tokens_per_instance // block_size
-    cfg = ESPPolicyConfig(instances, blocks, block_size, max_prefill_tokens=500_000,
-                          max_num_seqs=max_num_seqs)
     base = paper_dataset(workload)
-    if policy in REPLICA_POLICIES:
-        budget = token_budget or SPLITFUSE_BUDGET.get(base, 2048)
-        pol = POLICIES[policy](cfg, cost, replica_size, budget, dispatch)
-    else:
-        pol = POLICIES[policy](cfg, cost)
-    pol.queue = QueueDiscipline(queue, cost)
+    pol = build_policy(sim_policy_spec(policy, instances, blocks, block_size, max_num_seqs,
+                                       workload, replica_size, token_budget, dispatch, queue),
+                       cost)
     capacity = pol.max_request_tokens()
     too_long = [r for r in reqs if r.input_len + r.output_len > capacity]
     if too_long:
         raise ValueError(f"workload: {len(too_long)} requests need more KV than one {policy} "
-                         f"{'replica' if policy in REPLICA_POLICIES else 'cluster'} of "
+                         f"{'replica' if policy in REPLICA_POLICY_NAMES else 'cluster'} of "
                          f"{instances} instances holds ({capacity} tokens), e.g. "
                          f"{too_long[0].input_len}+{too_long[0].output_len} tokens; use more "
                          f"instances or a larger replica")

@@ -26,16 +26,9 @@ from loong.sched.cluster_plan import (BatchGroupPlan, ClusterStepPlan, ClusterSt
                                       DecodeGroupPlan, PrefillGroupPlan)
 from loong.sched.cost_model import CostModel
 from loong.sched.metrics import RequestRecord
+from loong.sched.policies.protocol import ClusterPolicy
 
 SIM_TOKEN = 1      # the token id every simulated sample returns
-
-
-class ClusterPolicy(Protocol):
-    def add(self, rid: str, prompt_token_ids: list[int]) -> None: ...
-    def finish(self, rid: str) -> None: ...
-    def schedule(self, maintenance_only: bool = False, busy: frozenset[int] = frozenset()
-                 ) -> ClusterStepPlan: ...
-    def update(self, result: ClusterStepResult, done=None) -> None: ...
 
 
 class SimRequest(Protocol):

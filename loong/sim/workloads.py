@@ -10,8 +10,9 @@ the caller gives (a directory holding the trace files, or one with a `traces/` f
 `default_data_dir()` finds `../shared/data` next to a source checkout and returns None when
 it is absent. Per-workload sources, licenses, filters and statistics: `WORKLOADS.md`.
 
-Pure Python + numpy. Must not import torch, nor anything of loong outside `loong.errors`;
-the simulator and the benchmark clients import this module on machines without torch.
+Pure Python + numpy. Must not import torch, nor anything of loong outside `loong.errors`
+and `loong.sim.traces` (which itself imports only `loong.errors`); the simulator and the
+benchmark clients import this module on machines without torch.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from loong.sim.traces import (  # noqa: F401  (re-exported: the readers' public home)
-    TRACE_FILES, WorkloadFormatError, WorkloadRequest, read_stats_csv, read_azure_csv, read_leval_csv, read_mooncake_jsonl, read_jsonl_trace, read_trace, default_data_dir, trace_path, PathLike, _err, _int_field, _time_field, _csv_rows, _jsonl_rows, _need)
+    TRACE_FILES, WorkloadFormatError, WorkloadRequest, read_stats_csv, read_azure_csv, read_leval_csv, read_mooncake_jsonl, read_jsonl_trace, read_trace, default_data_dir, trace_path, PathLike)
 
 
 # ---------------------------------------------------------------------------------------

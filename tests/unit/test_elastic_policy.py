@@ -8,16 +8,17 @@ plan and the block mirror after every group). No model, no torch.
 import copy
 import dataclasses
 import random
-import types
 from collections import deque
 from dataclasses import dataclass
 
 import pytest
 
-from loong.sched.cluster_plan import ClusterStepResult
+from loong.sched.cluster_plan import ClusterStepResult, DecodeGroupPlan, DecodeItem
 from loong.sched.cost_model import CostModel, DecodeCoeffs, PrefillCoeffs, get_preset
 from loong.sched.policies.dp_batching import dp_batching
 from loong.sched.policies.elastic import ElasticConfig, ElasticPolicy
+from loong.sched.policies.esp_decode import DecodePlanner
+from loong.sched.policies.placement import blocks
 from loong.sched.policies.simple_esp import ESPPolicyConfig, SimpleESPPolicy
 from loong.sim.simulator import Simulator
 from tests.fake_cluster import FakeCluster
@@ -147,9 +148,10 @@ class Req:
     arrival_s: float
 
 
-def _random_run(seed, policy_cls=ElasticPolicy):
+def _random_run(seed, policy_cls=ElasticPolicy, **knobs):
     """A randomized simulation on small pools (preemption, scale-up, paused decodes and
-    consolidation all happen): (requests, policy, simulator, result)."""
+    consolidation all happen): (requests, policy, simulator, result). `knobs`: more
+    ESPPolicyConfig options (prompts longer than a prefill group holds are left out)."""
     rng = random.Random(seed)
     n = rng.randint(2, 8)
     blocks, bs = rng.choice([24, 48]), rng.choice([8, 16])
@@ -160,8 +162,9 @@ def _random_run(seed, policy_cls=ElasticPolicy):
     top = max(8, n * cap // 2)
     reqs = [Req(rng.choice([rng.randint(1, 60), rng.randint(60, top)]), rng.randint(1, 120),
                 rng.uniform(0, 3)) for _ in range(rng.randint(150, 250))]
-    pol = policy_cls(ESPPolicyConfig(n, blocks, bs, max_prefill_tokens=10**9), cost,
+    pol = policy_cls(ESPPolicyConfig(n, blocks, bs, max_prefill_tokens=10**9, **knobs), cost,
                      ElasticConfig(max_ooe=rng.choice([0, 2, 8]), dp_exact_cells=rng.choice([0, 48])))
+    reqs = [r for r in reqs if r.input_len <= pol.max_prompt_tokens()]
     sim = Simulator(pol, cost, n, blocks, bs)
     return reqs, pol, sim, sim.run(reqs)  # raises on any plan or mirror mismatch, or a leak
 
@@ -251,31 +254,123 @@ def test_prefills_still_start_on_idle_instances_while_decodes_wait():
     assert not plan.decodes
 
 # ----- the fast paths give the reference results -------------------------------------------
-class _CheckedDecode(ElasticPolicy):
-    """Every decode plan is also made by SimpleESPPolicy's code on a copy of the policy;
-    the plans, preemptions and resulting states must be equal."""
-    checks = 0
+def _reference_choose_masters(st, batch, busy=frozenset()):
+    """The plain ESP policy's original choice of masters (a sort of every instance per
+    request): the oracle the one decode planner must agree with."""
+    cfg, bs = st.cfg, st.cfg.block_size
+    extra = [0] * cfg.num_instances                  # blocks reserved this step
 
-    def _plan_decode(self, preempted, busy, ready=None, masters=None):
-        twin = copy.copy(self)        # what a decode plan reads or changes, copied
-        reqs = {id(r): dataclasses.replace(r, placement=dict(r.placement))
-                for r in (*self.waiting, *self.running.values())}
-        twin.running = {rid: reqs[id(r)] for rid, r in self.running.items()}
-        twin.waiting = deque(reqs[id(r)] for r in self.waiting)
-        twin.used, twin.stats = list(self.used), copy.deepcopy(self.stats)
-        twin._releases, twin._migrations = list(self._releases), list(self._migrations)
-        twin._choose_masters = types.MethodType(SimpleESPPolicy._choose_masters, twin)
+    def room(m, r):
+        return r.placement.get(m, 0) % bs != 0 or st.free(m) - extra[m] > 0
+
+    forced = [None] * len(batch)
+    if cfg.decode_masters:
+        open_ = sorted((i for i in range(cfg.num_instances)
+                        if st.free(i) > 0 and i not in busy),
+                       key=lambda i: (-st.free(i), i)) or [min(set(range(cfg.num_instances)) - busy)]
+        if cfg.rotate_masters:
+            shift = st.step % len(open_)
+            open_ = open_[shift:] + open_[:shift]
+        masters = open_[:min(cfg.decode_masters, len(open_))]
+        k = len(masters)
+        forced = [masters[i * k // len(batch)] for i in range(len(batch))]
+    out = []
+    for r, want in zip(batch, forced):
+        cands = [want] if want is not None else []
+        if r.master is not None:
+            cands.append(r.master)
+        cands += sorted(range(cfg.num_instances), key=lambda i: (-(st.free(i) - extra[i]), i))
+        m = next((c for c in cands if c not in busy and room(c, r)), None)
+        if m is None:
+            return None
+        extra[m] += 1 if r.placement.get(m, 0) % bs == 0 else 0
+        out.append(m)
+    return out
+
+
+def _reference_plan_decode(st, preempted, busy):
+    """The plain ESP policy's original decode plan, on an ESPState: the oracle."""
+    cfg, bs = st.cfg, st.cfg.block_size
+    while True:
+        ready = [r for r in st.running.values() if r.rid not in st.in_flight
+                 and not busy.intersection(r.placement)]
+        batch = sorted(ready, key=lambda r: r.seq)[:cfg.max_num_seqs]
+        if not batch:
+            return None
+        chosen = _reference_choose_masters(st, batch, busy)
+        if chosen is not None:
+            break
+        victim = max(batch, key=lambda r: r.seq)
+        st.preempt(victim)
+        preempted.append(victim.rid)
+    items = []
+    for r, m in sorted(zip(batch, chosen), key=lambda x: (x[1], x[0].seq)):
+        if m not in r.placement:      # a new instance joins the request (scale-up)
+            st.stats["scale_ups"] += 1
+        shards = tuple(sorted((i, t) for i, t in r.placement.items() if t > 0))
+        items.append(DecodeItem(r.rid, r.tokens[-1], len(r.tokens) - 1, m, shards))
+        t = r.placement.get(m, 0)
+        st.used[m] += blocks(t + 1, bs) - blocks(t, bs)
+        r.placement[m] = t + 1
+        r.master = m
+    members = sorted({it.master for it in items} | {i for it in items for i, _ in it.shards})
+    st.stats["decode_steps"] += 1
+    ms = st.stats["masters"]
+    nm = len({it.master for it in items})
+    ms[nm] = ms.get(nm, 0) + 1
+    return DecodeGroupPlan(tuple(members), tuple(items))
+
+
+def _twin(st):
+    """A copy of an ESPState deep enough for a decode plan (requests, mirror, queues)."""
+    twin = copy.copy(st)
+    reqs = {id(r): dataclasses.replace(r, placement=dict(r.placement))
+            for r in (*st.waiting, *st.running.values())}
+    twin.running = {rid: reqs[id(r)] for rid, r in st.running.items()}
+    twin.waiting = deque(reqs[id(r)] for r in st.waiting)
+    twin.mirror = copy.copy(st.mirror)
+    twin.mirror.used = twin.used = list(st.used)
+    twin.stats = copy.deepcopy(st.stats)
+    twin.releases, twin.migrations = list(st.releases), list(st.migrations)
+    twin.in_flight = set(st.in_flight)
+    return twin
+
+
+class _CheckedDecoder(DecodePlanner):
+    """Every decode plan is also made by the reference code on a copy of the state; the
+    plans, preemptions and resulting states must be equal."""
+
+    def plan(self, preempted, busy, ready=None, masters=None):
+        twin = _twin(self.state)
         twin_pre: list[str] = []
-        want = SimpleESPPolicy._plan_decode(twin, twin_pre, set(busy))
+        want = _reference_plan_decode(twin, twin_pre, set(busy))
         before = list(preempted)
-        got = super()._plan_decode(preempted, busy, ready, masters)
+        got = super().plan(preempted, busy, ready, masters)
+        st = self.state
         assert got == want and preempted == before + twin_pre
-        assert self.used == twin.used and self.stats == twin.stats
-        assert [r.rid for r in self.waiting] == [r.rid for r in twin.waiting]
-        assert {r.rid: (r.placement, r.master) for r in self.running.values()} == \
+        assert st.used == twin.used and st.stats == twin.stats
+        assert [r.rid for r in st.waiting] == [r.rid for r in twin.waiting]
+        assert {r.rid: (r.placement, r.master) for r in st.running.values()} == \
             {r.rid: (r.placement, r.master) for r in twin.running.values()}
         _CheckedDecode.checks += 1
         return got
+
+
+class _CheckedDecode(ElasticPolicy):
+    """ElasticPolicy whose decode planner is checked against the reference."""
+    checks = 0
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.decoder = _CheckedDecoder(self.state)
+
+
+class _CheckedSimple(SimpleESPPolicy):
+    """SimpleESPPolicy whose decode planner is checked against the reference."""
+
+    def __init__(self, cfg, cost=None, elastic=None):
+        super().__init__(cfg)
+        self.decoder = _CheckedDecoder(self.state)
 
 
 @pytest.mark.parametrize("seed", range(2))
@@ -284,6 +379,20 @@ def test_fast_decode_plans_equal_simple_esp_plans(seed):
     reqs, pol, _, res = _random_run(seed, _CheckedDecode)
     assert len(res.records) == len(reqs) and _CheckedDecode.checks > 100
     assert pol.stats["preemptions"] > 0 and pol.stats["scale_ups"] > 0
+
+
+@pytest.mark.parametrize("cls,knobs", [
+    (_CheckedDecode, dict(decode_masters=2)),
+    (_CheckedDecode, dict(decode_masters=3, rotate_masters=True)),
+    (_CheckedSimple, {}),
+    (_CheckedSimple, dict(decode_masters=2, rotate_masters=True)),
+    (_CheckedSimple, dict(decode_masters=1)),
+])
+def test_one_decode_planner_equals_the_reference_with_every_knob(cls, knobs):
+    _CheckedDecode.checks = 0
+    reqs, pol, _, res = _random_run(2, cls, **knobs)
+    assert len(res.records) == len(reqs) and _CheckedDecode.checks > 100
+    assert pol.stats["preemptions"] > 0
 
 
 def test_batching_with_the_policys_coefficients_equals_batching_with_the_cost_model():

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from loong.cli import main
-from loong.sim.run import POLICIES, run_simulation
+from loong.sched.policies.registry import POLICY_NAMES, build_policy
+from loong.sim.run import run_simulation, sim_policy_spec
 
 
 def _trace(tmp_path, rows):
@@ -19,7 +20,7 @@ def _trace(tmp_path, rows):
 
 def test_every_policy_serves_lveval_deterministically():
     outs = {}
-    for policy in sorted(POLICIES):
+    for policy in sorted(POLICY_NAMES):
         if policy == "pd-disagg":
             # Its decode replica (2 instances) cannot hold LV-Eval's longest requests (the
             # paper did not run DistServe there either): a clear error, before any work.
@@ -69,14 +70,13 @@ def test_cli_sim_writes_json(tmp_path, capsys):
 
 def test_paper_settings_per_workload_and_baseline():
     from loong.sched.cost_model import get_preset
-    from loong.sched.policies.simple_esp import ESPPolicyConfig
     from loong.sim.run import VLLM_MAX_NUM_SEQS, paper_dataset
     assert [paper_dataset(w) for w in ("sharegpt-loong", "sharegpt", "zipf-1.2", "leval",
                                        "jsonl:/x.jsonl")] == [
         "sharegpt", "sharegpt", "zipf", "leval", "jsonl"]
-    cfg = ESPPolicyConfig(4, 1000, 16, max_num_seqs=1024)
     cost = get_preset("a800-lwm7b-tp2")
-    vllm, sf, sarathi = (POLICIES[p](cfg, cost, None, 256)
+    vllm, sf, sarathi = (build_policy(sim_policy_spec(p, 4, 1000, 16, max_num_seqs=1024,
+                                                      token_budget=256), cost)
                          for p in ("vllm", "chunked-prefill", "sarathi"))
     assert vllm.cfg.max_num_seqs == VLLM_MAX_NUM_SEQS and vllm.cfg.token_budget is None
     assert sf.cfg.chunk_per_request and sf.cfg.max_num_seqs == 1024

@@ -1,6 +1,6 @@
 """ElasticPolicy's step 0: KV consolidation by migration.
 
-Owns `ConsolidationMixin`: when the queue's head would fit (or prefill faster) with one
+Owns `ConsolidationPlanner`: when the queue's head would fit (or prefill faster) with one
 more instance free of decode KV, pack the decode KV of the least-used instance into the
 other decode instances (`MigrationPlan`s of whole shards, fullest destinations first,
 keeping a block per request there for decode growth), while that pays: unconditionally
@@ -10,36 +10,42 @@ to max_new_per_step requests, at most max_prefill_tokens) by more than the migra
 takes (`cost.migration_ms`); at most `max_consolidations` instances per schedule().
 Only instances whose requests can all decode now are packed.
 
-schedule() latency: `_consolidation_target` makes the cheap checks first; only when they
-pass does `_kv_map` walk the running requests, once, for both the instance -> requests
-map packing needs and the per-instance context of the ready decodes that `_est_wait`
-needs. Mixed in before `SimpleESPPolicy` (uses its state and `request_migration`).
-Pure Python: never imports torch.
+schedule() latency: `target` makes the cheap checks first; only when they pass does
+`kv_map` walk the running requests, once, for both the instance -> requests map packing
+needs and the per-instance context of the ready decodes that `est_wait` needs.
+Works on the policy's `ESPState` (migrations through `ESPState.migrate`).
+Pure Python: imports only the cost model and sibling policy modules; never torch.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from operator import attrgetter
 
-from loong.sched.policies.simple_esp import _blocks, _Req
+from loong.sched.cost_model import CostModel
+from loong.sched.policies.elastic_config import ElasticConfig
+from loong.sched.policies.esp_state import ESPState
+from loong.sched.policies.placement import BY_SEQ, ESPRequest, blocks
+from loong.sched.policies.prefill_time import PrefillTimes
 
-_SEQ = attrgetter("seq")
 
+class ConsolidationPlanner:
+    def __init__(self, state: ESPState, times: PrefillTimes, cost: CostModel,
+                 ecfg: ElasticConfig) -> None:
+        self.state, self.times, self.cost, self.ecfg = state, times, cost, ecfg
 
-class ConsolidationMixin:
-    def _consolidation_target(self, free: list[int]):
+    def target(self, free: list[int]):
         """(head blocks, prefix tokens, prefix squares, idle, hold) when packing may pay
         (two or more free instances hold KV, one more instance free of KV would fit the
         head or speed up the prefix), else None."""
-        cfg, T = self.cfg, self._t
-        used, bpi = self.used, cfg.blocks_per_instance
-        need = _blocks(len(self.waiting[0].tokens), cfg.block_size)
+        st = self.state
+        cfg, T = st.cfg, self.times.t
+        used, bpi = st.used, cfg.blocks_per_instance
+        need = blocks(len(st.waiting[0].tokens), cfg.block_size)
         idle = [i for i in free if used[i] == 0]
         hold = [i for i in free if used[i] > 0]
         if len(hold) < 2 or need > (len(idle) + 1) * bpi:
             return None                 # nothing to pack, or one more would not make it fit
         s = q = 0.0
-        for k, r in enumerate(self.waiting):
+        for k, r in enumerate(st.waiting):
             n = len(r.tokens)
             if k >= self.ecfg.max_new_per_step or (k and s + n > cfg.max_prefill_tokens):
                 break
@@ -48,15 +54,15 @@ class ConsolidationMixin:
             return None                 # it fits, and one more instance would not be faster
         return need, s, q, idle, hold
 
-    def _kv_map(self, ready: list[_Req]):
+    def kv_map(self, ready: list[ESPRequest]):
         """One walk over the running requests: instance -> requests with KV there, the
         instances holding KV of a request not in `ready`, and the context tokens of the
         `ready` ones per instance."""
         ready_ids = {id(r) for r in ready}
-        on: dict[int, list[_Req]] = defaultdict(list)
+        on: dict[int, list[ESPRequest]] = defaultdict(list)
         blocked: set[int] = set()
-        ctx = [0] * self.cfg.num_instances
-        for r in self.running.values():
+        ctx = [0] * self.state.cfg.num_instances
+        for r in self.state.running.values():
             pl = r.placement
             if id(r) in ready_ids:
                 for i, t in pl.items():
@@ -68,12 +74,13 @@ class ConsolidationMixin:
                 blocked.update(pl)
         return on, blocked, ctx
 
-    def _consolidate(self, target, est_wait: float, on: dict[int, list[_Req]],
-                     blocked: set[int]) -> None:
+    def consolidate(self, target, est_wait: float, on: dict[int, list[ESPRequest]],
+                    blocked: set[int]) -> None:
         """Pack decode KV to free whole instances for the waiting requests while that pays
-        (`target` from `_consolidation_target`, `on` and `blocked` from `_kv_map`)."""
+        (`target` from `target()`, `on` and `blocked` from `kv_map`)."""
         need, s, q, idle, hold = target
-        T, used, bpi = self._t, self.used, self.cfg.blocks_per_instance
+        st = self.state
+        T, used, bpi = self.times.t, st.used, st.cfg.blocks_per_instance
         order = sorted(hold, key=lambda i: (-used[i], i))      # fullest first
         room = {d: bpi - used[d] - len(on[d]) - 1 for d in hold}   # decode growth
         spare = sum(v for v in room.values() if v > 0)          # over `order`
@@ -101,20 +108,20 @@ class ConsolidationMixin:
             change = self._pack(src, dsts, room, movers, on)
             if change is None:
                 return
-            self.stats["consolidations"] += 1
+            st.stats["consolidations"] += 1
             spare += change - max(0, room[src])
             order.remove(src)
             idle.append(src)
 
-    def _pack(self, src: int, dsts: list[int], room: dict[int, int], movers: list[_Req],
-              on: dict[int, list[_Req]]) -> int | None:
+    def _pack(self, src: int, dsts: list[int], room: dict[int, int],
+              movers: list[ESPRequest], on: dict[int, list[ESPRequest]]) -> int | None:
         """Move every shard on src to dsts (in the order given); the mirror follows.
         Returns how much the positive room of dsts changed, or None (nothing moved) when
         they cannot take it all."""
-        bs = self.cfg.block_size
+        bs = self.state.cfg.block_size
         plan = []
         left = dict(room)             # room (free blocks kept for decode growth) after it
-        for r in sorted(movers, key=_SEQ):
+        for r in sorted(movers, key=BY_SEQ):
             t = r.placement[src]
             for d in dsts:
                 if t == 0:
@@ -124,7 +131,7 @@ class ConsolidationMixin:
                 take = min(t, cap)
                 if take <= 0:
                     continue
-                left[d] -= _blocks(have + take, bs) - _blocks(have, bs)
+                left[d] -= blocks(have + take, bs) - blocks(have, bs)
                 plan.append((r, d, take))
                 t -= take
             if t:
@@ -132,7 +139,7 @@ class ConsolidationMixin:
         before = {d: room[d] for _, d, _ in plan}
         room.update(left)
         for r, d, take in plan:
-            self.request_migration(r.rid, src, d, take)
+            self.state.migrate(r.rid, src, d, take)
             if all(x.rid != r.rid for x in on.setdefault(d, [])):
                 on[d].append(r)
                 room[d] -= 1
@@ -141,4 +148,3 @@ class ConsolidationMixin:
                 r.master = max(r.placement, key=lambda i: (r.placement[i], -i))
         on[src] = []
         return sum(max(0, room[d]) - max(0, v) for d, v in before.items())
-

@@ -8,14 +8,16 @@ A request waits on its prefill replica, holding its KV, until some decode replic
 room for it. The transfer overlaps the replicas' compute unless they are idle
 (see the simulator). The paper's setting: prefill TP4 and decode TP2 x PP2 on one
 8-GPU node, i.e. two replicas of two of our TP2 instances (`prefill_instances` = 2).
-Pure Python: never imports torch.
+Extends `ReplicaPolicy` through its extension points only (`before_replicas`,
+`is_decoding`, `room`, `move_shard`, `in_flight`). Pure Python: imports only
+`replica_batching` and `placement` of loong; never imports torch.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from loong.sched.cluster_plan import MigrationPlan
-from loong.sched.policies.replica_batching import ReplicaConfig, ReplicaPolicy, _blocks, _Req
+from loong.sched.policies.placement import ReplicaRequest, blocks
+from loong.sched.policies.replica_batching import ReplicaConfig, ReplicaPolicy
 
 
 class PDDisaggPolicy(ReplicaPolicy):
@@ -36,22 +38,22 @@ class PDDisaggPolicy(ReplicaPolicy):
         roles += ["decode"] * (len(reps) - len(roles))
         super().__init__(dataclasses.replace(cfg, token_budget=None), reps, roles)
 
-    def _before_replicas(self) -> None:
+    def before_replicas(self) -> None:
         """Move finished prompts' KV to decode replicas, oldest first, while one has room."""
         for i, role in enumerate(self.roles):
             if role != "prefill":
                 continue
             for r in sorted(self.running[i].values(), key=lambda r: r.seq):
-                if not self._decoding(r) or r.rid in self._in_flight:
+                if not self.is_decoding(r) or r.rid in self.in_flight:
                     continue
                 dst = self._decode_target(r)
                 if dst is None:
                     return                      # FCFS: later ones wait too
                 self._transfer(r, i, dst)
 
-    def _decode_target(self, r: _Req) -> int | None:
+    def _decode_target(self, r: ReplicaRequest) -> int | None:
         bs = self.cfg.block_size
-        need = _blocks(r.computed, bs) + len(r.placement)     # + room for a few tokens
+        need = blocks(r.computed, bs) + len(r.placement)     # + room for a few tokens
         best = None
         for j, role in enumerate(self.roles):
             if role != "decode" or len(self.running[j]) >= self.cfg.max_num_seqs:
@@ -63,24 +65,18 @@ class PDDisaggPolicy(ReplicaPolicy):
                 best = (free, j)
         return None if best is None else best[1]
 
-    def _transfer(self, r: _Req, src_rep: int, dst_rep: int) -> None:
+    def _transfer(self, r: ReplicaRequest, src_rep: int, dst_rep: int) -> None:
         dst_members = self.replicas[dst_rep]
         moved = 0
         for src, t in sorted(r.placement.items()):
             left = t
             while left:
-                dst = max(dst_members, key=lambda m: (self._room(r, m), -m))
-                x = min(left, self._room(r, dst))
-                # Shrink the source shard (its tail moves), grow the destination's.
-                bs = self.cfg.block_size
-                have = r.placement[src]
-                self.used[src] += _blocks(have - x, bs) - _blocks(have, bs)
-                r.placement[src] = have - x
-                self._grow(r, dst, x)
-                self._migrations.append(MigrationPlan(r.rid, src, dst, x))
+                dst = max(dst_members, key=lambda m: (self.room(r, m), -m))
+                x = min(left, self.room(r, dst))
+                self.move_shard(r, src, dst, x)     # the source shard's tail moves
                 left -= x
                 moved += x
-            del r.placement[src]
+            r.placement.pop(src, None)
         del self.running[src_rep][r.rid]
         r.replica = dst_rep
         self.running[dst_rep][r.rid] = r

@@ -16,19 +16,22 @@ Admission needs free blocks for the request's whole remaining tokens plus a wate
 a decode that cannot grow preempts the replica's newest request by recompute. The KV of a
 replica's requests is spread over its members (most room first), which is how much room
 tensor parallelism gives. `PDDisaggPolicy` (pd_disagg.py) builds on this with prefill and
-decode roles. Pure Python: never imports torch. Invariant: the block mirror `used` equals
+decode roles, through the extension points marked below (`before_replicas`, `may_decode`,
+`is_decoding`, `move_shard`, `room`). Pure Python: imports only `cluster_plan`, `queues`
+and `placement` of loong; never imports torch. Invariant: the block mirror `used` equals
 what the instances hold (a shard of t tokens occupies ceil(t / block_size) blocks).
 """
 from __future__ import annotations
 
 import bisect
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 from loong.sched.cluster_plan import (BatchGroupPlan, ChunkItem, ClusterStepPlan,
                                       ClusterStepResult, KeepRange, MigrationPlan, check_plan,
                                       check_reports)
+from loong.sched.policies.placement import BlockMirror, ReplicaRequest, blocks
 from loong.sched.queues import QueueDiscipline
 
 
@@ -61,18 +64,6 @@ class ReplicaConfig:
             raise ValueError("chunk_per_request: needs a token_budget (the chunk size)")
 
 
-@dataclass(eq=False)                    # identity: queues hold each request once
-class _Req:
-    rid: str
-    seq: int
-    tokens: list[int]                   # prompt + outputs so far
-    prompt_len: int
-    replica: int
-    computed: int = 0                   # tokens whose KV the replica holds
-    placement: dict[int, int] = field(default_factory=dict)
-    qkey: tuple = ()
-
-
 class ReplicaPolicy:
     def __init__(self, cfg: ReplicaConfig, replicas: list[tuple[int, ...]] | None = None,
                  roles: list[str] | None = None) -> None:
@@ -81,12 +72,13 @@ class ReplicaPolicy:
         self.replicas = replicas or [tuple(range(i, i + k)) for i in range(0, cfg.num_instances, k)]
         # "mixed": prefill and decode; "prefill"/"decode": PD disaggregation's roles.
         self.roles = roles or ["mixed"] * len(self.replicas)
-        self.used = [0] * cfg.num_instances
+        self.mirror = BlockMirror(cfg.num_instances, cfg.blocks_per_instance, cfg.block_size)
+        self.used = self.mirror.used          # blocks in use per instance (never rebound)
         self.waiting = [deque() for _ in self.replicas]
         self._queued_blocks = [0] * len(self.replicas)   # prompt blocks waiting per replica
-        self.running: list[dict[str, _Req]] = [{} for _ in self.replicas]
-        self.reqs: dict[str, _Req] = {}
-        self._in_flight: dict[str, int] = {}     # request -> tokens of its planned chunk
+        self.running: list[dict[str, ReplicaRequest]] = [{} for _ in self.replicas]
+        self.reqs: dict[str, ReplicaRequest] = {}
+        self.in_flight: dict[str, int] = {}      # request -> tokens of its planned chunk
         self._releases: list[str] = []
         self._migrations: list[MigrationPlan] = []
         self._seq = 0
@@ -97,7 +89,8 @@ class ReplicaPolicy:
 
     # ----- requests ------------------------------------------------------------------
     def add(self, rid: str, prompt_token_ids: list[int]) -> None:
-        r = _Req(rid, self._seq, list(prompt_token_ids), len(prompt_token_ids), replica=-1)
+        r = ReplicaRequest(rid, self._seq, list(prompt_token_ids), len(prompt_token_ids),
+                           replica=-1)
         self._seq += 1
         self.reqs[rid] = r
         if self.cfg.dispatch == "round-robin":
@@ -111,15 +104,15 @@ class ReplicaPolicy:
         r = self.reqs.pop(rid, None)
         if r is None:
             return
-        self._in_flight.pop(rid, None)
+        self.in_flight.pop(rid, None)
         if self.running[r.replica].pop(rid, None) is None:
             self._dequeue(r)
         self.queue.predictor.observe(r.prompt_len, len(r.tokens) - r.prompt_len)
         if r.placement:
-            self._drop(r)
+            self.mirror.drop(r)
             self._releases.append(rid)
 
-    def _least_loaded(self, r: _Req, want: str) -> int:
+    def _least_loaded(self, r: ReplicaRequest, want: str) -> int:
         """The replica with the least KV in use plus queued prompt blocks, among those of
         role `want` ("prefill": replicas that take new requests; "decode")."""
         ok = [i for i, role in enumerate(self.roles)
@@ -130,16 +123,16 @@ class ReplicaPolicy:
                     / len(self.replicas[i]), i)
         return min(ok, key=load)
 
-    def _enqueue(self, r: _Req, replica: int, preempted: bool) -> None:
+    def _enqueue(self, r: ReplicaRequest, replica: int, preempted: bool) -> None:
         r.replica = replica
         r.qkey = self.queue.key(r.seq, r.prompt_len, len(r.tokens), preempted)
         q = self.waiting[replica]
         q.insert(bisect.bisect_right(q, r.qkey, key=lambda x: x.qkey), r)
-        self._queued_blocks[replica] += _blocks(len(r.tokens), self.cfg.block_size)
+        self._queued_blocks[replica] += blocks(len(r.tokens), self.cfg.block_size)
 
-    def _dequeue(self, r: _Req) -> None:
+    def _dequeue(self, r: ReplicaRequest) -> None:
         self.waiting[r.replica].remove(r)
-        self._queued_blocks[r.replica] -= _blocks(len(r.tokens), self.cfg.block_size)
+        self._queued_blocks[r.replica] -= blocks(len(r.tokens), self.cfg.block_size)
 
     # The engine's view of the queues (the same on every cluster policy).
     @property
@@ -150,7 +143,7 @@ class ReplicaPolicy:
     def num_running(self) -> int:
         return sum(len(rs) for rs in self.running)
 
-    def waiting_head(self) -> _Req | None:
+    def waiting_head(self) -> ReplicaRequest | None:
         """The request first in line over all replicas' queues, or None."""
         heads = [q[0] for q in self.waiting if q]
         return min(heads, key=lambda r: r.qkey) if heads else None
@@ -189,7 +182,7 @@ class ReplicaPolicy:
         batches: list[BatchGroupPlan] = []
         preempted: list[str] = []
         if not maintenance_only:
-            self._before_replicas()
+            self.before_replicas()
             for i, members in enumerate(self.replicas):
                 if busy.intersection(members):
                     continue
@@ -202,12 +195,34 @@ class ReplicaPolicy:
         self._releases, self._migrations = [], []
         for g in batches:
             for it in g.items:
-                self._in_flight[it.request_id] = len(it.token_ids)
+                self.in_flight[it.request_id] = len(it.token_ids)
         check_plan(plan, self.cfg.num_instances)
         return plan
 
-    def _before_replicas(self) -> None:
-        """Hook run before the replicas are planned (PD: KV transfers)."""
+    # ----- extension points (PDDisaggPolicy) ----------------------------------------------
+    def before_replicas(self) -> None:
+        """Hook run by `schedule` before the replicas are planned (PD: KV transfers)."""
+
+    def may_decode(self, r: ReplicaRequest) -> bool:
+        """Hook: whether a decoding request of a replica decodes this step."""
+        return True
+
+    def is_decoding(self, r: ReplicaRequest) -> bool:
+        """Whether r's prompt is done (its next token is a decode)."""
+        return r.computed > 0 and len(r.tokens) - r.computed == 1
+
+    def room(self, r: ReplicaRequest, m: int) -> int:
+        """Tokens r may still add on member m (free blocks plus its last block's slack)."""
+        return self.mirror.room(r.placement, m)
+
+    def move_shard(self, r: ReplicaRequest, src: int, dst: int, tokens: int) -> None:
+        """Move the last `tokens` of r's shard on src to dst: mirror now, a migration in
+        the next plan."""
+        self.mirror.shrink(r.placement, src, tokens)
+        self.mirror.grow(r.placement, dst, tokens)
+        self._migrations.append(MigrationPlan(r.rid, src, dst, tokens))
+
+    # ----- one replica's iteration --------------------------------------------------------
 
     def _plan_replica(self, i: int, preempted: list[str]) -> BatchGroupPlan | None:
         cfg, role = self.cfg, self.roles[i]
@@ -234,14 +249,12 @@ class ReplicaPolicy:
     def _is_decode(self, it: ChunkItem) -> bool:
         return len(it.token_ids) == 1 and it.start > 0
 
-    def _decoding(self, r: _Req) -> bool:
-        return r.computed > 0 and len(r.tokens) - r.computed == 1
-
     def _plan_decodes(self, i: int, items: list[ChunkItem], preempted: list[str],
                       budget: int | None) -> None:
         members = self.replicas[i]
         todo = sorted((r for r in self.running[i].values()
-                       if self._decoding(r) and r.rid not in self._in_flight and self._may_decode(r)),
+                       if self.is_decoding(r) and r.rid not in self.in_flight
+                       and self.may_decode(r)),
                       key=lambda r: r.seq)
         while todo and (budget is None or len(items) < budget):
             r = todo[0]
@@ -251,7 +264,7 @@ class ReplicaPolicy:
                 # already planned this step (r itself when it is the newest).
                 planned = {it.request_id for it in items}
                 victim = max((q for q in self.running[i].values()
-                              if q.rid not in planned and q.rid not in self._in_flight),
+                              if q.rid not in planned and q.rid not in self.in_flight),
                              key=lambda q: q.seq)
                 self._preempt(victim, preempted)
                 if victim in todo:
@@ -259,9 +272,6 @@ class ReplicaPolicy:
                 continue
             todo.pop(0)
             items.append(ChunkItem(r.rid, (r.tokens[-1],), r.computed, True, keep))
-
-    def _may_decode(self, r: _Req) -> bool:
-        return True
 
     def _plan_chunks(self, i: int, items: list[ChunkItem], left: int, whole: bool,
                      chunk: int | None = None) -> None:
@@ -275,7 +285,7 @@ class ReplicaPolicy:
                 return
             rest = len(r.tokens) - r.computed
             if rest > 1 or (r.computed == 0 and rest == 1):
-                if r.rid in self._in_flight:
+                if r.rid in self.in_flight:
                     continue
                 n = rest if whole else min(rest, left, cap)
                 keep = self._place(r, n, members)
@@ -286,7 +296,7 @@ class ReplicaPolicy:
         reserve = int(cfg.watermark * len(members) * cfg.blocks_per_instance)
         # Admission counts the prompt blocks running requests have yet to place (their
         # later chunks), so admitted prompts always have room to finish.
-        owed = sum(_blocks(len(r.tokens) - sum(r.placement.values()), cfg.block_size)
+        owed = sum(blocks(len(r.tokens) - sum(r.placement.values()), cfg.block_size)
                    for r in self.running[i].values()) if not whole else 0
         q = self.waiting[i]
         while q and left > 0 and len(self.running[i]) < cfg.max_num_seqs:
@@ -295,7 +305,7 @@ class ReplicaPolicy:
             if whole and items and total > left:
                 break
             free = sum(self.free(m) for m in members)
-            if _blocks(total, cfg.block_size) > free - reserve - owed:
+            if blocks(total, cfg.block_size) > free - reserve - owed:
                 break                                    # FCFS: the head waits for room
             n = total if whole else min(total, left, cap)
             keep = self._place(r, n, members)
@@ -304,7 +314,7 @@ class ReplicaPolicy:
             self._dequeue(r)
             self.running[i][r.rid] = r
             items.append(self._chunk(r, n, keep))
-            owed += _blocks(total - n, cfg.block_size)
+            owed += blocks(total - n, cfg.block_size)
             left -= n
 
     def _head_fits(self, i: int) -> bool:
@@ -313,49 +323,34 @@ class ReplicaPolicy:
             return False
         cap = len(self.replicas[i]) * self.cfg.blocks_per_instance
         free = sum(self.free(m) for m in self.replicas[i]) - int(self.cfg.watermark * cap)
-        return _blocks(len(q[0].tokens), self.cfg.block_size) <= free
+        return blocks(len(q[0].tokens), self.cfg.block_size) <= free
 
-    def _chunk(self, r: _Req, n: int, keep: list[KeepRange]) -> ChunkItem:
+    def _chunk(self, r: ReplicaRequest, n: int, keep: list[KeepRange]) -> ChunkItem:
         s = r.computed
         return ChunkItem(r.rid, tuple(r.tokens[s:s + n]), s, s + n == len(r.tokens), tuple(keep))
 
-    def _room(self, r: _Req, m: int) -> int:
-        """Tokens r may still add on member m (free blocks plus its last block's slack)."""
-        return self.free(m) * self.cfg.block_size + (-r.placement.get(m, 0)) % self.cfg.block_size
-
-    def _place(self, r: _Req, n: int, members: Iterable[int]) -> list[KeepRange] | None:
+    def _place(self, r: ReplicaRequest, n: int, members: Iterable[int]) -> list[KeepRange] | None:
         """Keep ranges for r's next n tokens over members (most room first), committed to
         the placement and block mirror; None (nothing changed) when they do not fit."""
-        order = sorted(members, key=lambda m: (-self._room(r, m), m))
-        if sum(self._room(r, m) for m in order) < n:
+        order = sorted(members, key=lambda m: (-self.room(r, m), m))
+        if sum(self.room(r, m) for m in order) < n:
             return None
         keep, pos = [], r.computed
         for m in order:
-            take = min(n - (pos - r.computed), self._room(r, m))
+            take = min(n - (pos - r.computed), self.room(r, m))
             if take <= 0:
                 continue
-            self._grow(r, m, take)
+            self.mirror.grow(r.placement, m, take)
             keep.append(KeepRange(m, pos, pos + take))
             pos += take
             if pos - r.computed == n:
                 break
         return keep
 
-    def _grow(self, r: _Req, m: int, tokens: int) -> None:
-        bs = self.cfg.block_size
-        t = r.placement.get(m, 0)
-        self.used[m] += _blocks(t + tokens, bs) - _blocks(t, bs)
-        r.placement[m] = t + tokens
-
-    def _drop(self, r: _Req) -> None:
-        for m, t in r.placement.items():
-            self.used[m] -= _blocks(t, self.cfg.block_size)
-        r.placement = {}
-
-    def _preempt(self, r: _Req, preempted: list[str]) -> None:
+    def _preempt(self, r: ReplicaRequest, preempted: list[str]) -> None:
         """Recompute later: drop r's KV, queue it again (PD: on a prefill replica)."""
         self.running[r.replica].pop(r.rid)
-        self._drop(r)
+        self.mirror.drop(r)
         self._releases.append(r.rid)
         self._migrations = [m for m in self._migrations if m.request_id != r.rid]
         r.computed = 0
@@ -367,7 +362,7 @@ class ReplicaPolicy:
     # ----- results -------------------------------------------------------------------
     def update(self, result: ClusterStepResult, done: Iterable[str] | None = None) -> None:
         for rid in (result.sampled if done is None else done):
-            n = self._in_flight.pop(rid, 0)
+            n = self.in_flight.pop(rid, 0)
             r = self.reqs.get(rid)
             if r is not None:
                 r.computed += n
@@ -380,7 +375,3 @@ class ReplicaPolicy:
     def check_against(self, result: ClusterStepResult) -> None:
         """The instances' reports must equal the mirror (placement and free blocks)."""
         check_reports(result, self.reqs.values(), self.free)
-
-
-def _blocks(tokens: int, bs: int) -> int:
-    return -(-tokens // bs)
