@@ -206,33 +206,36 @@ def build_workload(a: argparse.Namespace, tok, vocab_size: int) -> dict:
 # ----------------------------------------------------------------------------------------
 # Loong worker (subprocess)
 # ----------------------------------------------------------------------------------------
-def _drive(engine, prompts: list[list[int]], params, flop: FlopModel, captured: dict) -> dict:
-    """Queue all prompts, step the engine to completion, time and classify every step."""
+def _drive(engine, prompts: list[list[int]], params, flop: FlopModel) -> dict:
+    """Queue all prompts, step the engine to completion, time and classify every step
+    (the engine keeps each step's plan in `last_plan`)."""
     t0 = time.perf_counter()
     rids = [engine.add_request(p, params) for p in prompts]
     outputs = {}
     steps = []
-    pool = engine.block_pool
-    bs = pool.block_size
+    worker = engine.executor.worker               # the in-process instance
+    bs = worker.pool.block_size
     while engine.has_unfinished():
+        before = engine.stats["steps"]
         ts = time.perf_counter()
         updated = engine.step()
         dt = time.perf_counter() - ts
-        plan = captured.pop("plan")
-        if plan.is_empty:
-            raise RuntimeError("scheduler returned an empty plan with requests unfinished")
-        nd = sum(1 for c in plan.chunks if c.is_decode)
-        tokens = plan.num_tokens
-        head_rows = sum(1 for c in plan.chunks if c.sample)
-        pairs = sum(causal_pairs(c.start, c.num_tokens) for c in plan.chunks)
-        kind = "decode" if nd == len(plan.chunks) else ("prefill" if nd == 0 else "mixed")
+        if engine.stats["steps"] == before:
+            raise RuntimeError("the policy planned nothing with requests unfinished")
+        plan = engine.last_plan
+        chunks = [it for g in plan.batches for it in g.items]
+        nd = sum(1 for c in chunks if c.is_decode)
+        tokens = sum(len(c.token_ids) for c in chunks)
+        head_rows = sum(1 for c in chunks if c.sample)
+        pairs = sum(causal_pairs(c.start, len(c.token_ids)) for c in chunks)
+        kind = "decode" if nd == len(chunks) else ("prefill" if nd == 0 else "mixed")
         for o in updated:
             if o.finished:
                 outputs[o.request_id] = o
-        held = sum(r.num_computed for r in engine.scheduler.running)
-        steps.append({"dt": dt, "kind": kind, "n_decode": nd, "n_chunks": len(plan.chunks),
+        held = sum(worker.shards.summary().values())
+        steps.append({"dt": dt, "kind": kind, "n_decode": nd, "n_chunks": len(chunks),
                       "tokens": tokens, "flops": flop.flops(tokens, head_rows, pairs),
-                      "blocks_used": pool.num_used, "tokens_held": held,
+                      "blocks_used": worker.pool.num_used, "tokens_held": held,
                       "preempted": len(plan.preempted)})
     wall = time.perf_counter() - t0
     outs = [outputs[r] for r in rids]
@@ -258,35 +261,26 @@ def loong_worker(spec: dict) -> dict:
         res["load_s"] = time.perf_counter() - t
     res["rss_after_load"] = bc.rss_bytes()
     engine = llm.engine
-    # Capture each step's plan without touching engine code: wrap this scheduler's schedule.
-    captured: dict = {}
-    orig_schedule = engine.scheduler.schedule
-
-    def schedule():
-        plan = orig_schedule()
-        captured["plan"] = plan
-        return plan
-    engine.scheduler.schedule = schedule
-
     with rss.phase("warmup"):
         _drive(engine, [prompts[0][:32]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
-               flop, captured)
+               flop)
     for k in engine.stats:  # count the measured runs only
         engine.stats[k] = 0
-    preempt0 = engine.scheduler.num_preemptions
+    preempt0 = engine.policy.stats["preemptions"]
 
     with rss.phase("main"):
         main = _drive(engine, prompts, SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True),
-                      flop, captured)
+                      flop)
     stats_main = dict(engine.stats)
     with rss.phase("prefill_pass"):
         pre = _drive(engine, prompts, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
-                     flop, captured)
+                     flop)
     rss.stop()
 
     bs = main["block_size"]
     steps = main["steps"]
     kvb = kv_bytes_per_token(engine.model_config, engine.dtype)
+    peak_held = max((st["tokens_held"] for st in steps), default=0)
     min_batch = spec["decode_min_batch"]
     dec = [s for s in steps if s["kind"] == "decode" and s["n_decode"] >= min_batch]
     dec_time = sum(s["dt"] for s in dec)
@@ -325,18 +319,18 @@ def loong_worker(spec: dict) -> dict:
                    "batch_mean": dec_tokens / len(dec) if dec else None,
                    "executed_flops": sum(s["flops"] for s in dec),
                    "step_ms_median": 1e3 * statistics.median([s["dt"] for s in dec]) if dec else None},
-        "kv": {"bytes_per_token": kvb, "block_size": bs, "num_blocks": engine.block_pool.num_blocks,
-               "pool_bytes": engine.cache.nbytes,
+        "kv": {"bytes_per_token": kvb, "block_size": bs, "num_blocks": engine.executor.blocks_per_instance,
+               "pool_bytes": engine.executor.worker.cache.nbytes,
                "peak_blocks_used": stats_main["max_blocks_used"],
                "peak_bytes_in_blocks": stats_main["max_blocks_used"] * bs * kvb,
-               "peak_tokens_held": stats_main["max_tokens_held"],
-               "peak_bytes_holding_tokens": stats_main["max_tokens_held"] * kvb,
-               "waste_at_peak": 1 - stats_main["max_tokens_held"] / max(1, stats_main["max_blocks_used"] * bs),
+               "peak_tokens_held": peak_held,
+               "peak_bytes_holding_tokens": peak_held * kvb,
+               "waste_at_peak": 1 - peak_held / max(1, stats_main["max_blocks_used"] * bs),
                "waste_at_peak_step": 1 - peak_step["tokens_held"] / max(1, peak_step["blocks_used"] * bs),
                "waste_step_avg": 1 - sum_held / sum_cap if sum_cap else None,
                "waste_time_avg": 1 - tw_held / tw_cap if tw_cap else None,
-               "pool_use_at_peak": stats_main["max_blocks_used"] / engine.block_pool.num_blocks,
-               "preemptions": engine.scheduler.num_preemptions - preempt0},
+               "pool_use_at_peak": stats_main["max_blocks_used"] / engine.executor.blocks_per_instance,
+               "preemptions": engine.policy.stats["preemptions"] - preempt0},
         "rss": {"peak_lifetime_bytes": bc.maxrss_bytes(), "peak_by_phase_bytes": rss.peaks},
         "engine_stats_main": stats_main,
         "token_ids": [list(o.token_ids) for o in main["outputs"]],

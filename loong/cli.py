@@ -126,12 +126,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
             raise ValueError(f"{name}: must be a positive int, got {v}")
     if not 0 < args.max_foreign_cpu <= 1:
         raise ValueError(f"max_foreign_cpu: must be in (0, 1], got {args.max_foreign_cpu}")
-    from loong.tools.profiler import default_grid, fit_profile, run_profile, summary_table
+    from loong.sched.profile_fit import fit_profile, summary_table
+    from loong.tools.profiler import default_grid, run_profile
     if args.refit:
         with open(args.refit, encoding="utf-8") as f:
             raw = json.load(f)
     else:
-        from loong.engine.llm_engine import resolve_device
+        from loong.worker.build import resolve_device
         grid = default_grid(args.quick, resolve_device(args.device).type)
         if args.repeats:
             grid = dataclasses.replace(grid, repeats=args.repeats)

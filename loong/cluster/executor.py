@@ -1,6 +1,7 @@
 """ClusterExecutor: the manager side of N instance processes.
 
-Owns (starting lives in launch.py): the control connections (protobuf frames of
+Owns (starting lives in launch.py, which builds the `InstanceHandle`s and uses
+`close_listener`): the control connections (protobuf frames of
 proto/loong/control/v1/control.proto, through `ControlConnection`); turning one
 `ClusterStepPlan` into per-instance `InstanceStep`s (with the sampling state each sampling
 instance lacks), filing the instances' answers under the plans they answer and handing
@@ -22,48 +23,28 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Listener
 from multiprocessing.connection import wait as mp_wait
-from typing import Mapping, Protocol, Sequence
+from typing import Mapping
 
-from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult, check_plan, remap_plan
 from loong.cluster.control_codec import ControlConnection
+from loong.cluster.errors import ClusterError, ClusterReset, InstanceLost
 from loong.cluster.messages import Heartbeat, Inspect, Ready, Reset, Shutdown
-from loong.worker.step_io import InstanceResult, InstanceStep, RequestSync
+from loong.cluster.syncs import RequestView, SyncTracker
+from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult, check_plan, remap_plan
+from loong.worker.step_io import InstanceResult, InstanceStep
 
 HEARTBEAT_TIMEOUT_S = 3.0      # six missed heartbeats (messages.HEARTBEAT_S = 0.5)
 
 
-class ClusterError(RuntimeError):
-    """An instance died, timed out or failed a step; the cluster must be restarted."""
-
-
-class RequestView(Protocol):
-    params: object
-    prompt_token_ids: Sequence[int]
-    output_token_ids: Sequence[int]
-
-
-class ClusterReset(ClusterError):
-    """The cluster must drop all KV and start its requests over, on the instances still
-    alive: some died or got stuck (`ranks`, see InstanceLost), or a step failed in a way
-    no single request can be blamed for (`ranks` empty; `suspects`: the requests of the
-    failed group). Raised only with `ClusterExecutor.recover`; call
-    `recover_after_loss()` before the next step."""
-
-    def __init__(self, ranks: list[int], why: str, suspects: list[str] | None = None) -> None:
-        super().__init__(why)
-        self.ranks = list(ranks)
-        self.suspects = list(suspects or ())
-
-
-class InstanceLost(ClusterReset):
-    """Instances died or got stuck (heartbeat silence); the others survive."""
-
-
 @dataclass
-class _Instance:
+class InstanceHandle:
+    """The manager's view of one instance (launch.py builds them in the handshake).
+    `process`: None for instances started elsewhere (torchrun); for local ones an object
+    with `pid`, `exitcode` (None while running), `kill()` and `join(timeout)`
+    (launch.InstanceProcess)."""
+
     rank: int
     conn: ControlConnection
-    process: object | None     # multiprocessing.Process for local instances
+    process: object | None
     ready: Ready | None = None
     inbox: deque = field(default_factory=deque)       # messages read, not yet consumed
     # (submission key, message number) of what this instance still owes an answer, oldest
@@ -87,7 +68,7 @@ class _Submitted:
 
 
 class ClusterExecutor:
-    def __init__(self, instances: list[_Instance], listener: Listener) -> None:
+    def __init__(self, instances: list[InstanceHandle], listener: Listener) -> None:
         self.instances = sorted(instances, key=lambda i: i.rank)
         self._listener = listener
         self.broken: str | None = None
@@ -102,12 +83,17 @@ class ClusterExecutor:
         self._next_key = 0
         # (deadline, why, requests of the failed groups) of a failed step
         self._error: tuple[float, str, list[str]] | None = None
-        # rank -> request_id -> output tokens that instance has seen (for RequestSync)
-        self._known: dict[int, dict[str, int]] = {i.rank: {} for i in self.instances}
+        self._syncs = SyncTracker(i.rank for i in self.instances)   # what each instance knows
 
     @property
     def num_instances(self) -> int:
         return len(self.instances)
+
+    @property
+    def concurrent_groups(self) -> bool:
+        """Groups on different instances run at the same time (plans are submitted and
+        their groups end on their own)."""
+        return True
 
     @property
     def blocks_per_instance(self) -> int:
@@ -139,16 +125,14 @@ class ClusterExecutor:
             involved.update((m.src, m.dst))
         if plan.releases:
             involved.update(self.live)
-        for rid in plan.releases:
-            for known in self._known.values():
-                known.pop(rid, None)
-        syncs = self._syncs(plan, requests)
+        self._syncs.forget(plan.releases)
+        syncs = self._syncs.syncs(plan, requests)
         key = self._register(plan, involved)
         for r in sorted(involved):
             self._send_numbered(self.instances[r], InstanceStep(plan, tuple(syncs.get(r, ()))),
                                 key)
 
-    def _send_numbered(self, inst: _Instance, msg, key: int) -> None:
+    def _send_numbered(self, inst: InstanceHandle, msg, key: int) -> None:
         """Send a message the instance answers with an InstanceResult, filed under `key`."""
         self._send(inst, msg)
         inst.sent += 1
@@ -261,7 +245,7 @@ class ClusterExecutor:
                 if rid in result.sampled:
                     self._fail(f"{rid!r} sampled by two instances in step {sub.plan.step}")
                 result.sampled[rid] = tok
-                self._known[r][rid] = self._known[r].get(rid, 0) + 1
+                self._syncs.sampled(r, rid)
             result.logprobs.update(res.logprobs)
             result.logits.update(res.logits)
             result.failed.update(res.failed)
@@ -288,39 +272,12 @@ class ClusterExecutor:
                      "failed"):
             getattr(into, name).update(getattr(part, name))
 
-    def _syncs(self, plan: ClusterStepPlan, requests: Mapping[str, RequestView]
-               ) -> dict[int, list[RequestSync]]:
-        """Sampling state for each instance that samples a request this step."""
-        samplers: list[tuple[int, str]] = []
-        for g in plan.prefills:
-            n = len(g.members)
-            for it in g.items:
-                samplers.append((g.members[(len(it.token_ids) - 1) % n], it.request_id))
-        for g in plan.decodes:
-            samplers.extend((it.master, it.request_id) for it in g.items)
-        for g in plan.batches:          # one-instance replicas (checked in execute)
-            samplers.extend((g.members[0], it.request_id) for it in g.items if it.sample)
-        out: dict[int, list[RequestSync]] = {}
-        for r, rid in samplers:
-            req = requests[rid]
-            known = self._known[r].get(rid)
-            outs = tuple(req.output_token_ids)
-            if known is None:
-                s = RequestSync(rid, req.params, tuple(req.prompt_token_ids), outs)
-            elif known < len(outs):
-                s = RequestSync(rid, None, None, outs[known:])
-            else:
-                continue
-            self._known[r][rid] = len(outs)
-            out.setdefault(r, []).append(s)
-        return out
-
     def inspect(self, rank: int, what: str, request_id: str | None = None):
         """Test hook of one instance: 'kv' (a shard's raw KV tensor), 'shards' ((request ->
         tokens, free blocks)) or 'integrity' (None, or what is wrong)."""
         inst = self.instances[rank]
         self._send(inst, Inspect(what, request_id))
-        reply = self._recv(inst, f"inspect {what}")
+        reply = self.recv(inst, f"inspect {what}")
         if what == "kv" and reply.kv is not None:
             return reply.kv
         if what == "shards" and reply.shards is not None:
@@ -328,13 +285,15 @@ class ClusterExecutor:
         return reply.problem
 
     # ----- transport and liveness ------------------------------------------------------
-    def _send(self, inst: _Instance, msg) -> None:
+    def _send(self, inst: InstanceHandle, msg) -> None:
         try:
             inst.conn.send(msg)
         except (OSError, EOFError) as e:
             self._lost([inst.rank], f"instance {inst.rank} is unreachable ({e})")
 
-    def _recv(self, inst: _Instance, what: str, timeout_s: float | None = None):
+    def recv(self, inst: InstanceHandle, what: str, timeout_s: float | None = None):
+        """The next message (not a heartbeat) from `inst`; raises ClusterError when it or
+        a peer dies, or nothing came within `timeout_s` (None: no limit)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not inst.inbox:
             self._wait_messages(0.2)         # everyone's: their heartbeats count too
@@ -345,7 +304,8 @@ class ClusterExecutor:
                 self._fail(f"instance {inst.rank} did not answer within {timeout_s:.0f}s {what}")
         return inst.inbox.popleft()
 
-    def _wait_messages(self, timeout_s: float, insts: list[_Instance] | None = None) -> None:
+    def _wait_messages(self, timeout_s: float,
+                       insts: list[InstanceHandle] | None = None) -> None:
         """Read what the instances sent: heartbeats update last_seen, the rest is queued in
         the instance's inbox. A closed connection marks the instance gone."""
         insts = insts if insts is not None else [self.instances[r] for r in self.live]
@@ -433,8 +393,7 @@ class ClusterExecutor:
                 for r in self.live:
                     self._send_numbered(self.instances[r], Reset(), key)
                 self._wait_for(key, "reset after losing an instance")
-                for known in self._known.values():
-                    known.clear()
+                self._syncs.clear()
                 return list(self.live)
             except InstanceLost:
                 continue        # another one went: start over with fewer
@@ -470,11 +429,11 @@ class ClusterExecutor:
         self._stop_processes(grace_s=timeout_s)
         for inst in self.instances:
             inst.conn.close()
-        _close_listener(self._listener)
+        close_listener(self._listener)
         self.broken = self.broken or "shut down"
 
 
-def _close_listener(listener: Listener) -> None:
+def close_listener(listener: Listener) -> None:
     """Close the listener and wake a thread blocked in its accept()."""
     sock = getattr(getattr(listener, "_listener", None), "_socket", None)
     if sock is not None:

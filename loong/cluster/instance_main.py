@@ -3,23 +3,28 @@
 Owns: the instance side of the control protocol (Hello -> Setup -> Ready, then
 InstanceStep -> InstanceResult until Shutdown; protobuf frames, see
 proto/loong/control/v1/control.proto) and building the instance's model and KV pool.
-Started by the local launcher (`loong.cluster.launch.start_local`, weights
-handed over in shared memory) or by torchrun:
+Started as `python -m loong.cluster.instance_main` by the local launcher
+(`loong.cluster.launch.start_local`: `--rank`, `--world-size`, and `--weights`, the model
+the manager loaded, see loong.cluster.handoff) or by torchrun:
 
     LOONG_CLUSTER_KEY=<hex> torchrun --nproc-per-node N -m loong.cluster.instance_main \\
         --manager HOST:PORT
 
 (rank and world size from torchrun's RANK / WORLD_SIZE, the data plane from MASTER_ADDR /
 MASTER_PORT; the manager must be waiting with `LLM(..., instances=N, cluster_address=...)`).
+Either way the cluster key comes from the environment, never the command line.
 A failed step (dead peer, data-plane timeout, a plan this instance cannot apply) is reported
 to the manager, which then either resets this instance (a peer was lost: drop all KV, go
 on without it; gloo pairs between survivors keep working) or stops the cluster. A heartbeat
 thread reports every HEARTBEAT_S seconds so the manager can tell a stuck instance.
+Must not import: the engine, the executor, the launcher, the policies or serving code;
+nothing heavy at module level (torch is imported once the manager answered).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import sys
 import threading
@@ -32,39 +37,26 @@ CONNECT_TIMEOUT_S = 120.0
 
 
 def _build(setup, loaded, rank: int):
-    import torch
-
-    from loong.engine.llm_engine import CPU_DEFAULT_KV_BYTES, resolve_device, resolve_dtype
-    from loong.kv.block_pool import BlockPool
-    from loong.kv.cache_pool import KVCachePool, num_blocks_for
-    from loong.model.llama import LlamaModel
+    """The instance's model and KV (`loong.worker.build`), from the weights handed over or
+    from the model Setup names."""
     from loong.model.loader import load_model_files
+    from loong.worker.build import build_instance
 
     cfg = setup.spec
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", rank % torch.cuda.device_count())
-    dtype = resolve_dtype(cfg.dtype, device)
     if loaded is None:
         loaded_model = load_model_files(cfg.model)
-        model_cfg, weights = loaded_model.config, loaded_model.weights
-    else:
-        model_cfg, weights = loaded
-    max_len = cfg.max_model_len or model_cfg.max_position_embeddings
-    model = LlamaModel(model_cfg, dtype, device, max_positions=max_len)
-    model.load_hf_weights(weights)
-    model.eval()
-    kv_bytes = cfg.kv_memory_bytes
-    if cfg.kv_capacity_tokens is None and kv_bytes is None:
-        kv_bytes = CPU_DEFAULT_KV_BYTES // max(1, cfg.instances)
-    blocks = num_blocks_for(model_cfg, dtype, cfg.block_size, cfg.kv_capacity_tokens, kv_bytes)
-    pool = BlockPool(blocks, cfg.block_size)
-    cache = KVCachePool(model_cfg, blocks, cfg.block_size, dtype, device)
-    return model, pool, cache, tuple(model_cfg.eos_token_ids)
+        loaded = (loaded_model.config, loaded_model.weights)
+    model_cfg, weights = loaded
+    return build_instance(model_cfg, weights, device=cfg.device, dtype=cfg.dtype,
+                          block_size=cfg.block_size, kv_capacity_tokens=cfg.kv_capacity_tokens,
+                          kv_memory_bytes=cfg.kv_memory_bytes, max_model_len=cfg.max_model_len,
+                          instances=cfg.instances, rank=rank)
 
 
-def run_instance(address, authkey: bytes, rank: int, world_size: int, loaded=None) -> None:
-    """Serve one instance until Shutdown. `loaded`: (ModelConfig, weights) or None (load)."""
+def run_instance(address, authkey: bytes, rank: int, world_size: int, load=None) -> None:
+    """Serve one instance until Shutdown. `load`: a function returning (ModelConfig,
+    weights), called once (nothing keeps its weights after the model copied them), or None
+    (load the model Setup names)."""
     from loong.cluster.control_codec import ControlConnection
     from loong.cluster.messages import (HEARTBEAT_S, Heartbeat, Hello, Inspect, Ready, Reset,
                                         Shutdown)
@@ -82,17 +74,19 @@ def run_instance(address, authkey: bytes, rank: int, world_size: int, loaded=Non
     torch.set_num_threads(max(1, setup.num_threads))
     # NCCL between GPU instances (one rank per GPU), gloo on CPU: the same P2P code.
     # (The NCCL path has not run yet: no multi-GPU machine so far.)
-    from loong.engine.llm_engine import resolve_device
+    from loong.worker.build import resolve_device
     backend = "nccl" if resolve_device(setup.spec.device).type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=setup.init_method, rank=rank,
                             world_size=world_size,
                             timeout=datetime.timedelta(seconds=setup.data_plane_timeout_s))
-    model, pool, cache, eos = _build(setup, loaded, rank)
+    parts = _build(setup, load() if load is not None else None, rank)
     # Requests without their own seed share this generator: reproducible per (seed, rank).
     torch.manual_seed(setup.spec.seed * 1_000_003 + rank)
     comm = Comm(rank, world_size, setup.data_plane_timeout_s)
-    worker = InstanceWorker(rank, model, pool, cache, comm, eos)
-    conn.send(Ready(rank, pool.num_blocks, pool.block_size, cache.nbytes, ops.csrc_available()))
+    worker = InstanceWorker(rank, parts.model, parts.pool, parts.cache, comm, parts.eos_token_ids)
+    pool = parts.pool
+    conn.send(Ready(rank, pool.num_blocks, pool.block_size, parts.cache.nbytes,
+                    ops.csrc_available()))
     _start_heartbeat(conn, Heartbeat(rank), HEARTBEAT_S)
     try:
         while True:
@@ -189,24 +183,49 @@ def _inspect(worker, msg):
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    host, _, port = args.manager.rpartition(":")
+    key = os.environ.get(args.key_env)
+    problem = (f"set {args.key_env} to the manager's cluster key" if not key
+               else _resolve_rank(args))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    load = None
+    if args.weights is not None:
+        from loong.cluster import handoff
+        load = functools.partial(handoff.read, args.weights)
+    run_instance((host, int(port)), bytes.fromhex(key), args.rank, args.world_size, load)
+    return 0
+
+
+def _resolve_rank(args) -> str | None:
+    """Fill args.rank / args.world_size (from torchrun's environment when not given);
+    returns what is wrong, if anything."""
+    if (args.rank is None) != (args.world_size is None):
+        return "give --rank with --world-size"
+    if args.rank is not None:        # the local launcher
+        return None
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            return f"{var} is not set; start this module with torchrun"
+    args.rank, args.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="loong instance",
-                                 description="Run one Loong instance under torchrun.")
+                                 description="Run one Loong instance (under torchrun, or "
+                                             "started by the local launcher).")
     ap.add_argument("--manager", required=True, help="HOST:PORT the manager listens on")
     ap.add_argument("--key-env", default=DEFAULT_KEY_ENV,
                     help="environment variable holding the shared cluster key (hex)")
-    args = ap.parse_args(argv)
-    host, _, port = args.manager.rpartition(":")
-    key = os.environ.get(args.key_env)
-    if not key:
-        print(f"error: set {args.key_env} to the manager's cluster key", file=sys.stderr)
-        return 2
-    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        if var not in os.environ:
-            print(f"error: {var} is not set; start this module with torchrun", file=sys.stderr)
-            return 2
-    run_instance((host, int(port)), bytes.fromhex(key), int(os.environ["RANK"]),
-                 int(os.environ["WORLD_SIZE"]))
-    return 0
+    ap.add_argument("--rank", type=int, help="this instance's rank (default: env RANK)")
+    ap.add_argument("--world-size", type=int,
+                    help="number of instances (default: env WORLD_SIZE)")
+    ap.add_argument("--weights", help="the model the manager loaded (loong.cluster.handoff; "
+                                      "default: load the model the manager names)")
+    return ap
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ class ProgressBar:
 
 
 class LLM:
-    """Offline generation on one instance, or on a cluster of instance processes.
+    """Offline generation on one instance in this process, or on a cluster of instance
+    processes (the same engine: a single instance is a cluster of one).
 
     `LLM()` loads the embedded SmolLM2-135M-Instruct. Keyword arguments are the fields of
     `loong.config.EngineConfig` (dtype, device, kv_capacity_tokens, block_size, ...).
@@ -60,11 +61,7 @@ class LLM:
             raise InvalidRequestError(sorted(unknown)[0], f"unknown LLM option; known: "
                                       f"{sorted(EngineConfig.__dataclass_fields__)}")
         self.config = EngineConfig(model=model, **kwargs)
-        if self.config.instances > 1 or self.config.cluster_address:
-            from loong.engine.cluster_engine import ClusterEngine
-            self.engine: LLMEngine = ClusterEngine(self.config, loaded)
-        else:
-            self.engine = LLMEngine(self.config, loaded)
+        self.engine = LLMEngine(self.config, loaded)
         self.tokenizer = self.engine.tokenizer
 
     def close(self) -> None:

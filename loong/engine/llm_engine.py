@@ -1,116 +1,90 @@
-"""LLMEngine: one instance's loop of schedule -> execute -> process outputs.
+"""LLMEngine: the one engine, over a cluster of one instance or of many.
 
-Owns: building the model, KV pools, scheduler and runner from an `EngineConfig`; request
-admission (validation first, so bad input never touches running requests); turning sampled
-tokens into text, stop decisions and `RequestOutput`s. The policy (`loong.sched`) decides,
-the runner (`loong.worker`) executes; this module only wires them.
+Owns: building the executor (`LocalExecutor`: one instance in this process; or instance
+processes, local or torchrun-started, through `loong.cluster.launch`) and the policy the
+options ask for (`policy_choice`); request admission (`prepare` validates once; a
+prepared request is never validated again); each step: plans from the policy on the idle
+instances, run by the executor, results applied to the policy and turned into output
+(`request_state`); fault isolation (a request whose own execution failed ends with
+finish_reason "error"; a step no request can be blamed for resets the cluster and starts
+its requests over, see `_recover`); statistics; shutdown. The policy decides, the executor
+runs; this module only wires them.
+Must not import: serving code, the model or attention code (the worker builds those).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
-import torch
-
+from loong.cluster.errors import ClusterReset
 from loong.config import EngineConfig
 from loong.engine.detokenizer import IncrementalDetokenizer
-from loong.engine.input_processor import ModelLimits, PreparedRequest, check_request_id, prepare_request
+from loong.engine.input_processor import (ModelLimits, PreparedRequest, check_request_id,
+                                          prepare_request)
 from loong.engine.outputs import RequestMetrics, RequestOutput
-from loong.engine.stop_checker import StopStringChecker, check_stop_reason
+from loong.engine.policy_choice import make_policy, policy_name
+from loong.engine.request_state import RequestState, append_token
+from loong.engine.stop_checker import StopStringChecker
 from loong.errors import InvalidRequestError
-from loong.kv.block_pool import BlockPool
-from loong.kv.cache_pool import KVCachePool, num_blocks_for
-from loong.model.llama import LlamaModel
 from loong.model.loader import LoadedModel, load_model_files
 from loong.sampling_params import SamplingParams
-from loong.sched.policies.chunked_prefill import ChunkedPrefillScheduler, SchedulerConfig
-from loong.worker.model_runner import ModelRunner
+from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult, InstanceCounters
+from loong.worker.build import build_instance, resolve_device, resolve_dtype
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CPU_DEFAULT_KV_BYTES = 2 << 30
+CLUSTER_KEY_ENV = "LOONG_CLUSTER_KEY"
+# A request in this many failed steps that no single request could be blamed for is
+# ended with finish_reason "error" instead of being started over again.
+MAX_STRIKES = 2
 log = logging.getLogger("loong.engine")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidRequestError("device", "CUDA was asked for but torch sees no GPU; use device='cpu'")
-    return dev
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16
-    dtype = _TORCH_DTYPES[name]
-    if dtype is torch.float16 and device.type == "cpu":
-        raise InvalidRequestError("dtype", "float16 is supported on CUDA only; use bfloat16 or float32 on CPU")
-    return dtype
 
 
 @dataclass
 class StepOutcome:
-    """What one backend step did, as the engine front end needs it."""
+    """What one step did, as the request front end needs it."""
 
-    scheduled: list[str]
-    preempted: list[str]
-    sampled: dict[str, int]
-    logprobs: dict
-    # Requests the backend had to drop (an instance was lost and they no longer fit).
+    scheduled: list[str] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict = field(default_factory=dict)
+    # Requests dropped after a reset (they no longer fit the instances left).
     aborted: list[str] = field(default_factory=list)
     # request_id -> why: requests whose own execution failed (they end with "error").
     failed: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
-class _RequestState:
-    params: SamplingParams
-    output: RequestOutput
-    detok: IncrementalDetokenizer
-    stops: StopStringChecker
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
         loaded = loaded or load_model_files(config.model)
         self.model_config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         self.eos_token_ids = tuple(cfg.eos_token_ids)
-        torch.manual_seed(config.seed)
-        self._states: dict[str, _RequestState] = {}
+        self.block_size = config.block_size
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self._states: dict[str, RequestState] = {}
         self._ids = itertools.count()
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "max_blocks_used": 0,
-                      "max_tokens_held": 0}
-        self._init_backend(loaded)
-
-    def _init_backend(self, loaded: LoadedModel) -> None:
-        """Build what runs the steps: here one in-process instance (model, KV, scheduler)."""
-        config, cfg = self.config, self.model_config
-        self.model = LlamaModel(cfg, self.dtype, self.device, max_positions=self.max_model_len)
-        self.model.load_hf_weights(loaded.weights)
-        self.model.eval()
-        kv_bytes = config.kv_memory_bytes
-        if config.kv_capacity_tokens is None and kv_bytes is None:
-            kv_bytes = self._default_kv_bytes()
-        num_blocks = num_blocks_for(cfg, self.dtype, config.block_size, config.kv_capacity_tokens, kv_bytes)
-        self.block_pool = BlockPool(num_blocks, config.block_size)
-        self.cache = KVCachePool(cfg, num_blocks, config.block_size, self.dtype, self.device)
-        self.scheduler = ChunkedPrefillScheduler(
-            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs), self.block_pool)
-        self.runner = ModelRunner(self.model, self.cache, self.eos_token_ids)
-
-    def _default_kv_bytes(self) -> int:
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * 0.9)
-        return CPU_DEFAULT_KV_BYTES
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "max_blocks_used": 0}
+        self.executor = _build_executor(config, loaded)
+        ex = self.executor
+        ex.recover = config.recover_lost_instances
+        self.policy_name = policy_name(config)
+        self.policy = make_policy(config, self.policy_name, ex.num_instances,
+                                  ex.blocks_per_instance)
+        self.past_policy_stats: list[dict] = []      # of policies replaced after a reset
+        self.lost_instances: list[int] = []
+        self.counters = {r: InstanceCounters() for r in ex.live}
+        # Free KV blocks per instance as the instances last reported them.
+        self.instance_free_blocks = {r: ex.blocks_per_instance for r in ex.live}
+        self.want_logits = False          # tests: keep each request's prefill logits in .logits
+        self.logits: dict = {}
+        self.last_result: ClusterStepResult | None = None
+        self.last_plan: ClusterStepPlan | None = None
 
     # ----- requests ------------------------------------------------------------------
     @property
@@ -124,6 +98,22 @@ class LLMEngine:
         return prepare_request(prompt, params, tokenizer=self.tokenizer, model=self.model_limits,
                                limits=self.config.limits, messages=messages)
 
+    def check_fits(self, ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError if the request could never fit the instances' KV."""
+        self._check_lengths(len(ids), params.max_tokens)
+
+    def _check_lengths(self, n: int, max_tokens: int) -> None:
+        max_prompt, max_total = self.policy.max_prompt_tokens(), self.policy.max_request_tokens()
+        if n > max_prompt:
+            raise InvalidRequestError("prompt", f"{n} tokens do not fit the KV of one "
+                                      f"prefill group ({max_prompt} tokens); add instances, "
+                                      f"raise kv_capacity_tokens or prefill_group_size")
+        if n + max_tokens - 1 > max_total:
+            raise InvalidRequestError(
+                "max_tokens", f"prompt ({n} tokens) + max_tokens ({max_tokens}) "
+                f"needs more KV than the instances hold ({max_total} tokens); lower "
+                f"max_tokens, add instances or raise kv_capacity_tokens")
+
     def add_request(self, prompt: str | list[int] | PreparedRequest,
                     params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue one request (validated here unless `prompt` is already a PreparedRequest);
@@ -136,11 +126,12 @@ class LLMEngine:
         if request_id in self._states:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
         ids, params = prep.ids, prep.params
-        self._backend_add(request_id, ids, params)
-        out = RequestOutput(request_id, prep.text, ids,
+        self.check_fits(ids, params)
+        self.policy.add(request_id, ids)
+        out = RequestOutput(request_id, prep.text, list(ids),
                             metrics=RequestMetrics(time.perf_counter()),
                             logprobs=[] if params.logprobs is not None else None)
-        self._states[request_id] = _RequestState(
+        self._states[request_id] = RequestState(
             params, out, IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
             StopStringChecker(params.stop, params.include_stop_str_in_output))
         return request_id
@@ -167,12 +158,16 @@ class LLMEngine:
     # ----- the loop ------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns the outputs of requests that got a token or finished."""
-        outcome = self._backend_step()
-        if outcome is None:
-            return []
+        outcome = self._run_plans()
+        updated = self._process(outcome) if outcome is not None else []
+        self.housekeeping()
+        return updated
+
+    def _process(self, outcome: StepOutcome) -> list[RequestOutput]:
         now = time.perf_counter()
         for rid in outcome.preempted:
-            self._states[rid].output.metrics.num_preemptions += 1
+            if rid in self._states:
+                self._states[rid].output.metrics.num_preemptions += 1
         updated = []
         for rid in outcome.aborted:
             state = self._states.get(rid)
@@ -186,47 +181,119 @@ class LLMEngine:
                 updated.append(state.output)
         for rid, token in outcome.sampled.items():
             state = self._states.get(rid)
-            if state is None:
+            if state is None:             # finished or aborted while its group ran
                 continue
             try:
-                self._append_token(rid, state, token, outcome.logprobs.get(rid), now)
+                reason, stop_reason = append_token(state, token, outcome.logprobs.get(rid),
+                                                   now, self.eos_token_ids)
+                if reason is not None:
+                    self._finish(rid, state, reason, stop_reason)
             except Exception as e:            # noqa: BLE001 - this request only
                 self._fail_request(rid, state, f"processing its output failed: "
                                                f"{type(e).__name__}: {e}")
             updated.append(state.output)
         return updated
 
-    def _fail_request(self, rid: str, state: _RequestState, why: str) -> None:
-        """End one request whose own execution failed; the others go on."""
-        log.error("request %s failed: %s", rid, why)
-        state.output.error = why
-        if rid in self._states:
-            self._finish(rid, state, "error", None)
+    def _run_plans(self) -> StepOutcome | None:
+        """Start what the policy plans on the idle instances, then wait for a group to end
+        (with `overlap_groups` on an executor that runs groups concurrently; otherwise run
+        one plan to its end)."""
+        ex = self.executor
+        overlap = self.config.overlap_groups and ex.concurrent_groups
+        outcome = StepOutcome()
+        try:
+            for _ in range(len(ex.live) + 2):    # each plan takes instances; few fit
+                plan = self.policy.schedule(busy=ex.busy()) if overlap else self.policy.schedule()
+                if plan.is_empty:
+                    break
+                if self.want_logits:
+                    plan = dataclasses.replace(plan, want_logits=True)
+                rids = [it.request_id for g in plan.groups() for it in g.items]
+                self._mark_scheduled(rids)
+                outcome.scheduled += rids
+                outcome.preempted += plan.preempted
+                self.last_plan = plan
+                self._account_plan(plan)
+                if not overlap:
+                    result = ex.execute(plan, self._states)
+                    return self._apply_results([(result, rids)], outcome)
+                ex.submit(plan, self._states)
+            if not ex.groups_running:
+                head = self.policy.waiting_head()
+                if head is not None and not self.policy.num_running:
+                    raise RuntimeError(
+                        f"the policy cannot place request {head.rid!r} ({len(head.tokens)} "
+                        f"tokens) on its instances; use a larger prefill_group_size or "
+                        f"kv_capacity_tokens")
+                if not outcome.scheduled:
+                    return None
+            return self._apply_results(ex.wait_groups(), outcome)
+        except ClusterReset as e:
+            return self._recover(e)
 
-    # ----- the backend: one in-process instance (ClusterEngine overrides these) ------
-    def check_fits(self, ids: list[int], params: SamplingParams) -> None:
-        """Raise InvalidRequestError if the request could never fit the KV cache."""
-        self.scheduler.check_fits(len(ids), params.max_tokens)
+    def _apply_results(self, ended: list[tuple[ClusterStepResult, list[str]]],
+                       outcome: StepOutcome) -> StepOutcome:
+        for result, done in ended:
+            try:
+                # Every request of the group is done (a prompt chunk samples nothing).
+                self.policy.update(result, done=done)
+            except Exception as e:     # the policy's view and the instances' diverged
+                why = f"policy and instances disagree: {type(e).__name__}: {e}"
+                if self.executor.recover:
+                    raise ClusterReset([], why, list(done)) from e
+                self.executor.broken = why
+                raise
+            outcome.failed.update((rid, why) for rid, why in result.failed.items()
+                                  if rid in self._states)
+            for rid, tok in result.sampled.items():
+                if rid in self._states:
+                    outcome.sampled[rid] = tok
+                    if rid in result.logprobs:
+                        outcome.logprobs[rid] = result.logprobs[rid]
+            self._account_result(result)
+            for rid, row in result.logits.items():
+                self.logits.setdefault(rid, row)      # the prefill's (first sampled) row
+            self.last_result = result
+        return outcome
 
-    def _backend_add(self, rid: str, ids: list[int], params: SamplingParams) -> None:
-        self.scheduler.add(rid, ids, params.max_tokens)
-        self.runner.add_request(rid, params, ids)
-
-    def _backend_finish(self, rid: str) -> None:
-        self.scheduler.finish(rid)
-        self.runner.remove_request(rid)
-
-    def _backend_step(self) -> "StepOutcome | None":
-        plan = self.scheduler.schedule()
-        if plan.is_empty:
-            return None
-        scheduled = [c.request_id for c in plan.chunks]
-        self._mark_scheduled(scheduled)
-        result = self.runner.execute(plan)
-        self.scheduler.update(result)
-        self._account(plan)
-        return StepOutcome(scheduled, list(plan.preempted), result.sampled, result.logprobs,
-                           failed=result.failed)
+    def _recover(self, lost: ClusterReset) -> StepOutcome:
+        """Go on after a loss or a failed step: reset the survivors (all KV dropped), a new
+        policy over them, and every request in flight queued again to be prefilled over
+        its prompt and the tokens generated so far. Requests that no longer fit end with
+        finish_reason "abort" (stop_reason "instance lost"); a suspect of a failed step
+        that was in MAX_STRIKES of them ends with "error"."""
+        live = self.executor.recover_after_loss()
+        self.lost_instances.extend(lost.ranks)
+        log.warning("%s (%s); going on with %s, re-prefilling %d request(s)",
+                    f"lost instance(s) {lost.ranks}" if lost.ranks else "a step failed",
+                    str(lost).splitlines()[0], live, len(self._states))
+        self.past_policy_stats.append(self.policy.stats)
+        self.policy = make_policy(self.config, self.policy_name, len(live),
+                                  self.executor.blocks_per_instance)
+        for r in lost.ranks:
+            self.instance_free_blocks[r] = 0
+        for r in live:
+            self.instance_free_blocks[r] = self.executor.blocks_per_instance
+        outcome = StepOutcome()
+        for rid in lost.suspects:
+            state = self._states.get(rid)
+            if state is not None:
+                state.strikes += 1
+                if state.strikes >= MAX_STRIKES:
+                    outcome.failed[rid] = (f"{state.strikes} steps with this request failed "
+                                           f"(last: {str(lost).splitlines()[0]})")
+        for rid, state in self._states.items():
+            if rid in outcome.failed:
+                continue
+            tokens = list(state.prompt_token_ids) + list(state.output_token_ids)
+            left = max(1, state.params.max_tokens - len(state.output_token_ids))
+            try:
+                self._check_lengths(len(tokens), left)
+            except InvalidRequestError:
+                outcome.aborted.append(rid)
+                continue
+            self.policy.add(rid, tokens)
+        return outcome
 
     def _mark_scheduled(self, rids: list[str]) -> None:
         """Record first-scheduled times (call before executing the step)."""
@@ -236,47 +303,99 @@ class LLMEngine:
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = now
 
-    def close(self) -> None:
-        """Release resources (no-op for the in-process instance)."""
+    def _fail_request(self, rid: str, state: RequestState, why: str) -> None:
+        """End one request whose own execution failed; the others go on."""
+        log.error("request %s failed: %s", rid, why)
+        state.output.error = why
+        if rid in self._states:
+            self._finish(rid, state, "error", None)
 
-    def housekeeping(self) -> None:
-        """Work due while no request runs (none for the in-process instance: finishing a
-        request frees its blocks at once)."""
-
-    def _account(self, plan) -> None:
-        s = self.stats
-        s["steps"] += 1
-        for c in plan.chunks:
-            s["decode_tokens" if c.is_decode else "prefill_tokens"] += c.num_tokens
-        s["max_blocks_used"] = max(s["max_blocks_used"], self.block_pool.num_used)
-        held = sum(r.num_computed for r in self.scheduler.running)
-        s["max_tokens_held"] = max(s["max_tokens_held"], held)
-
-    def _append_token(self, rid: str, state: _RequestState, token: int, logprobs, now: float) -> None:
-        out, params = state.output, state.params
-        out.token_ids.append(token)
-        if out.metrics.first_token_time is None:
-            out.metrics.first_token_time = now
-        if out.logprobs is not None and logprobs is not None:
-            out.logprobs.append(logprobs)
-        n = len(out.token_ids)
-        reason, stop_reason = check_stop_reason(token, n, params, self.eos_token_ids)
-        delta = state.detok.step([token])
-        if reason is not None:
-            delta += state.detok.flush()  # release a trailing incomplete character
-        # Stop strings count only after min_tokens, like EOS and stop ids.
-        emitted, matched = state.stops.feed(delta, allow_stop=n > params.min_tokens)
-        out.text += emitted
-        if matched is not None:
-            reason, stop_reason = "stop", matched
-        if reason is not None:
-            if matched is None:
-                out.text += state.stops.flush()
-            self._finish(rid, state, reason, stop_reason)
-
-    def _finish(self, rid: str, state: _RequestState, reason: str, stop_reason) -> None:
+    def _finish(self, rid: str, state: RequestState, reason: str, stop_reason) -> None:
         state.output.finish_reason = reason
         state.output.stop_reason = stop_reason
         state.output.metrics.finish_time = time.perf_counter()
-        self._backend_finish(rid)
+        self.policy.finish(rid)
         del self._states[rid]
+
+    # ----- accounting ----------------------------------------------------------------
+    def _account_plan(self, plan: ClusterStepPlan) -> None:
+        s = self.stats
+        s["steps"] += 1
+        s["prefill_tokens"] += sum(len(it.token_ids) for g in plan.prefills for it in g.items)
+        s["decode_tokens"] += sum(len(g.items) for g in plan.decodes)
+        for g in plan.batches:          # replica iterations: decode rows vs prompt chunks
+            for it in g.items:
+                s["decode_tokens" if it.is_decode else "prefill_tokens"] += len(it.token_ids)
+        s["max_blocks_used"] = max(s["max_blocks_used"], sum(self.policy.used))
+
+    def _account_result(self, result: ClusterStepResult) -> None:
+        live = self.executor.live
+        for v, c in result.counters.items():
+            self.counters[live[v]].add(c)
+        for v, free in result.free_blocks.items():
+            self.instance_free_blocks[live[v]] = free
+
+    # ----- between steps -------------------------------------------------------------
+    def housekeeping(self) -> None:
+        """When nothing runs or waits, check the instances' health and carry out pending
+        releases and migrations (the KV of finished or aborted requests is freed)."""
+        if not self.policy.num_waiting and not self.policy.num_running:
+            try:
+                self.executor.poll_health()
+                if self.policy.has_work:
+                    self.flush()
+            except ClusterReset as e:
+                self._recover(e)          # nothing in flight: nothing to re-prefill
+
+    def flush(self) -> None:
+        """Run pending releases and migrations now, without prefill or decode."""
+        plan = self.policy.schedule(maintenance_only=True)
+        if not plan.is_empty:
+            result = self.executor.execute(plan, self._states)
+            self.policy.update(result)
+            self._account_result(result)
+
+    def set_policy(self, name: str):
+        """Run another policy from now on (only while idle: nothing waits, runs or is
+        pending); returns it."""
+        if self.policy.has_work or self._states:
+            raise RuntimeError("set_policy: the engine is not idle; wait for its requests")
+        self.past_policy_stats.append(self.policy.stats)
+        self.policy_name = name
+        self.policy = make_policy(self.config, name, len(self.executor.live),
+                                  self.executor.blocks_per_instance)
+        return self.policy
+
+    def migrate(self, request_id: str, src: int, dst: int, num_tokens: int) -> None:
+        """Move the last num_tokens of a request's shard on src to dst with the next step."""
+        self.policy.request_migration(request_id, src, dst, num_tokens)
+
+    def cluster_stats(self) -> dict:
+        return {"policy": dict(self.policy.stats),
+                "instances": {r: vars(c).copy() for r, c in self.counters.items()}}
+
+    def close(self) -> None:
+        """Stop the instance processes (if any); the engine cannot run afterwards."""
+        ex = getattr(self, "executor", None)
+        if ex is not None and ex.broken != "shut down":
+            ex.shutdown()
+
+
+def _build_executor(config: EngineConfig, loaded: LoadedModel):
+    """One instance in this process, or instance processes (local or torchrun-started)."""
+    from loong.cluster import launch
+    if config.cluster_address:
+        key = os.environ.get(CLUSTER_KEY_ENV)
+        if not key:
+            raise InvalidRequestError("cluster_address", f"set {CLUSTER_KEY_ENV} (hex) to the "
+                                      f"key the instances were started with")
+        return launch.attach(config, config.cluster_address, bytes.fromhex(key))
+    if config.instances > 1:
+        return launch.start_local(config, loaded.config, loaded.weights)
+    from loong.cluster.local_executor import LocalExecutor
+    parts = build_instance(loaded.config, loaded.weights, device=config.device,
+                           dtype=config.dtype, block_size=config.block_size,
+                           kv_capacity_tokens=config.kv_capacity_tokens,
+                           kv_memory_bytes=config.kv_memory_bytes,
+                           max_model_len=config.max_model_len, instances=1)
+    return LocalExecutor(parts, config.data_plane_timeout_s)

@@ -79,17 +79,12 @@ def engine_config(args) -> EngineConfig:
               prefill_group_size=args.prefill_group_size, cost_model=args.cost_model,
               cluster_address=args.cluster_address, recover_lost_instances=True,
               data_plane_timeout_s=args.data_plane_timeout_s, limits=request_limits(args))
-    if args.policy == "static-sp":
-        kw.update(policy="simple", prefill_group_size=n)
-    elif args.policy == "pd-disagg" and n < 2:
+    if args.policy == "pd-disagg" and n < 2:
         raise InvalidRequestError("policy", f"pd-disagg needs --instances >= 2 (a prefill "
                                   f"and a decode one), got {n}")
-    elif args.policy in ("chunked-prefill", "pd-disagg"):
-        # Replicas of one instance each (no tensor parallelism); with one instance,
-        # chunked-prefill is the in-process engine's own batching.
-        kw["policy"] = args.policy
-    elif args.policy == "elastic" and n > 1:
-        kw["policy"] = None if (args.decode_masters or args.prefill_group_size) else "elastic"
+    # The SimpleESP knobs select the simple policy unless one is named.
+    knobs = args.decode_masters or args.prefill_group_size
+    kw["policy"] = None if (args.policy == "elastic" and knobs) else args.policy
     return EngineConfig(**kw)
 
 
@@ -97,13 +92,13 @@ def request_limits(args) -> RequestLimits:
     return RequestLimits(**{f.name: getattr(args, f.name) for f in fields(RequestLimits)})
 
 
-def model_info(engine, config: EngineConfig, policy: str) -> dict:
+def model_info(engine, config: EngineConfig) -> dict:
     from loong import __version__
     from loong.serve import engine_gauges
     return {"model": config.model or "SmolLM2-135M-Instruct (embedded)",
             "vocab_size": engine.model_config.vocab_size, "max_model_len": engine.max_model_len,
             "eos_token_ids": list(engine.eos_token_ids), "dtype": str(engine.dtype).split(".")[-1],
-            "device": str(engine.device), "instances": config.instances, "policy": policy,
+            "device": str(engine.device), "instances": config.instances, "policy": engine.policy_name,
             "block_size": config.block_size,
             "kv_tokens_per_instance": engine_gauges.kv_tokens_per_instance(engine),
             "version": __version__}
@@ -138,11 +133,7 @@ async def _serve(args, cfg: EngineConfig, api_key, tls) -> int:
 
     aio_loop = asyncio.get_running_loop()
     log.info(f"starting {cfg.instances} instance(s) ({args.policy} policy, device {cfg.device})")
-    if cfg.instances > 1 or cfg.cluster_address:
-        from loong.engine.cluster_engine import ClusterEngine
-        engine = await asyncio.to_thread(ClusterEngine, cfg)
-    else:
-        engine = await asyncio.to_thread(LLMEngine, cfg)
+    engine = await asyncio.to_thread(LLMEngine, cfg)
     warm_s = await asyncio.to_thread(warm_up, engine)
     log.info(f"warmed up in {warm_s:.1f}s")
     stop = asyncio.Event()
@@ -155,7 +146,7 @@ async def _serve(args, cfg: EngineConfig, api_key, tls) -> int:
 
     loop = EngineLoop(engine, stats, max_queued_requests=args.max_queued_requests,
                       max_queued_tokens=args.max_queued_tokens, on_failure=on_failure).start()
-    server, health, port = build_server(loop, model_info(engine, cfg, args.policy),
+    server, health, port = build_server(loop, model_info(engine, cfg),
                                         f"{args.host}:{args.port}", api_key=api_key, tls=tls)
     metrics = None
     try:
@@ -170,7 +161,7 @@ async def _serve(args, cfg: EngineConfig, api_key, tls) -> int:
         extra = f", metrics on http://{args.host}:{metrics.server_address[1]}/metrics" if metrics else ""
         # The ready line: scripts and tests wait for it.
         print(f"loong: serving on {args.host}:{port} ({cfg.instances} instance(s), "
-              f"{args.policy} policy{', TLS' if tls else ''}{', API key' if api_key else ''}"
+              f"{engine.policy_name} policy{', TLS' if tls else ''}{', API key' if api_key else ''}"
               f"{extra})", flush=True)
         await stop.wait()
         log.info(f"shutting down: draining {loop.num_in_flight} request(s) for up to "

@@ -23,7 +23,7 @@ from typing import Protocol, Sequence
 from loong.kv.block_pool import BlockPool
 from loong.kv.shards import ShardTable
 from loong.sched.cluster_plan import (BatchGroupPlan, ClusterStepPlan, ClusterStepResult,
-                                      DecodeGroupPlan, PrefillGroupPlan)
+                                      DecodeGroupPlan, PrefillGroupPlan, check_plan)
 from loong.sched.cost_model import CostModel
 from loong.sched.metrics import RequestRecord
 from loong.sched.policies.protocol import ClusterPolicy
@@ -68,7 +68,9 @@ class Simulator:
 
     # ----- the simulated executor ----------------------------------------------------
     def _apply(self, plan: ClusterStepPlan) -> dict[int, float]:
-        """Apply a plan's KV effects now; return extra busy time per instance (migrations)."""
+        """Check a plan (as every executor does) and apply its KV effects now; return extra
+        busy time per instance (migrations)."""
+        check_plan(plan, len(self.tables))
         apply_plan_kv(plan, self.tables)
         extra: dict[int, float] = {}
         for m in plan.migrations:

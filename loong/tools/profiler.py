@@ -369,7 +369,7 @@ def run_profile(model: str | None = None, instances: int = 2, *, device: str = "
                 log: Callable[[str], None] | None = None, max_foreign_cpu: float = 0.25) -> dict:
     """Start `instances` local instance processes, measure, shut them down; returns the raw
     profile (JSON-ready dict)."""
-    from loong.engine.llm_engine import resolve_device, resolve_dtype
+    from loong.worker.build import resolve_device, resolve_dtype
     from loong.model.loader import load_model_files
     from loong.cluster import launch
 
@@ -428,7 +428,3 @@ def run_profile(model: str | None = None, instances: int = 2, *, device: str = "
                 max_foreign_cpu=max_foreign_cpu, retries=prof.retries,
                 wall_s=time.perf_counter() - t0, prefill=prefill, decode=decode,
                 migration=migration)
-
-
-# The fitting half is pure (no torch) and lives beside the cost model.
-from loong.sched.profile_fit import fit_profile, summary_table  # noqa: E402,F401

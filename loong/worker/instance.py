@@ -24,7 +24,7 @@ from loong.sched.cluster_plan import DecodeGroupPlan, InstanceCounters, PrefillG
 from loong.worker import faults
 from loong.comm import Comm
 from loong.worker.step_io import InstanceResult, InstanceStep, PlanMismatchError
-from loong.worker.model_runner import RunnerRequest, sample_requests
+from loong.worker.request_sampling import RunnerRequest, sample_requests
 from loong.worker.replica_step import run_replica_batch
 from loong.worker.sampler import Sampler
 

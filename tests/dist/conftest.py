@@ -49,7 +49,7 @@ def assert_clean(llm):
     for r in range(ex.num_instances):
         assert ex.inspect(r, "integrity") is None
         shards, free = ex.inspect(r, "shards")
-        assert shards == {} and free == ex.instances[r].ready.num_blocks, (r, shards, free)
+        assert shards == {} and free == ex.blocks_per_instance, (r, shards, free)
 
 
 def reference_logits(model, ids):

@@ -17,7 +17,7 @@ import pytest
 
 from loong import LLM, SamplingParams
 from loong.sched.cluster_plan import ClusterStepPlan, KeepRange, PrefillGroupPlan, PrefillItem
-from loong.cluster.executor import ClusterError
+from loong.cluster.errors import ClusterError
 from loong.worker.step_io import InstanceStep
 from tests.dist.conftest import ROOT, assert_clean, start_cluster
 
@@ -59,7 +59,7 @@ def test_mismatched_ring_times_out_with_a_clear_error(tiny_loaded, tiny_path):
         # Only instance 0 is told about the group: its ring receive never completes.
         ex._send(ex.instances[0], InstanceStep(plan))
         t0 = time.monotonic()
-        res = ex._recv(ex.instances[0], "mismatch test", timeout_s=60)
+        res = ex.recv(ex.instances[0], "mismatch test", timeout_s=60)
         elapsed = time.monotonic() - t0
         assert res.error and res.error.startswith("instance 0") and "instance 1" in res.error
         assert "failed after" in res.error

@@ -12,7 +12,8 @@ import pytest
 
 from loong import cli
 from loong.sched.cost_model import load_cost_model
-from loong.tools.profiler import default_grid, fit_profile, run_profile, summary_table
+from loong.sched.profile_fit import fit_profile, summary_table
+from loong.tools.profiler import default_grid, run_profile
 
 
 @pytest.fixture(scope="module")

@@ -44,9 +44,7 @@ def use(llm, kind: str):
     """Swap the idle cluster's policy for a fresh one of this kind."""
     eng = llm.engine
     assert not eng.policy.has_work, "needs an idle cluster"
-    eng.policy_kind = kind
-    eng.policy = eng._make_policy(N)
-    return eng.policy
+    return eng.set_policy(kind)
 
 
 def _run(llm, kind):
@@ -120,10 +118,10 @@ def test_multi_member_replica_is_rejected(cluster):
 
 
 def test_pd_disagg_falls_back_with_one_instance(cluster, caplog):
+    from loong.engine.policy_choice import make_policy
     eng = cluster.engine
-    eng.policy_kind = "pd-disagg"
     with caplog.at_level("WARNING", logger="loong.engine"):
-        pol = eng._make_policy(1)
+        pol = make_policy(eng.config, "pd-disagg", 1, eng.executor.blocks_per_instance)
     assert type(pol) is ReplicaPolicy and pol.replicas == [(0,)]
     assert "chunked-prefill" in caplog.text
 

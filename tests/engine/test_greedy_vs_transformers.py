@@ -51,9 +51,9 @@ def test_short_batch_matches(loaded_default, short_case, opts):
         assert o.token_ids == exp
         assert o.finish_reason == ("length" if len(exp) == 40 else "stop")
     if "kv_capacity_tokens" in opts:
-        assert llm.engine.scheduler.num_preemptions > 0
-    llm.engine.scheduler.check_integrity()
-    assert llm.engine.block_pool.num_free == llm.engine.block_pool.num_blocks
+        assert llm.engine.policy.stats["preemptions"] > 0
+    assert llm.engine.executor.inspect(0, "integrity") is None
+    assert llm.engine.executor.worker.pool.num_free == llm.engine.executor.worker.pool.num_blocks
 
 
 @pytest.mark.parametrize("target,new", [(2100, 24), (8150, 8)], ids=["2k", "8k"])

@@ -154,5 +154,5 @@ def test_chat_uses_template(llm):
 def test_no_blocks_leak_after_all(llm):
     eng = llm.engine
     assert not eng.has_unfinished()
-    eng.scheduler.check_integrity()
-    assert eng.block_pool.num_free == eng.block_pool.num_blocks
+    assert eng.executor.inspect(0, "integrity") is None
+    assert eng.executor.worker.pool.num_free == eng.executor.worker.pool.num_blocks

@@ -15,25 +15,27 @@ from tests.helpers_models import write_tiny_hf_checkpoint
 def engine_prefill_logits(llm, ids):
     """All-position logits from our model through the paged attention path (chunked)."""
     from loong.attention.paged_context import PagedAttention
-    from loong.sched.plan import ScheduledChunk
-    from loong.worker.model_runner import prepare_chunks
+    from loong.sched.cluster_plan import ChunkItem
+    from loong.worker.replica_step import prepare_chunks
 
-    eng = llm.engine
-    runner = eng.runner
-    blocks = eng.block_pool.allocate(eng.block_pool.blocks_for_tokens(len(ids)))
+    worker = llm.engine.executor.worker        # the in-process instance
+    pool = worker.pool
+    blocks = pool.allocate(pool.blocks_for_tokens(len(ids)))
     try:
         rows = []
         chunk = 37  # odd chunk size: exercises context + causal merge across block edges
         for start in range(0, len(ids), chunk):
             part = ids[start:start + chunk]
-            chunks = [ScheduledChunk("r", part, start, blocks, False)]
-            t_ids, pos, meta, _, dyn = prepare_chunks(chunks, runner.block_size, runner.device)
+            chunks = [ChunkItem("r", tuple(part), start, False, ())]
+            t_ids, pos, meta, _, dyn = prepare_chunks(chunks, [blocks], pool.block_size,
+                                                      worker.model.device)
             with torch.no_grad():
-                hidden = eng.model(t_ids, pos, PagedAttention(eng.cache, meta, runner.scale), dyn)
-                rows.append(eng.model.logits(hidden))
+                hidden = worker.model(t_ids, pos, PagedAttention(worker.cache, meta, worker.scale),
+                                      dyn)
+                rows.append(worker.model.logits(hidden))
         return torch.cat(rows)
     finally:
-        eng.block_pool.free(blocks)
+        pool.free(blocks)
 
 
 def test_default_model_logits(loaded_default, hf_default, long_text):

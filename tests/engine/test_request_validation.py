@@ -73,7 +73,7 @@ def test_a_later_prompt_that_cannot_fit_queues_nothing(tiny_path):
     with pytest.raises(InvalidRequestError) as e:
         small.generate([[5] * 10, [6] * 300], SamplingParams(max_tokens=2))
     assert e.value.field == "prompt"
-    assert not small.engine.has_unfinished() and small.engine.block_pool.num_used == 0
+    assert not small.engine.has_unfinished() and small.engine.executor.worker.pool.num_used == 0
 
 
 def test_sampler_drops_ids_outside_the_vocabulary():

@@ -119,7 +119,7 @@ def test_bad_input_names_the_field(loop):
 
 
 def test_abort_timeout_and_kv_freed(loop):
-    pool = loop.engine.block_pool
+    pool = loop.engine.executor.worker.pool
     free0 = pool.num_free
     q = queue.Queue()
     rid = loop.submit(Submission(prompt_token_ids=ids(30, 3),
@@ -186,6 +186,6 @@ def test_engine_failure_ends_streams(tiny_path):
 
 def test_warm_up_leaves_nothing_behind(tiny_path):
     engine = make_engine(tiny_path)
-    free0 = engine.block_pool.num_free
+    free0 = engine.executor.worker.pool.num_free
     assert warm_up(engine) > 0
-    assert not engine.has_unfinished() and engine.block_pool.num_free == free0
+    assert not engine.has_unfinished() and engine.executor.worker.pool.num_free == free0

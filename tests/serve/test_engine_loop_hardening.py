@@ -61,7 +61,7 @@ def test_tokenizing_does_not_stall_streams_in_flight(loop):
 
 
 def test_cancel_at_any_stage_frees_everything(loop):
-    pool = loop.engine.block_pool
+    pool = loop.engine.executor.worker.pool
     free0 = pool.num_free
     params = SamplingParams(max_tokens=3000, **GREEDY)
     # Before admission: held loop, cancelled while queued -> never admitted.

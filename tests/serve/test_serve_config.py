@@ -25,7 +25,8 @@ def test_one_instance_policies():
 
 
 def test_esp_policies_unchanged():
-    assert _config("--policy", "static-sp", "--instances", "2").policy == "simple"
+    # static-sp is the registry's static-sp (LoongServe without ESP), as in the simulator.
+    assert _config("--policy", "static-sp", "--instances", "2").policy == "static-sp"
     assert _config("--instances", "2").policy == "elastic"
     assert _config("--instances", "2", "--decode-masters", "1").policy is None
 
@@ -38,3 +39,29 @@ def test_engine_config_names_the_policy():
     with pytest.raises(InvalidRequestError, match="pd-disagg needs at least 2 instances"):
         EngineConfig(policy="pd-disagg")
     assert EngineConfig(policy="pd-disagg", instances=2).policy == "pd-disagg"
+
+
+def test_serve_and_sim_build_static_sp_identically():
+    """`loong serve` and `loong sim` reach the same registry entry: the same policy class
+    with the same configuration for the same instances, blocks and limits."""
+    import dataclasses
+
+    from loong.engine.policy_choice import make_policy
+    from loong.sched.policies.registry import PolicySpec, build_policy
+    from loong.sim.run import sim_policy_spec
+    cfg = _config("--policy", "static-sp", "--instances", "4", "--max-num-seqs", "64")
+    served = make_policy(cfg, cfg.policy, 4, 128)
+    spec = sim_policy_spec("static-sp", 4, 128, 16, max_num_seqs=64)
+    simulated = build_policy(dataclasses.replace(spec, max_prefill_tokens=2048 * 4))
+    assert type(served) is type(simulated) and served.cfg == simulated.cfg
+    assert (served.cfg.prefill_group_size, served.cfg.decode_masters,
+            served.cfg.concurrent_prefill, served.cfg.balanced_keep) == (4, 1, False, True)
+    assert isinstance(spec, PolicySpec)
+
+
+def test_one_instance_elastic_runs_elastic():
+    from loong.engine.policy_choice import make_policy, policy_name
+    from loong.sched.policies.elastic import ElasticPolicy
+    cfg = _config("--policy", "elastic", "--instances", "1")
+    assert policy_name(cfg) == "elastic"
+    assert type(make_policy(cfg, policy_name(cfg), 1, 64)) is ElasticPolicy

@@ -97,7 +97,7 @@ def _instance_pids(srv):
                 cmd = f.read().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "spawn_main" in cmd and "resource_tracker" not in cmd:
+        if "loong.cluster.instance_main" in cmd:
             out.append(pid)
     return sorted(out)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from loong.sched.cluster_plan import (ClusterStepPlan, ClusterStepResult, KeepRange,
-                                      MigrationPlan, PrefillGroupPlan, PrefillItem, check_plan,
+                                      MigrationPlan, PrefillGroupPlan, PrefillItem,
                                       check_reports)
 from loong.sched.policies.placement import BlockMirror, ESPRequest, blocks
 from loong.sched.queues import QueueDiscipline
@@ -120,15 +120,14 @@ class ESPState:
         self.stats["preemptions"] += 1
 
     def emit(self, prefills, decodes, preempted: list[str]) -> ClusterStepPlan:
-        """The step's plan: pending releases and migrations plus these groups, checked;
-        the groups' requests are in flight until their results come back."""
+        """The step's plan: pending releases and migrations plus these groups (executors
+        check it); the groups' requests are in flight until their results come back."""
         plan = ClusterStepPlan(self.step, releases=tuple(self.releases),
                                migrations=tuple(self.migrations), prefills=tuple(prefills),
                                decodes=tuple(decodes), preempted=tuple(preempted))
         self.releases, self.migrations = [], []
         for g in plan.groups():
             self.in_flight.update(it.request_id for it in g.items)
-        check_plan(plan, self.cfg.num_instances)
         return plan
 
 

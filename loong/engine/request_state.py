@@ -1,0 +1,60 @@
+"""The manager's one record of a request in flight, and turning its new tokens into output.
+
+Owns: `RequestState` (sampling params, the `RequestOutput` being built, which holds the
+prompt and the output token ids: the only copy on the manager side, read by the executors
+for the instances' sampling state and by recovery to prefill again; the incremental
+detokenizer; the stop-string checker; the count of failed steps it was in) and
+`append_token`: one sampled token -> text, logprobs, stop decision.
+Must not import: torch, the cluster runtime, the worker or serving code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from loong.engine.detokenizer import IncrementalDetokenizer
+from loong.engine.outputs import RequestOutput
+from loong.engine.stop_checker import StopStringChecker, check_stop_reason
+from loong.sampling_params import SamplingParams
+
+
+@dataclass
+class RequestState:
+    params: SamplingParams
+    output: RequestOutput
+    detok: IncrementalDetokenizer
+    stops: StopStringChecker
+    strikes: int = 0             # failed steps this request was in (a cluster reset each)
+
+    @property
+    def prompt_token_ids(self) -> Sequence[int]:
+        return self.output.prompt_token_ids
+
+    @property
+    def output_token_ids(self) -> Sequence[int]:
+        return self.output.token_ids
+
+
+def append_token(state: RequestState, token: int, logprobs, now: float,
+                 eos_token_ids: tuple[int, ...]) -> tuple[str | None, str | int | None]:
+    """Add one sampled token to the output (text never splits a UTF-8 character); returns
+    (finish reason, stop reason) when the request is done, else (None, None)."""
+    out, params = state.output, state.params
+    out.token_ids.append(token)
+    if out.metrics.first_token_time is None:
+        out.metrics.first_token_time = now
+    if out.logprobs is not None and logprobs is not None:
+        out.logprobs.append(logprobs)
+    n = len(out.token_ids)
+    reason, stop_reason = check_stop_reason(token, n, params, eos_token_ids)
+    delta = state.detok.step([token])
+    if reason is not None:
+        delta += state.detok.flush()  # release a trailing incomplete character
+    # Stop strings count only after min_tokens, like EOS and stop ids.
+    emitted, matched = state.stops.feed(delta, allow_stop=n > params.min_tokens)
+    out.text += emitted
+    if matched is not None:
+        return "stop", matched
+    if reason is not None:
+        out.text += state.stops.flush()
+    return reason, stop_reason
