@@ -5,7 +5,7 @@ without torch; `LLM` and `SamplingParams` load on first use.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from loong.version import __version__
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "__version__"]
 
 

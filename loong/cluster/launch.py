@@ -24,7 +24,6 @@ import time
 import weakref
 from multiprocessing.connection import Listener
 
-import loong
 from loong.config import EngineConfig
 from loong.cluster import handoff as model_handoff
 from loong.cluster import instance_main
@@ -78,7 +77,7 @@ class InstanceProcess:
         the caller's stdout/stderr; it reads nothing (stdin is /dev/null)."""
         env = dict(os.environ)
         env[instance_main.DEFAULT_KEY_ENV] = key.hex()
-        root = os.path.dirname(os.path.dirname(os.path.abspath(loong.__file__)))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         return cls(subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                     pass_fds=pass_fds))

@@ -91,7 +91,7 @@ class ChunkItem:
 
     @property
     def is_decode(self) -> bool:
-        """One decode token (as `ScheduledChunk.is_decode`): runs as batched paged decode."""
+        """One decode token (the request has KV before it): runs as batched paged decode."""
         return self.start > 0 and len(self.token_ids) == 1 and self.sample
 
 

@@ -17,20 +17,22 @@ import signal
 from dataclasses import fields
 
 from loong.config import EngineConfig, RequestLimits
+from loong.sched.policies.names import POLICY_NAMES
 
 log = logging.getLogger("loong.serve")
-POLICIES = ("elastic", "static-sp", "chunked-prefill", "pd-disagg")
 
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the gRPC API with a local cluster of instances")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
-    p.add_argument("--policy", default="elastic", choices=POLICIES,
-                   help="cluster policy: elastic (ESP, default), static-sp (every prefill "
-                        "on all instances), or the baselines over one-instance replicas: "
-                        "chunked-prefill (SplitFuse on each instance) and pd-disagg (half "
-                        "the instances prefill, the rest decode; needs --instances >= 2)")
+    p.add_argument("--policy", default="elastic", choices=POLICY_NAMES,
+                   help="cluster policy (the registry's, as `loong sim` runs them): elastic "
+                        "(ESP, default), static-sp (every prefill on all instances, no "
+                        "scale-down), simple, or the baselines over one-instance replicas: "
+                        "sarathi (one token budget per iteration), chunked-prefill "
+                        "(SplitFuse), vllm (whole prompts first) and pd-disagg (half the "
+                        "instances prefill, the rest decode; needs --instances >= 2)")
     p.add_argument("--api-key", default=None,
                    help="require 'authorization: Bearer KEY' on every RPC (default: env "
                         "LOONG_API_KEY if set)")
@@ -93,7 +95,7 @@ def request_limits(args) -> RequestLimits:
 
 
 def model_info(engine, config: EngineConfig) -> dict:
-    from loong import __version__
+    from loong.version import __version__
     from loong.serve import engine_gauges
     return {"model": config.model or "SmolLM2-135M-Instruct (embedded)",
             "vocab_size": engine.model_config.vocab_size, "max_model_len": engine.max_model_len,
