@@ -76,8 +76,8 @@ class RingPrefillAttention:
     """Callable `(layer, q, k, v) -> out` for group position `pos` of a striped prefill.
 
     q/k/v hold this position's rows (request by request, see RingLayout). `keep[i]` lists
-    the global ranges of request i this member stores; `keep_slots[i]` the cache slots they
-    go to, in ring-step order (the order `plan_keep_slots` walks).
+    the global ranges of request i this member stores (in increasing order); `keep_slots[i]`
+    the cache slots they go to, in position order.
     """
 
     def __init__(self, comm: Comm, members: list[int], pos: int, layout: RingLayout,
@@ -90,24 +90,31 @@ class RingPrefillAttention:
         self.next_rank = members[(pos + 1) % n]
         self.prev_rank = members[(pos - 1) % n]
         # Per ring step: (chunk rows to copy, their cache slots), the same for every layer.
+        # Kept rows are stored in position order: the kept token at global position g of
+        # range [b, e) goes to slot (tokens kept in earlier ranges) + g - b, so a shard's
+        # blocks hold contiguous, block-aligned positions (what prefix caching names).
         self.copies: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-        cursor = [0] * len(layout.lengths)
+        copied = [0] * len(layout.lengths)
         dev = cache.kv.device
         for s in range(n):
             src = (pos - s) % n
             rows: list[int] = []
             slots: list[int] = []
             for i, ranges in enumerate(keep):
+                base = 0
                 for b, e in ranges:
                     a, z = keep_rows(layout, src, i, b, e)
+                    j0 = a - layout.offsets[src][i]
                     rows.extend(range(a, z))
-                    slots.extend(keep_slots[i][cursor[i]:cursor[i] + z - a])
-                    cursor[i] += z - a
+                    slots.extend(keep_slots[i][base + src + (j0 + t) * n - b]
+                                 for t in range(z - a))
+                    copied[i] += z - a
+                    base += e - b
             self.copies.append((torch.tensor(rows, dtype=torch.int64, device=dev),
                                 torch.tensor(slots, dtype=torch.int64, device=dev)) if rows else None)
         for i, ranges in enumerate(keep):
-            if cursor[i] != len(keep_slots[i]):
-                raise AssertionError(f"scale-down copies {cursor[i]} rows of request {i}, "
+            if copied[i] != len(keep_slots[i]):
+                raise AssertionError(f"scale-down copies {copied[i]} rows of request {i}, "
                                      f"{len(keep_slots[i])} slots were reserved")
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,10 @@
 Owns: per-request block lists and token counts on this instance, appending slots, dropping
 a shard's tail (migration) or all of it (release), and slot tensors for attention.
 Tokens of a shard are stored densely in *storage order* (slot i of the shard is token i of
-the shard); storage order need not be position order: ring prefill stores KV in ring-step
-order and decode attention is permutation-invariant once RoPE is applied to k.
+the shard), which is increasing position order: ring prefill stores each kept range in
+position order and decode appends later positions; so a shard whose range starts at a
+block boundary holds whole, aligned blocks of the request's sequence (what prefix caching
+names). Attention itself does not care: it is permutation-invariant once RoPE is applied.
 Pure Python (no torch) except `slot_tensor`.
 """
 from __future__ import annotations
