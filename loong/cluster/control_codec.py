@@ -61,7 +61,7 @@ def plan_to_proto(plan: ClusterStepPlan, out: pb.ClusterStepPlan) -> None:
         dg = out.decodes.add(members=g.members)
         for it in g.items:
             di = dg.items.add(request_id=it.request_id, token_id=it.token_id,
-                              position=it.position, master=it.master)
+                              position=it.position, master=it.master, extend=it.extend)
             for inst, tokens in it.shards:
                 di.shards.add(instance=inst, tokens=tokens)
     for g in plan.batches:
@@ -82,7 +82,7 @@ def plan_from_proto(p: pb.ClusterStepPlan) -> ClusterStepPlan:
             for it in g.items)) for g in p.prefills),
         decodes=tuple(DecodeGroupPlan(tuple(g.members), tuple(
             DecodeItem(it.request_id, it.token_id, it.position, it.master,
-                       tuple((s.instance, s.tokens) for s in it.shards))
+                       tuple((s.instance, s.tokens) for s in it.shards), tuple(it.extend))
             for it in g.items)) for g in p.decodes),
         batches=tuple(BatchGroupPlan(tuple(g.members), tuple(
             ChunkItem(it.request_id, tuple(it.token_ids), it.start, it.sample,

@@ -45,12 +45,16 @@ class PrefillGroupPlan:
 
 @dataclass(frozen=True)
 class DecodeItem:
-    """One decode token of one request.
+    """One decode token of one request, or (`extend`) several consecutive new tokens.
 
-    `master` computes the token's q/k/v, appends its KV to its own shard and samples.
+    The item computes tokens `token_ids` at positions [position, position + len). `master`
+    computes their q/k/v, appends their KV to its own shard and samples after the last.
     `shards` lists (instance, tokens held) for every instance the master asks for a
-    partial result, before this step's token is appended; a 0-token entry is allowed and
-    contributes nothing (lse = -inf). The master may hold no shard yet (scale-up).
+    partial result, before this step's tokens are appended; a 0-token entry is allowed and
+    contributes nothing (lse = -inf). The master may hold no shard yet (scale-up). New
+    token t attends to every held token and to new tokens 0..t (causal): with `extend`, the
+    new tokens of a prompt whose prefix is cached run this way against the prefix where it
+    lies.
     """
 
     request_id: str
@@ -58,10 +62,15 @@ class DecodeItem:
     position: int
     master: int
     shards: tuple[tuple[int, int], ...]
+    extend: tuple[int, ...] = ()        # tokens after token_id, computed in the same step
 
     @property
     def context_len(self) -> int:
         return sum(t for _, t in self.shards)
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return (self.token_id, *self.extend)
 
 
 @dataclass(frozen=True)
@@ -277,7 +286,7 @@ def remap_plan(plan: ClusterStepPlan, ranks: tuple[int, ...] | list[int]) -> Clu
         for it in g.items)) for g in plan.prefills)
     decodes = tuple(DecodeGroupPlan(members(g.members), tuple(
         DecodeItem(it.request_id, it.token_id, it.position, ranks[it.master],
-                   tuple((ranks[i], t) for i, t in it.shards)) for it in g.items))
+                   tuple((ranks[i], t) for i, t in it.shards), it.extend) for it in g.items))
         for g in plan.decodes)
     batches = tuple(BatchGroupPlan(members(g.members), tuple(
         ChunkItem(it.request_id, it.token_ids, it.start, it.sample, tuple(kr(k) for k in it.keep))

@@ -225,7 +225,7 @@ def apply_plan_kv(plan: ClusterStepPlan, tables: Sequence[ShardTable],
             if check_decode_shards:
                 for inst, t in it.shards:
                     assert tables[inst].tokens(it.request_id) == t, (it, inst)
-            tables[it.master].append(it.request_id, 1)
+            tables[it.master].append(it.request_id, len(it.token_ids))
 
 
 def _sampled_items(g):

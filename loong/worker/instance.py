@@ -147,7 +147,7 @@ class InstanceWorker:
             for layer in range(cfg.num_layers):
                 attn(layer, q, kv, kv)
 
-    # ----- multi-master decode -------------------------------------------------------
+    # ----- multi-master decode (and extends: several new tokens of one request) ------
     def _decode(self, g: DecodeGroupPlan, res: InstanceResult, want_logits: bool) -> None:
         me, dev, shards = self.rank, self.model.device, self.shards
         mine = [it for it in g.items if it.master == me]
@@ -157,23 +157,32 @@ class InstanceWorker:
                 raise PlanMismatchError(
                     f"decode of {it.request_id!r}: plan says instance {me} holds {held} tokens, "
                     f"it holds {shards.tokens(it.request_id)}")
-        new_slots = [shards.append(it.request_id, 1)[0] for it in mine]
+        # Own rows: every new token of every item this member masters, item by item. Row t
+        # of an item sees what its shard held before plus new tokens 0..t (causal).
+        new_slots: list[int] = []
+        tables: list[list[int]] = []
+        lens: list[int] = []
+        spans: list[tuple[int, int]] = []          # rows [a, b) of each own item
+        for it in mine:
+            k, before = len(it.token_ids), shards.tokens(it.request_id)
+            new_slots += shards.append(it.request_id, k)
+            table = self._table(it.request_id)
+            spans.append((len(lens), len(lens) + k))
+            tables += [table] * k
+            lens += [before + t + 1 for t in range(k)]
         to_peers: dict[int, list[int]] = {}
-        for row, it in enumerate(mine):
+        for it, (a, b) in zip(mine, spans):
             for h, _ in it.shards:
                 if h != me:
-                    to_peers.setdefault(h, []).append(row)
+                    to_peers.setdefault(h, []).extend(range(a, b))
         from_masters: dict[int, PagedRows] = {}
         for m, items in g.masters().items():
-            if m == me:
-                continue
-            rows = [it for it in items if me in dict(it.shards)]
+            rows = [it for it in items if me in dict(it.shards)] if m != me else []
             if rows:
                 from_masters[m] = PagedRows.build(
-                    [self._table(it.request_id) for it in rows],
-                    [shards.tokens(it.request_id) for it in rows], dev)
-        own = PagedRows.build([self._table(it.request_id) for it in mine],
-                              [shards.tokens(it.request_id) for it in mine], dev) if mine else None
+                    [self._table(it.request_id) for it in rows for _ in it.token_ids],
+                    [shards.tokens(it.request_id) for it in rows for _ in it.token_ids], dev)
+        own = PagedRows.build(tables, lens, dev) if mine else None
         ex = DecodeExchange(torch.tensor(new_slots, dtype=torch.int64, device=dev), own,
                             {p: torch.tensor(r, dtype=torch.int64, device=dev)
                              for p, r in sorted(to_peers.items())},
@@ -186,12 +195,15 @@ class InstanceWorker:
                 attn.peer_layer(layer)
             return
         for it in mine:
-            faults.check("forward", (it.token_id,), "a decode step")
-        ids = torch.tensor([it.token_id for it in mine], dtype=torch.int64, device=dev)
-        positions = torch.tensor([it.position for it in mine], dtype=torch.int64, device=dev)
-        dyn = [(r, r + 1, it.position + 1) for r, it in enumerate(mine)]
+            faults.check("forward", it.token_ids, "a decode step")
+        ids = torch.tensor([t for it in mine for t in it.token_ids], dtype=torch.int64,
+                           device=dev)
+        positions = torch.tensor([it.position + t for it in mine for t in range(len(it.token_ids))],
+                                 dtype=torch.int64, device=dev)
+        dyn = [(a, b, it.position + b - a) for it, (a, b) in zip(mine, spans)]
         hidden = self.model(ids, positions, attn, dyn if self.model.rope.dynamic else None)
-        self.sample_rows([it.request_id for it in mine], hidden, res, want_logits)
+        last = [b - 1 for _, b in spans]
+        self.sample_rows([it.request_id for it in mine], hidden[last], res, want_logits)
 
     def _table(self, rid: str) -> list[int]:
         s = self.shards.shards.get(rid)

@@ -31,7 +31,8 @@ def full_plan() -> ClusterStepPlan:
             PrefillItem("p2", (5,), (KeepRange(0, 0, 1),)))),),
         decodes=(DecodeGroupPlan((1, 3), (
             DecodeItem("d1", 77, 4096, 1, ((1, 2000), (3, 2096))),
-            DecodeItem("d2", 0, 9, 3, ((1, 0), (3, 9))))),),
+            DecodeItem("d2", 0, 9, 3, ((1, 0), (3, 9))),
+            DecodeItem("e1", 5, 512, 3, ((1, 512),), (6, 7, 8)))),),
         batches=(BatchGroupPlan((4,), (
             ChunkItem("c1", (1, 2, 3), 64, True, (KeepRange(4, 64, 67),)),
             ChunkItem("c2", (8,), 0, False, (KeepRange(4, 0, 1),)))),),

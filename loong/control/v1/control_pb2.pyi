@@ -125,18 +125,20 @@ class ShardHold(_message.Message):
     def __init__(self, instance: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class DecodeItem(_message.Message):
-    __slots__ = ("request_id", "token_id", "position", "master", "shards")
+    __slots__ = ("request_id", "token_id", "position", "master", "shards", "extend")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     MASTER_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    EXTEND_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_id: int
     position: int
     master: int
     shards: _containers.RepeatedCompositeFieldContainer[ShardHold]
-    def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., position: _Optional[int] = ..., master: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardHold, _Mapping]]] = ...) -> None: ...
+    extend: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., position: _Optional[int] = ..., master: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardHold, _Mapping]]] = ..., extend: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeGroup(_message.Message):
     __slots__ = ("members", "items")
