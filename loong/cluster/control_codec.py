@@ -13,8 +13,9 @@ from typing import Any
 
 from loong.control.v1 import control_pb2 as pb
 from loong.sampling_params import SamplingParams
-from loong.sched.cluster_plan import (BatchGroupPlan, ChunkItem, ClusterStepPlan, DecodeGroupPlan,
-                                      DecodeItem, InstanceCounters, KeepRange, MigrationPlan,
+from loong.sched.cluster_plan import (BatchGroupPlan, CacheAttach, CacheInsert, ChunkItem,
+                                      ClusterStepPlan, DecodeGroupPlan, DecodeItem,
+                                      InstanceCounters, KeepRange, MigrationPlan,
                                       PrefillGroupPlan, PrefillItem)
 from loong.cluster.messages import (Heartbeat, Hello, Inspect, InspectReply, InstanceSpec,
                                     Ready, Reset, Setup, Shutdown)
@@ -70,6 +71,13 @@ def plan_to_proto(plan: ClusterStepPlan, out: pb.ClusterStepPlan) -> None:
             ci = bg.items.add(request_id=it.request_id, token_ids=it.token_ids, start=it.start,
                               sample=it.sample)
             _keep_to(ci.keep, it.keep)
+    for c in plan.cache_inserts:
+        out.cache_inserts.add(request_id=c.request_id, instance=c.instance,
+                              first_block=c.first_block, hashes=c.hashes)
+    for inst, h in plan.evictions:
+        out.evictions.add(instance=inst, hash=h)
+    for c in plan.cache_attaches:
+        out.cache_attaches.add(request_id=c.request_id, instance=c.instance, hashes=c.hashes)
 
 
 def plan_from_proto(p: pb.ClusterStepPlan) -> ClusterStepPlan:
@@ -87,7 +95,12 @@ def plan_from_proto(p: pb.ClusterStepPlan) -> ClusterStepPlan:
         batches=tuple(BatchGroupPlan(tuple(g.members), tuple(
             ChunkItem(it.request_id, tuple(it.token_ids), it.start, it.sample,
                       _keep_from(it.keep)) for it in g.items)) for g in p.batches),
-        preempted=tuple(p.preempted), want_logits=p.want_logits)
+        preempted=tuple(p.preempted), want_logits=p.want_logits,
+        cache_inserts=tuple(CacheInsert(c.request_id, c.instance, c.first_block, tuple(c.hashes))
+                            for c in p.cache_inserts),
+        evictions=tuple((e.instance, e.hash) for e in p.evictions),
+        cache_attaches=tuple(CacheAttach(c.request_id, c.instance, tuple(c.hashes))
+                             for c in p.cache_attaches))
 
 
 # ----- sampling state ------------------------------------------------------------------------

@@ -123,6 +123,7 @@ class ClusterExecutor:
             involved.update(g.members)
         for m in plan.migrations:
             involved.update((m.src, m.dst))
+        involved.update(plan.cache_instances())
         if plan.releases:
             involved.update(self.live)
         self._syncs.forget(plan.releases)

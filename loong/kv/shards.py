@@ -7,7 +7,10 @@ the shard), which is increasing position order: ring prefill stores each kept ra
 position order and decode appends later positions; so a shard whose range starts at a
 block boundary holds whole, aligned blocks of the request's sequence (what prefix caching
 names). Attention itself does not care: it is permutation-invariant once RoPE is applied.
-Pure Python (no torch) except `slot_tensor`.
+Also owns the instance's cached blocks (prefix caching): chain hash -> block id. The cache
+holds one reference of each cached block (BlockPool refcount) and every shard that shares
+it one more, so a block is free only when no shard uses it and it is not cached.
+Pure Python (no torch).
 """
 from __future__ import annotations
 
@@ -28,6 +31,43 @@ class ShardTable:
         self.pool = pool
         self.block_size = pool.block_size
         self.shards: dict[str, Shard] = {}
+        self.cached: dict[int, int] = {}        # chain hash -> block id
+
+    # ----- prefix caching ------------------------------------------------------------
+    def cache_insert(self, rid: str, first_block: int, hashes) -> None:
+        """Name blocks first_block.. of rid's shard (each full) by `hashes`."""
+        s = self.shards.get(rid)
+        last = first_block + len(hashes)
+        if s is None or last * self.block_size > s.num_tokens:
+            raise ValueError(f"cache insert of {rid!r}: blocks [{first_block}, {last}) are not "
+                             f"full blocks of its shard ({s.num_tokens if s else 0} tokens)")
+        for h, b in zip(hashes, s.block_ids[first_block:last]):
+            if h in self.cached:
+                raise ValueError(f"cache insert of {rid!r}: block {h} is cached already")
+            self.pool.share([b])
+            self.cached[h] = b
+
+    def cache_evict(self, h: int) -> None:
+        """Drop the cache's reference of a cached block (free when no shard uses it)."""
+        b = self.cached.pop(h, None)
+        if b is None:
+            raise ValueError(f"evicting block {h}: it is not cached here")
+        self.pool.free([b])
+
+    def attach(self, rid: str, hashes) -> None:
+        """Start rid's (empty) shard with the cached blocks `hashes`, shared."""
+        if self.tokens(rid):
+            raise ValueError(f"attaching cached blocks to {rid!r}: its shard is not empty")
+        missing = [h for h in hashes if h not in self.cached]
+        if missing:
+            raise ValueError(f"attaching to {rid!r}: blocks {missing[:3]} are not cached here")
+        blocks = [self.cached[h] for h in hashes]
+        self.pool.share(blocks)
+        self.shards[rid] = Shard(blocks, len(blocks) * self.block_size)
+
+    def clear_cache(self) -> None:
+        for h in list(self.cached):
+            self.cache_evict(h)
 
     def tokens(self, rid: str) -> int:
         s = self.shards.get(rid)
@@ -76,3 +116,20 @@ class ShardTable:
 
     def summary(self) -> dict[str, int]:
         return {rid: s.num_tokens for rid, s in self.shards.items() if s.num_tokens}
+
+
+def apply_bookkeeping(plan, rank: int, table: ShardTable) -> None:
+    """A `ClusterStepPlan`'s KV bookkeeping on instance `rank`, in the plan's order: name
+    cached blocks, release requests, evict cached blocks, attach cached blocks. Raises
+    ValueError when the plan disagrees with what the table holds."""
+    for c in plan.cache_inserts:
+        if c.instance == rank:
+            table.cache_insert(c.request_id, c.first_block, c.hashes)
+    for rid in plan.releases:
+        table.release(rid)
+    for inst, h in plan.evictions:
+        if inst == rank:
+            table.cache_evict(h)
+    for c in plan.cache_attaches:
+        if c.instance == rank:
+            table.attach(c.request_id, c.hashes)

@@ -126,8 +126,31 @@ class MigrationPlan:
 
 
 @dataclass(frozen=True)
+class CacheInsert:
+    """Name blocks of a request's shard on `instance` by the chain hashes of the aligned,
+    full blocks of the sequence they hold: shard blocks first_block.. get `hashes`. The
+    instance keeps them (one reference of the cache) until evicted."""
+
+    request_id: str
+    instance: int
+    first_block: int
+    hashes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CacheAttach:
+    """The cached blocks `hashes` on `instance` start the request's shard there (shared,
+    not copied): the shard must be empty; it then holds len(hashes) full blocks."""
+
+    request_id: str
+    instance: int
+    hashes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class ClusterStepPlan:
-    """One cluster iteration, run in this order: releases, migrations, then the groups."""
+    """One cluster iteration, run in this order: cache inserts, releases, evictions,
+    cache attaches, migrations, then the groups."""
 
     step: int
     releases: tuple[str, ...] = ()            # drop these requests' KV everywhere
@@ -137,11 +160,20 @@ class ClusterStepPlan:
     batches: tuple[BatchGroupPlan, ...] = ()  # replica iterations (baselines)
     preempted: tuple[str, ...] = ()           # released this step to be recomputed later
     want_logits: bool = False                 # return the sampled rows' logits (tests)
+    cache_inserts: tuple[CacheInsert, ...] = ()
+    evictions: tuple[tuple[int, int], ...] = ()    # (instance, hash): cached blocks to drop
+    cache_attaches: tuple[CacheAttach, ...] = ()
 
     @property
     def is_empty(self) -> bool:
         return not (self.releases or self.migrations or self.prefills or self.decodes
-                    or self.batches)
+                    or self.batches or self.cache_inserts or self.evictions
+                    or self.cache_attaches)
+
+    def cache_instances(self) -> set[int]:
+        """Instances named by the plan's cache operations."""
+        return ({c.instance for c in self.cache_inserts} | {i for i, _ in self.evictions}
+                | {c.instance for c in self.cache_attaches})
 
     def groups(self) -> list[PrefillGroupPlan | DecodeGroupPlan | BatchGroupPlan]:
         return [*self.prefills, *self.decodes, *self.batches]
@@ -197,6 +229,7 @@ def check_plan(plan: ClusterStepPlan, num_instances: int) -> None:
             used[m] = kind
         if not g.items:
             raise PlanError(f"{kind} group {g.members} has no requests")
+    _check_cache_ops(plan, num_instances)
     seen: set[str] = set()
     for g in plan.prefills:
         for it in g.items:
@@ -264,6 +297,23 @@ def check_reports(result: ClusterStepResult, requests, free) -> None:
                             f"the policy expects {free(inst)}")
 
 
+def _check_cache_ops(plan: ClusterStepPlan, num_instances: int) -> None:
+    for i in plan.cache_instances():
+        if not 0 <= i < num_instances:
+            raise PlanError(f"a cache operation names instance {i}; the cluster has {num_instances}")
+    if len(set(plan.evictions)) != len(plan.evictions):
+        raise PlanError("a cached block is evicted twice in one plan")
+    for c in plan.cache_inserts:
+        if not c.hashes or c.first_block < 0:
+            raise PlanError(f"cache insert of {c.request_id!r} on {c.instance} names no blocks")
+    attached: set[tuple[str, int]] = set()
+    for c in plan.cache_attaches:
+        if not c.hashes or (c.request_id, c.instance) in attached:
+            raise PlanError(f"cache attach of {c.request_id!r} on {c.instance}: no blocks, or "
+                            f"attached twice in one plan")
+        attached.add((c.request_id, c.instance))
+
+
 def _check_once(rid: str, seen: set[str]) -> None:
     if rid in seen:
         raise PlanError(f"request {rid!r} appears twice in one step")
@@ -293,5 +343,10 @@ def remap_plan(plan: ClusterStepPlan, ranks: tuple[int, ...] | list[int]) -> Clu
         for it in g.items)) for g in plan.batches)
     migrations = tuple(MigrationPlan(m.request_id, ranks[m.src], ranks[m.dst], m.num_tokens)
                        for m in plan.migrations)
+    inserts = tuple(CacheInsert(c.request_id, ranks[c.instance], c.first_block, c.hashes)
+                    for c in plan.cache_inserts)
+    evictions = tuple((ranks[i], h) for i, h in plan.evictions)
+    attaches = tuple(CacheAttach(c.request_id, ranks[c.instance], c.hashes)
+                     for c in plan.cache_attaches)
     return ClusterStepPlan(plan.step, plan.releases, migrations, prefills, decodes, batches,
-                           plan.preempted, plan.want_logits)
+                           plan.preempted, plan.want_logits, inserts, evictions, attaches)

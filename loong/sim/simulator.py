@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 from loong.kv.block_pool import BlockPool
-from loong.kv.shards import ShardTable
+from loong.kv.shards import ShardTable, apply_bookkeeping
 from loong.sched.cluster_plan import (BatchGroupPlan, ClusterStepPlan, ClusterStepResult,
                                       DecodeGroupPlan, PrefillGroupPlan, check_plan)
 from loong.sched.cost_model import CostModel
@@ -205,13 +205,13 @@ class Simulator:
 
 def apply_plan_kv(plan: ClusterStepPlan, tables: Sequence[ShardTable],
                   check_decode_shards: bool = False) -> None:
-    """What a plan does to the instances' shard tables, in the executors' order: releases,
-    migrations (a shard's tail moves), prefill keep ranges, replica chunks, and each
-    decode's new token on its master. `check_decode_shards`: assert every decode's shards
-    are what the tables hold before its token is appended (fake executors in tests)."""
-    for rid in plan.releases:
-        for t in tables:
-            t.release(rid)
+    """What a plan does to the instances' shard tables, in the executors' order: cache
+    inserts, releases, evictions, attaches, migrations (a shard's tail moves), prefill keep
+    ranges, replica chunks, and each decode's new tokens on its master.
+    `check_decode_shards`: assert every decode's shards are what the tables hold before its
+    tokens are appended (fake executors in tests)."""
+    for rank, t in enumerate(tables):
+        apply_bookkeeping(plan, rank, t)
     for m in plan.migrations:
         have = tables[m.src].tokens(m.request_id)
         tables[m.src].truncate(m.request_id, have - m.num_tokens)

@@ -18,7 +18,7 @@ from loong.attention.ring_prefill import RingLayout, RingPrefillAttention, plan_
 from loong.kv.block_pool import BlockPool
 from loong.kv.cache_pool import KVCachePool
 from loong.kv.migration import recv_shard_tail, send_shard_tail
-from loong.kv.shards import ShardTable
+from loong.kv.shards import ShardTable, apply_bookkeeping
 from loong.model.llama import LlamaModel
 from loong.sched.cluster_plan import DecodeGroupPlan, InstanceCounters, PrefillGroupPlan
 from loong.worker import faults
@@ -40,9 +40,11 @@ class InstanceWorker:
         self.requests: dict[str, RunnerRequest] = {}
 
     def reset(self) -> None:
-        """Forget every request and free all KV (after a peer was lost mid-step)."""
-        for rid in list(self.shards.summary()):
+        """Forget every request and free all KV, cached blocks too (after a peer was lost
+        mid-step, or a step failed)."""
+        for rid in list(self.shards.shards):
             self.shards.release(rid)
+        self.shards.clear_cache()
         self.requests.clear()
 
     # ----- one step ------------------------------------------------------------------
@@ -53,9 +55,7 @@ class InstanceWorker:
         self.comm.counters = counters
         t0 = time.perf_counter()
         res = InstanceResult(self.rank, plan.step, counters=counters)
-        for rid in plan.releases:
-            self.shards.release(rid)
-            self.requests.pop(rid, None)
+        self._cache_and_release(plan)
         for s in msg.syncs:
             req = self.requests.get(s.request_id)
             if req is None:
@@ -83,6 +83,15 @@ class InstanceWorker:
         res.free_blocks = self.pool.num_free
         counters.compute_s = max(0.0, time.perf_counter() - t0 - counters.comm_wait_s)
         return res
+
+    def _cache_and_release(self, plan) -> None:
+        """The plan's bookkeeping (cache inserts, releases, evictions, attaches)."""
+        try:
+            apply_bookkeeping(plan, self.rank, self.shards)
+        except ValueError as e:
+            raise PlanMismatchError(f"instance {self.rank}: {e}") from None
+        for rid in plan.releases:
+            self.requests.pop(rid, None)
 
     def sample_rows(self, rids: list[str], hidden: torch.Tensor, res: InstanceResult,
                 want_logits: bool) -> None:
@@ -218,8 +227,19 @@ class InstanceWorker:
         return ops.kv_pack(self.cache.kv, slots)
 
     def check_integrity(self) -> None:
+        """Every block's references are the shards that hold it plus one if it is cached;
+        a block in use is held by a shard or the cache (no leak)."""
         self.pool.check_integrity()
-        held = sum(len(s.block_ids) for s in self.shards.shards.values())
-        if held != self.pool.num_used:
-            raise AssertionError(f"instance {self.rank}: shards hold {held} blocks, pool has "
-                                 f"{self.pool.num_used} in use (leak)")
+        refs: dict[int, int] = {}
+        for s in self.shards.shards.values():
+            for b in s.block_ids:
+                refs[b] = refs.get(b, 0) + 1
+        for b in self.shards.cached.values():
+            refs[b] = refs.get(b, 0) + 1
+        if len(refs) != self.pool.num_used:
+            raise AssertionError(f"instance {self.rank}: shards and cache hold {len(refs)} "
+                                 f"blocks, pool has {self.pool.num_used} in use (leak)")
+        for b, n in refs.items():
+            if self.pool.refcount(b) != n:
+                raise AssertionError(f"instance {self.rank}: block {b} has refcount "
+                                     f"{self.pool.refcount(b)}, {n} holders")

@@ -13,8 +13,9 @@ import torch
 from loong.config import EngineConfig
 from loong.control.v1 import control_pb2 as pb
 from loong.sampling_params import SamplingParams
-from loong.sched.cluster_plan import (BatchGroupPlan, ChunkItem, ClusterStepPlan, DecodeGroupPlan,
-                                      DecodeItem, InstanceCounters, KeepRange, MigrationPlan,
+from loong.sched.cluster_plan import (BatchGroupPlan, CacheAttach, CacheInsert, ChunkItem,
+                                      ClusterStepPlan, DecodeGroupPlan, DecodeItem,
+                                      InstanceCounters, KeepRange, MigrationPlan,
                                       PrefillGroupPlan, PrefillItem)
 from loong.cluster.control_codec import (ControlConnection, ControlProtocolError, decode, encode)
 from loong.cluster.messages import (Heartbeat, Hello, Inspect, InspectReply, InstanceSpec,
@@ -36,7 +37,10 @@ def full_plan() -> ClusterStepPlan:
         batches=(BatchGroupPlan((4,), (
             ChunkItem("c1", (1, 2, 3), 64, True, (KeepRange(4, 64, 67),)),
             ChunkItem("c2", (8,), 0, False, (KeepRange(4, 0, 1),)))),),
-        preempted=("p9",), want_logits=True)
+        preempted=("p9",), want_logits=True,
+        cache_inserts=(CacheInsert("c1", 4, 2, (2**62 + 5, 17)),),
+        evictions=((1, 99), (4, 2**63 - 1)),
+        cache_attaches=(CacheAttach("e1", 1, (7, 8, 9)),))
 
 
 RICH_PARAMS = SamplingParams(max_tokens=33, min_tokens=2, temperature=0.7, top_p=0.9, top_k=40,
@@ -94,6 +98,7 @@ def _proto_fields(message) -> set[str]:
     (InstanceCounters, pb.InstanceCounters), (KeepRange, pb.KeepRange),
     (PrefillItem, pb.PrefillItem), (DecodeItem, pb.DecodeItem), (ChunkItem, pb.ChunkItem),
     (MigrationPlan, pb.Migration), (ClusterStepPlan, pb.ClusterStepPlan),
+    (CacheInsert, pb.CacheInsert), (CacheAttach, pb.CacheAttach),
     (Inspect, pb.Inspect), (Heartbeat, pb.Heartbeat),
 ])
 def test_every_dataclass_field_is_on_the_wire(cls, message):

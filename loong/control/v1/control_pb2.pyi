@@ -182,8 +182,38 @@ class Migration(_message.Message):
     num_tokens: int
     def __init__(self, request_id: _Optional[str] = ..., src: _Optional[int] = ..., dst: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
+class CacheInsert(_message.Message):
+    __slots__ = ("request_id", "instance", "first_block", "hashes")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    HASHES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    instance: int
+    first_block: int
+    hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., instance: _Optional[int] = ..., first_block: _Optional[int] = ..., hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CacheAttach(_message.Message):
+    __slots__ = ("request_id", "instance", "hashes")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    HASHES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    instance: int
+    hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., instance: _Optional[int] = ..., hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Eviction(_message.Message):
+    __slots__ = ("instance", "hash")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    instance: int
+    hash: int
+    def __init__(self, instance: _Optional[int] = ..., hash: _Optional[int] = ...) -> None: ...
+
 class ClusterStepPlan(_message.Message):
-    __slots__ = ("step", "releases", "migrations", "prefills", "decodes", "batches", "preempted", "want_logits")
+    __slots__ = ("step", "releases", "migrations", "prefills", "decodes", "batches", "preempted", "want_logits", "cache_inserts", "evictions", "cache_attaches")
     STEP_FIELD_NUMBER: _ClassVar[int]
     RELEASES_FIELD_NUMBER: _ClassVar[int]
     MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +222,9 @@ class ClusterStepPlan(_message.Message):
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     PREEMPTED_FIELD_NUMBER: _ClassVar[int]
     WANT_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_INSERTS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ATTACHES_FIELD_NUMBER: _ClassVar[int]
     step: int
     releases: _containers.RepeatedScalarFieldContainer[str]
     migrations: _containers.RepeatedCompositeFieldContainer[Migration]
@@ -200,7 +233,10 @@ class ClusterStepPlan(_message.Message):
     batches: _containers.RepeatedCompositeFieldContainer[BatchGroup]
     preempted: _containers.RepeatedScalarFieldContainer[str]
     want_logits: bool
-    def __init__(self, step: _Optional[int] = ..., releases: _Optional[_Iterable[str]] = ..., migrations: _Optional[_Iterable[_Union[Migration, _Mapping]]] = ..., prefills: _Optional[_Iterable[_Union[PrefillGroup, _Mapping]]] = ..., decodes: _Optional[_Iterable[_Union[DecodeGroup, _Mapping]]] = ..., batches: _Optional[_Iterable[_Union[BatchGroup, _Mapping]]] = ..., preempted: _Optional[_Iterable[str]] = ..., want_logits: _Optional[bool] = ...) -> None: ...
+    cache_inserts: _containers.RepeatedCompositeFieldContainer[CacheInsert]
+    evictions: _containers.RepeatedCompositeFieldContainer[Eviction]
+    cache_attaches: _containers.RepeatedCompositeFieldContainer[CacheAttach]
+    def __init__(self, step: _Optional[int] = ..., releases: _Optional[_Iterable[str]] = ..., migrations: _Optional[_Iterable[_Union[Migration, _Mapping]]] = ..., prefills: _Optional[_Iterable[_Union[PrefillGroup, _Mapping]]] = ..., decodes: _Optional[_Iterable[_Union[DecodeGroup, _Mapping]]] = ..., batches: _Optional[_Iterable[_Union[BatchGroup, _Mapping]]] = ..., preempted: _Optional[_Iterable[str]] = ..., want_logits: _Optional[bool] = ..., cache_inserts: _Optional[_Iterable[_Union[CacheInsert, _Mapping]]] = ..., evictions: _Optional[_Iterable[_Union[Eviction, _Mapping]]] = ..., cache_attaches: _Optional[_Iterable[_Union[CacheAttach, _Mapping]]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop", "stop_token_ids", "ignore_eos", "logprobs", "include_stop_str_in_output", "skip_special_tokens")
