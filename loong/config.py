@@ -31,7 +31,7 @@ class RequestLimits:
     # Stop strings per request, and characters per stop string.
     max_stop_strings: int = 16
     max_stop_string_len: int = 1024
-    # Characters of a client-chosen request id (letters, digits and "-_.:/@+=~#" only).
+    # Characters of a client-chosen request id (letters, digits and "-_.:/@+=~" only).
     max_request_id_len: int = 128
 
     def __post_init__(self) -> None:
@@ -108,6 +108,10 @@ class EngineConfig:
     overlap_groups: bool = True
     # Bounds on every request (prompt size, stop strings, request ids, chat messages).
     limits: RequestLimits = field(default_factory=RequestLimits)
+    # Automatic prefix caching: full KV blocks named by a chain hash of their tokens are
+    # kept (least recently used evicted first) and shared by later requests with the same
+    # prefix (and cache_salt), wherever they lie on the instances.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -16,6 +16,9 @@ Semantics follow vLLM / the OpenAI API:
   follow OpenAI (output tokens only), each in [-2, 2].
 - `min_tokens` output tokens are produced before EOS or `stop_token_ids` may end the request.
 - `logprobs`: None = none; N >= 0 = the sampled token's logprob plus the top-N alternatives.
+- `n`: completions of the prompt; completion i > 0 with a `seed` samples with seed
+  `derive_seed(seed, i)` (completion 0 with `seed` itself), so each is reproducible alone.
+- `cache_salt`: prefix-cached KV is shared only between requests with the same salt.
 The dataclass is frozen; `stop` and `stop_token_ids` are normalised to tuples.
 """
 from __future__ import annotations
@@ -28,6 +31,8 @@ from loong.errors import InvalidRequestError
 
 GREEDY_EPS = 1e-5          # temperatures below this are treated as greedy
 MAX_LOGPROBS = 20          # OpenAI's bound on top_logprobs
+MAX_N = 128                # completions per prompt
+MAX_CACHE_SALT_LEN = 256
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 1024
 MAX_SEED = 2**64           # seeds live in [-(2**63), 2**64)
@@ -118,6 +123,10 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Completions to draw from the prompt (their KV is computed once and shared).
+    n: int = 1
+    # Requests share cached KV blocks only with the same salt (tenant isolation).
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         # Each group is checked in this order (the first bad field is the one reported),
@@ -131,6 +140,7 @@ class SamplingParams:
         _check_bool("include_stop_str_in_output", self.include_stop_str_in_output)
         _check_bool("skip_special_tokens", self.skip_special_tokens)
         self._check_logprobs()
+        self._check_n_and_salt()
         setattr_ = object.__setattr__
         setattr_(self, "temperature", temperature)
         setattr_(self, "top_p", top_p)
@@ -189,6 +199,18 @@ class SamplingParams:
                 "frequency_penalty", f"must be in [-2, 2], got {frequency_penalty}")
         return repetition_penalty, presence_penalty, frequency_penalty
 
+    def _check_n_and_salt(self) -> None:
+        n = _check_int("n", self.n)
+        if not 1 <= n <= MAX_N:
+            raise InvalidRequestError("n", f"must be in [1, {MAX_N}], got {n}")
+        if self.cache_salt is not None:
+            if not isinstance(self.cache_salt, str):
+                raise InvalidRequestError("cache_salt", f"must be a string, got "
+                                          f"{type(self.cache_salt).__name__}")
+            if len(self.cache_salt) > MAX_CACHE_SALT_LEN:
+                raise InvalidRequestError("cache_salt", f"at most {MAX_CACHE_SALT_LEN} "
+                                          f"characters, got {len(self.cache_salt)}")
+
     def _check_logprobs(self) -> None:
         if self.logprobs is not None:
             logprobs = _check_int("logprobs", self.logprobs)
@@ -209,3 +231,14 @@ class SamplingParams:
     def max_stop_str_len(self) -> int:
         """Length of the longest stop string (0 when there is none)."""
         return max((len(s) for s in self.stop), default=0)  # type: ignore[union-attr]
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """The seed completion `index` of a request with `seed` and n > 1 samples with (index 0:
+    the request's own seed), a 63-bit mix of (seed, index), so completions differ and a
+    completion can be reproduced alone as a request with that seed."""
+    if index == 0:
+        return seed
+    z = (seed * 0x9E3779B97F4A7C15 + index * 0xD1B54A32D192ED03) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 31)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    return (z ^ (z >> 29)) >> 1

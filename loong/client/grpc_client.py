@@ -123,9 +123,16 @@ class GenerateResult:
     completion_tokens: int = 0
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     timing: dict[str, float] = field(default_factory=dict)
+    cached_prompt_tokens: int = 0       # prompt tokens served from the prefix cache
+    index: int = 0                      # which completion (n > 1)
+    # With n > 1: every completion in index order (this object is completion 0).
+    completions: list["GenerateResult"] | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.completions is not None:
+            d["completions"] = [c.to_dict() | {"completions": None} for c in self.completions]
+        return d
 
 
 def _timing(t: loong_pb2.Timing) -> dict[str, float]:
@@ -133,13 +140,16 @@ def _timing(t: loong_pb2.Timing) -> dict[str, float]:
 
 
 def collect(responses: Iterable[loong_pb2.GenerateResponse]) -> GenerateResult:
-    """Concatenate a stream of GenerateResponse deltas; the final message's finish_reason,
-    usage and timing win."""
-    res = GenerateResult(timing=_timing(loong_pb2.Timing()))
-    texts: list[str] = []
+    """Concatenate a stream of GenerateResponse deltas, completion by completion (`index`);
+    each completion's final message's finish_reason, usage and timing win. With several
+    completions, the result is completion 0 with all of them in `completions`."""
+    by_index: dict[int, GenerateResult] = {}
+    texts: dict[int, list[str]] = {}
     for r in responses:
+        res = by_index.setdefault(r.index, GenerateResult(timing=_timing(loong_pb2.Timing()),
+                                                          index=r.index))
         res.request_id = r.request_id or res.request_id
-        texts.append(r.text)
+        texts.setdefault(r.index, []).append(r.text)
         res.token_ids.extend(r.token_ids)
         if r.logprobs:
             res.logprobs = res.logprobs or []
@@ -149,10 +159,17 @@ def collect(responses: Iterable[loong_pb2.GenerateResponse]) -> GenerateResult:
         res.stop_reason = r.stop_reason or res.stop_reason
         if r.HasField("usage"):
             res.prompt_tokens, res.completion_tokens = r.usage.prompt_tokens, r.usage.completion_tokens
+            res.cached_prompt_tokens = r.usage.cached_prompt_tokens
         if r.HasField("timing"):
             res.timing = _timing(r.timing)
-    res.text = "".join(texts)
-    return res
+    for i, res in by_index.items():
+        res.text = "".join(texts[i])
+    if not by_index:
+        return GenerateResult(timing=_timing(loong_pb2.Timing()))
+    first = by_index.get(0) or by_index[min(by_index)]
+    if len(by_index) > 1:
+        first.completions = [by_index[i] for i in sorted(by_index)]
+    return first
 
 
 def _finish(res: GenerateResult, req: loong_pb2.GenerateRequest) -> GenerateResult:

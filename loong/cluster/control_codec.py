@@ -104,7 +104,7 @@ def plan_from_proto(p: pb.ClusterStepPlan) -> ClusterStepPlan:
 
 
 # ----- sampling state ------------------------------------------------------------------------
-_SAMPLING_OPTIONAL = ("seed", "logprobs")
+_SAMPLING_OPTIONAL = ("seed", "logprobs", "cache_salt")
 _SAMPLING_REPEATED = ("stop", "stop_token_ids")
 
 

@@ -22,7 +22,7 @@ from loong.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
 CHAT_ROLES = ("system", "user", "assistant")
-REQUEST_ID_CHARS = re.compile(r"[A-Za-z0-9_.:/@+=~#-]+")
+REQUEST_ID_CHARS = re.compile(r"[A-Za-z0-9_.:/@+=~-]+")    # "#" names completions
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def check_request_id(rid: object, limits: RequestLimits) -> None:
                                   f"{limits.max_request_id_len}")
     if rid and not REQUEST_ID_CHARS.fullmatch(rid):
         raise InvalidRequestError("request_id", "may hold only letters, digits and "
-                                  "-_.:/@+=~# (no spaces or control characters)")
+                                  "-_.:/@+=~ (no spaces or control characters)")
 
 
 def check_sampling(params: SamplingParams, model: ModelLimits, limits: RequestLimits) -> None:

@@ -118,7 +118,8 @@ class LLM:
         try:
             while any(r is None for r in results):
                 updated = engine.step()
-                finished = [o for o in updated if o.finished and o.request_id in order]
+                finished = [o for o in updated if o.finished and o.index == 0
+                            and o.request_id in order]
                 for o in finished:
                     results[order[o.request_id]] = o
                 bar.update(len(finished), len(updated))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections import Counter
+from dataclasses import replace
 import logging
 import os
 import time
@@ -27,11 +29,11 @@ from loong.engine.input_processor import (ModelLimits, PreparedRequest, check_re
                                           prepare_request)
 from loong.engine.outputs import RequestMetrics, RequestOutput
 from loong.engine.policy_choice import make_policy, policy_name
-from loong.engine.request_state import RequestState, append_token
+from loong.engine.request_state import RequestState, SampleGroup, append_token
 from loong.engine.stop_checker import StopStringChecker
 from loong.errors import InvalidRequestError
 from loong.model.loader import LoadedModel, load_model_files
-from loong.sampling_params import SamplingParams
+from loong.sampling_params import SamplingParams, derive_seed
 from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult, InstanceCounters
 from loong.worker.build import build_instance, resolve_device, resolve_dtype
 
@@ -67,7 +69,9 @@ class LLMEngine:
         self.block_size = config.block_size
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self._states: dict[str, RequestState] = {}
+        self._states: dict[str, RequestState] = {}    # by key: request id, or "id#i"
+        self._groups: dict[str, SampleGroup] = {}     # requests with n > 1
+        self._groups_done: dict[str, RequestOutput] = {}   # ended this step (reported once)
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "max_blocks_used": 0}
         self.executor = _build_executor(config, loaded)
@@ -77,6 +81,7 @@ class LLMEngine:
         self.policy = make_policy(config, self.policy_name, ex.num_instances,
                                   ex.blocks_per_instance)
         self.past_policy_stats: list[dict] = []      # of policies replaced after a reset
+        self._past_cache: Counter = Counter()          # their prefix-cache counters
         self.lost_instances: list[int] = []
         self.counters = {r: InstanceCounters() for r in ex.live}
         # Free KV blocks per instance as the instances last reported them.
@@ -123,28 +128,73 @@ class LLMEngine:
             request_id = f"req-{next(self._ids)}"
         else:
             check_request_id(request_id, self.config.limits)
-        if request_id in self._states:
+        if request_id in self._states or request_id in self._groups:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
         ids, params = prep.ids, prep.params
         self.check_fits(ids, params)
-        self.policy.add(request_id, ids)
-        out = RequestOutput(request_id, prep.text, list(ids),
-                            metrics=RequestMetrics(time.perf_counter()),
-                            logprobs=[] if params.logprobs is not None else None)
-        self._states[request_id] = RequestState(
-            params, out, IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
-            StopStringChecker(params.stop, params.include_stop_str_in_output))
+        if params.n == 1:
+            self._start(request_id, self._new_state(request_id, 0, prep, params))
+            return request_id
+        # n completions: completion 0 first; with prefix caching the others start once its
+        # prompt KV is cached, so it is computed once and shared.
+        group = SampleGroup(request_id, [], live=params.n)
+        for i in range(params.n):
+            seed = None if params.seed is None else derive_seed(params.seed, i)
+            state = self._new_state(request_id, i, prep, replace(params, n=1, seed=seed))
+            state.group = group
+            group.outputs.append(state.output)
+            key = f"{request_id}#{i}"
+            if i and self.config.enable_prefix_caching:
+                state.held = True
+                group.held.append(key)
+                self._states[key] = state
+            else:
+                self._start(key, state)
+        group.outputs[0].outputs = group.outputs
+        self._groups[request_id] = group
         return request_id
 
+    def _new_state(self, request_id: str, index: int, prep: PreparedRequest,
+                   params: SamplingParams) -> RequestState:
+        out = RequestOutput(request_id, prep.text, list(prep.ids),
+                            metrics=RequestMetrics(time.perf_counter()),
+                            logprobs=[] if params.logprobs is not None else None, index=index)
+        return RequestState(
+            params, out, IncrementalDetokenizer(self.tokenizer, prep.ids,
+                                                params.skip_special_tokens),
+            StopStringChecker(params.stop, params.include_stop_str_in_output))
+
+    def _start(self, key: str, state: RequestState) -> None:
+        """Hand a request (or one completion, by its internal key) to the policy."""
+        state.held = False
+        self._states[key] = state
+        self.policy.add(key, list(state.prompt_token_ids), state.params.cache_salt)
+
+    def _release_held(self, group: SampleGroup) -> None:
+        for key in group.held:
+            self._start(key, self._states[key])
+        group.held = []
+
     def abort(self, request_id: str) -> RequestOutput | None:
-        state = self._states.get(request_id)
-        if state is None:
-            return None
-        self._finish(request_id, state, "abort", None)
-        return state.output
+        """End a request in flight (every completion of it); its output so far."""
+        group = self._groups.get(request_id)
+        keys = ([f"{request_id}#{i}" for i in range(len(group.outputs))] if group
+                else [request_id])
+        out = None
+        for key in keys:
+            state = self._states.get(key)
+            if state is not None:
+                self._finish(key, state, "abort", None)
+                out = state.output
+        self._groups_done.pop(request_id, None)       # the caller has it now
+        return group.outputs[0] if group else out
 
     def get_output(self, request_id: str) -> RequestOutput | None:
-        """The output so far of a request in flight (None once finished or unknown)."""
+        """The output so far of a request in flight (None once finished or unknown); with
+        n > 1, completion 0's, whose `outputs` lists them all."""
+        group = self._groups.get(request_id)
+        if group is not None:
+            return group.outputs[0]
         state = self._states.get(request_id)
         return state.output if state is not None else None
 
@@ -192,6 +242,12 @@ class LLMEngine:
                 self._fail_request(rid, state, f"processing its output failed: "
                                                f"{type(e).__name__}: {e}")
             updated.append(state.output)
+            if state.group is not None and state.group.held:
+                self._release_held(state.group)     # completion 0's prompt KV is cached
+        for first in self._groups_done.values():   # requests with n > 1 that ended
+            if all(first is not o for o in updated):
+                updated.append(first)
+        self._groups_done.clear()
         return updated
 
     def _run_plans(self) -> StepOutcome | None:
@@ -267,7 +323,7 @@ class LLMEngine:
         log.warning("%s (%s); going on with %s, re-prefilling %d request(s)",
                     f"lost instance(s) {lost.ranks}" if lost.ranks else "a step failed",
                     str(lost).splitlines()[0], live, len(self._states))
-        self.past_policy_stats.append(self.policy.stats)
+        self._retire_policy()
         self.policy = make_policy(self.config, self.policy_name, len(live),
                                   self.executor.blocks_per_instance)
         for r in lost.ranks:
@@ -283,7 +339,7 @@ class LLMEngine:
                     outcome.failed[rid] = (f"{state.strikes} steps with this request failed "
                                            f"(last: {str(lost).splitlines()[0]})")
         for rid, state in self._states.items():
-            if rid in outcome.failed:
+            if rid in outcome.failed or state.held:
                 continue
             tokens = list(state.prompt_token_ids) + list(state.output_token_ids)
             left = max(1, state.params.max_tokens - len(state.output_token_ids))
@@ -292,16 +348,17 @@ class LLMEngine:
             except InvalidRequestError:
                 outcome.aborted.append(rid)
                 continue
-            self.policy.add(rid, tokens)
+            self.policy.add(rid, tokens, state.params.cache_salt)
         return outcome
 
     def _mark_scheduled(self, rids: list[str]) -> None:
         """Record first-scheduled times (call before executing the step)."""
         now = time.perf_counter()
         for rid in rids:
-            m = self._states[rid].output.metrics
-            if m.first_scheduled_time is None:
-                m.first_scheduled_time = now
+            out = self._states[rid].output
+            if out.metrics.first_scheduled_time is None:
+                out.metrics.first_scheduled_time = now
+                out.num_cached_tokens = self.policy.cached_tokens(rid)
 
     def _fail_request(self, rid: str, state: RequestState, why: str) -> None:
         """End one request whose own execution failed; the others go on."""
@@ -316,6 +373,14 @@ class LLMEngine:
         state.output.metrics.finish_time = time.perf_counter()
         self.policy.finish(rid)
         del self._states[rid]
+        group = state.group
+        if group is not None:
+            if group.held and state.output.index == 0:
+                self._release_held(group)   # completion 0 ended before its first token
+            group.live -= 1
+            if group.live == 0:
+                del self._groups[group.request_id]
+                self._groups_done[group.request_id] = group.outputs[0]
 
     # ----- accounting ----------------------------------------------------------------
     def _account_plan(self, plan: ClusterStepPlan) -> None:
@@ -360,18 +425,37 @@ class LLMEngine:
         pending); returns it."""
         if self.policy.has_work or self._states:
             raise RuntimeError("set_policy: the engine is not idle; wait for its requests")
-        self.past_policy_stats.append(self.policy.stats)
+        self.policy.clear_cache()      # the new policy starts with every block free
+        self.flush()
+        self._retire_policy()
         self.policy_name = name
         self.policy = make_policy(self.config, name, len(self.executor.live),
                                   self.executor.blocks_per_instance)
         return self.policy
 
+    def _retire_policy(self) -> None:
+        """Keep the counters of a policy about to be replaced."""
+        self.past_policy_stats.append(self.policy.stats)
+        for k in ("hit_tokens", "queried_tokens", "inserted", "evicted"):
+            self._past_cache[k] += self.policy.cache_stats()[k]
+
     def migrate(self, request_id: str, src: int, dst: int, num_tokens: int) -> None:
         """Move the last num_tokens of a request's shard on src to dst with the next step."""
         self.policy.request_migration(request_id, src, dst, num_tokens)
 
+    def cache_stats(self) -> dict:
+        """Prefix-cache counters since the engine started (hit and queried prompt tokens,
+        hit rate, blocks inserted and evicted) and, per live instance (plan numbering),
+        cached and evictable blocks now."""
+        st = self.policy.cache_stats()
+        for k, v in self._past_cache.items():
+            st[k] += v
+        q = st["queried_tokens"]
+        st["hit_rate"] = st["hit_tokens"] / q if q else 0.0
+        return st
+
     def cluster_stats(self) -> dict:
-        return {"policy": dict(self.policy.stats),
+        return {"policy": dict(self.policy.stats), "prefix_cache": self.cache_stats(),
                 "instances": {r: vars(c).copy() for r, c in self.counters.items()}}
 
     def close(self) -> None:

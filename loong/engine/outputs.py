@@ -45,9 +45,19 @@ class RequestOutput:
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     metrics: RequestMetrics | None = None
     error: str | None = None
+    # Prompt tokens whose KV came from the prefix cache instead of being computed.
+    num_cached_tokens: int = 0
+    # With SamplingParams.n > 1: which completion this is, and (on completion 0, which is
+    # the request's own output) every completion in index order; the fields above then
+    # describe completion 0.
+    index: int = 0
+    outputs: list["RequestOutput"] | None = None
 
     @property
     def finished(self) -> bool:
+        """The request is done: this completion, and with n > 1 every one of them."""
+        if self.outputs is not None:
+            return all(o.finish_reason is not None for o in self.outputs)
         return self.finish_reason is not None
 
     @property

@@ -35,7 +35,9 @@ def policy_name(config: EngineConfig) -> str:
 def policy_spec(config: EngineConfig, name: str, n: int, blocks_per_instance: int) -> PolicySpec:
     """The registry spec of policy `name` over n instances of `blocks_per_instance` blocks."""
     common = dict(num_instances=n, blocks_per_instance=blocks_per_instance,
-                  block_size=config.block_size, max_num_seqs=config.max_num_seqs)
+                  block_size=config.block_size, max_num_seqs=config.max_num_seqs,
+                  prefix_caching=config.enable_prefix_caching,
+                  cache_namespace=cache_namespace(config))
     budget = config.max_num_batched_tokens
     if name == "pd-disagg" and n < 2:
         log.warning("pd-disagg needs a prefill and a decode instance; %d left: going on "
@@ -53,6 +55,11 @@ def policy_spec(config: EngineConfig, name: str, n: int, blocks_per_instance: in
                       prefill_group_size=clamp(config.prefill_group_size),
                       decode_masters=clamp(config.decode_masters),
                       rotate_masters=config.rotate_masters)
+
+
+def cache_namespace(config: EngineConfig) -> str:
+    """What, besides the tokens, decides a cached block's KV: the model and its dtype."""
+    return f"{config.model or 'default'}|{config.dtype}|{config.max_model_len}"
 
 
 def make_policy(config: EngineConfig, name: str, n: int, blocks_per_instance: int):

@@ -1,6 +1,7 @@
 """The manager's one record of a request in flight, and turning its new tokens into output.
 
-Owns: `RequestState` (sampling params, the `RequestOutput` being built, which holds the
+Owns: `SampleGroup` (the n completions of one request: their outputs by index, which of
+them still wait to start), `RequestState` (sampling params, the `RequestOutput` being built, which holds the
 prompt and the output token ids: the only copy on the manager side, read by the executors
 for the instances' sampling state and by recovery to prefill again; the incremental
 detokenizer; the stop-string checker; the count of failed steps it was in) and
@@ -9,7 +10,7 @@ Must not import: torch, the cluster runtime, the worker or serving code.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from loong.engine.detokenizer import IncrementalDetokenizer
@@ -19,12 +20,24 @@ from loong.sampling_params import SamplingParams
 
 
 @dataclass
+class SampleGroup:
+    """The completions of a request with n > 1 (internal ids "<request_id>#<index>")."""
+
+    request_id: str
+    outputs: list[RequestOutput]
+    held: list[str] = field(default_factory=list)     # internal ids not started yet
+    live: int = 0                                      # completions not finished
+
+
+@dataclass
 class RequestState:
     params: SamplingParams
     output: RequestOutput
     detok: IncrementalDetokenizer
     stops: StopStringChecker
     strikes: int = 0             # failed steps this request was in (a cluster reset each)
+    group: "SampleGroup | None" = None   # with n > 1: its request's completions
+    held: bool = False           # a completion waiting for completion 0's prompt KV
 
     @property
     def prompt_token_ids(self) -> Sequence[int]:

@@ -23,8 +23,10 @@ def snapshot(engine) -> EngineSnapshot:
     pol, ex = engine.policy, engine.executor
     total, live = ex.blocks_per_instance, set(ex.live)
     free = engine.instance_free_blocks
-    gauges = [InstanceGauge(r, r in live, total - free[r] if r in live else 0, free[r])
-              for r in sorted(free)]
+    cache = engine.cache_stats()
+    cached = {r: cache["evictable_blocks"][v] for v, r in enumerate(ex.live)}
+    gauges = [InstanceGauge(r, r in live, total - free[r] - cached[r] if r in live else 0,
+                            free[r], cached.get(r, 0)) for r in sorted(free)]
     history = [*engine.past_policy_stats, pol.stats]   # policies replaced after a reset
     sizes: dict[int, int] = {}
     for st in history:
@@ -34,4 +36,6 @@ def snapshot(engine) -> EngineSnapshot:
     # only PD transfers): missing ones count 0.
     return EngineSnapshot(pol.num_running, pol.num_waiting,
                           sum(st.get("preemptions", 0) for st in history), gauges, sizes,
-                          sum(st.get("migrations", 0) for st in history), engine.stats["steps"])
+                          sum(st.get("migrations", 0) for st in history), engine.stats["steps"],
+                          {k: cache[k] for k in ("hit_tokens", "queried_tokens", "hit_rate",
+                                                 "inserted", "evicted")})

@@ -66,6 +66,8 @@ class Delta:
     completion_tokens: int = 0
     timing: dict | None = None
     error: str | None = None
+    index: int = 0                  # which completion (SamplingParams.n > 1)
+    cached_tokens: int = 0          # prompt tokens from the prefix cache (last delta)
 
 
 @dataclass
@@ -105,9 +107,11 @@ class _Stream:
     ticket: Ticket
     prompt_tokens: int
     deadline: float | None          # monotonic; server-side timeout
-    sent_tokens: int = 0
-    sent_text: int = 0
-    sent_logprobs: int = 0
+    n: int = 1                      # completions
+    # per completion index: (tokens, text characters, logprobs) sent so far
+    sent: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    ended: set[int] = field(default_factory=set)     # completions whose last delta went
+    completion_tokens: int = 0
     scheduled: bool = False
 
 
@@ -316,7 +320,7 @@ class EngineLoop:
                            f"waiting (limit {self.max_queued_tokens}); retry later")
         engine.add_request(prep, request_id=rid)
         deadline = time.monotonic() + sub.timeout_s if sub.timeout_s > 0 else None
-        self._streams[rid] = _Stream(ticket, len(ids), deadline)
+        self._streams[rid] = _Stream(ticket, len(ids), deadline, n=prep.params.n)
         ticket.request_id = rid
         self._queued_tokens += len(ids)
         return rid
@@ -337,7 +341,9 @@ class EngineLoop:
         out = self.engine.abort(rid)
         reason = "timeout" if cause in _TIMEOUT_CAUSES else "abort"
         if out is not None:
-            self._send(rid, stream, out, finish_reason=reason, abort_cause=cause)
+            for o in out.outputs or (out,):
+                if o.index not in stream.ended:
+                    self._send(rid, stream, o, finish_reason=reason, abort_cause=cause)
         return True
 
     def _expire_timeouts(self) -> None:
@@ -349,7 +355,7 @@ class EngineLoop:
     def _emit(self, outputs) -> None:
         for out in outputs:
             stream = self._streams.get(out.request_id)
-            if stream is not None:
+            if stream is not None and out.index not in stream.ended:
                 cause = "instance_lost" if out.stop_reason == "instance lost" else None
                 self._send(out.request_id, stream, out, finish_reason=out.finish_reason,
                            abort_cause=cause)
@@ -362,28 +368,38 @@ class EngineLoop:
 
     def _send(self, rid: str, s: _Stream, out, finish_reason: str | None,
               abort_cause: str | None = None) -> None:
-        d = Delta(rid, out.token_ids[s.sent_tokens:], out.text[s.sent_text:],
-                  (out.logprobs or [])[s.sent_logprobs:])
-        s.sent_tokens, s.sent_text = len(out.token_ids), len(out.text)
-        s.sent_logprobs = len(out.logprobs or [])
+        """The new output of one completion (`out.index`); its last delta carries the
+        finish reason, usage and timing. The stream ends with its last completion."""
+        nt, nc, nl = s.sent.get(out.index, (0, 0, 0))
+        d = Delta(rid, out.token_ids[nt:], out.text[nc:], (out.logprobs or [])[nl:],
+                  index=out.index)
+        s.sent[out.index] = (len(out.token_ids), len(out.text), len(out.logprobs or []))
         if finish_reason is not None:
+            s.ended.add(out.index)
+            s.completion_tokens += len(out.token_ids)
             d.finish_reason, d.stop_reason = finish_reason, out.stop_reason
             d.prompt_tokens, d.completion_tokens = s.prompt_tokens, len(out.token_ids)
+            d.cached_tokens = out.num_cached_tokens
             d.timing = _timing(out.metrics)
             d.error = out.error
-            del self._streams[rid]
-            if not s.scheduled:
-                self._queued_tokens -= s.prompt_tokens
-            if finish_reason == "error":
-                abort_cause = "error"
-            self.stats.finish(s.prompt_tokens, len(out.token_ids), out.ttft, out.tpot,
-                              abort_cause)
-            log.info("request finished", extra={"fields": {
-                "request_id": rid, "finish_reason": finish_reason, "cause": abort_cause,
-                "prompt_tokens": s.prompt_tokens, "completion_tokens": len(out.token_ids),
-                "ttft_s": round(d.timing["ttft_s"], 4), "e2e_s": round(d.timing["e2e_s"], 4),
-                **({"error": out.error} if out.error else {})}})
+            if len(s.ended) == s.n:
+                self._end(rid, s, out, finish_reason, abort_cause)
         _deliver(s.ticket, d)
+
+    def _end(self, rid: str, s: _Stream, out, finish_reason: str, abort_cause) -> None:
+        """The request's last completion ended: the stream goes, the request is counted."""
+        del self._streams[rid]
+        if not s.scheduled:
+            self._queued_tokens -= s.prompt_tokens
+        if finish_reason == "error":
+            abort_cause = "error"
+        self.stats.finish(s.prompt_tokens, s.completion_tokens, out.ttft, out.tpot, abort_cause)
+        timing = _timing(out.metrics)
+        log.info("request finished", extra={"fields": {
+            "request_id": rid, "finish_reason": finish_reason, "cause": abort_cause,
+            "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+            "cached_tokens": out.num_cached_tokens, "ttft_s": round(timing["ttft_s"], 4),
+            "e2e_s": round(timing["e2e_s"], 4), **({"error": out.error} if out.error else {})}})
 
     def _fail(self, why: str) -> None:
         log.error("engine failed: %s", why)
@@ -391,7 +407,8 @@ class EngineLoop:
         for rid, s in list(self._streams.items()):
             _deliver(s.ticket, Delta(rid, error=f"the engine failed ({self.failed}); the request "
                                                 f"is lost"))
-            self.stats.finish(s.prompt_tokens, s.sent_tokens, None, None, "engine_failure")
+            self.stats.finish(s.prompt_tokens, sum(t for t, _, _ in s.sent.values()), None, None,
+                              "engine_failure")
         self._streams.clear()
         if self.on_failure is not None:
             self.on_failure(self.failed)

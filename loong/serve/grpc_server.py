@@ -35,7 +35,7 @@ _CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT,
           "internal": grpc.StatusCode.INTERNAL}
 _OPTIONAL = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
              "logprobs", "repetition_penalty", "presence_penalty", "frequency_penalty",
-             "skip_special_tokens")
+             "skip_special_tokens", "n", "cache_salt")
 _FLOATS = {"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
            "frequency_penalty"}
 
@@ -87,7 +87,8 @@ def submission_from_proto(req: loong_pb2.GenerateRequest) -> Submission:
 
 
 def delta_to_proto(d: Delta) -> loong_pb2.GenerateResponse:
-    r = loong_pb2.GenerateResponse(request_id=d.request_id, token_ids=d.token_ids, text=d.text)
+    r = loong_pb2.GenerateResponse(request_id=d.request_id, token_ids=d.token_ids, text=d.text,
+                                   index=d.index)
     # One logprobs entry per new token, in order (only when the request asked for them).
     for tok, (chosen, top) in zip(d.token_ids, d.logprobs):
         r.logprobs.add(token_id=tok, logprob=chosen,
@@ -97,6 +98,7 @@ def delta_to_proto(d: Delta) -> loong_pb2.GenerateResponse:
         if d.stop_reason is not None:
             r.stop_reason = str(d.stop_reason)
         r.usage.prompt_tokens, r.usage.completion_tokens = d.prompt_tokens, d.completion_tokens
+        r.usage.cached_prompt_tokens = d.cached_tokens
         r.timing.CopyFrom(loong_pb2.Timing(**(d.timing or {})))
     return r
 
@@ -110,6 +112,7 @@ def stats_to_proto(d: dict) -> loong_pb2.Stats:
     s.group_sizes.update({int(k): v for k, v in d["group_sizes"].items()})
     s.aborts.update(d["aborts"])
     s.rejections.update(d["rejections"])
+    s.prefix_cache.CopyFrom(loong_pb2.PrefixCacheStats(**d["prefix_cache"]))
     s.ttft_s.CopyFrom(loong_pb2.Histogram(**d["ttft_s"]))
     s.tpot_s.CopyFrom(loong_pb2.Histogram(**d["tpot_s"]))
     return s
@@ -141,6 +144,7 @@ class LoongServicer(loong_pb2_grpc.LoongServicer):
         # call, deadline, disconnect) cancels the ticket: the request is then never
         # admitted, or aborted (KV freed) by the next iteration.
         finished = False
+        left = sub.params.n if sub.params is not None else 1    # completions to end
         try:
             try:
                 rid = await asyncio.wrap_future(ticket.future)
@@ -150,13 +154,14 @@ class LoongServicer(loong_pb2_grpc.LoongServicer):
             while True:
                 d: Delta = await deltas.get()
                 if d.finish_reason == "error":
-                    finished = True
+                    finished = left == 1      # else the other completions are cancelled
                     await context.abort(grpc.StatusCode.INTERNAL,
                                         f"request {rid!r} failed: {d.error}")
                 if d.error is not None:
                     finished = True
                     await context.abort(grpc.StatusCode.UNAVAILABLE, d.error)
-                finished = d.finish_reason is not None
+                left -= d.finish_reason is not None
+                finished = left == 0
                 yield delta_to_proto(d)
                 if finished:
                     return

@@ -49,6 +49,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="serve Prometheus text on http://HOST:PORT/metrics (0 = any port)")
     p.add_argument("--log-format", default="text", choices=["text", "json"])
     p.add_argument("--cost-model", default=None, help="elastic policy's cost-model preset or JSON")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="turn off automatic prefix caching (on by default: full KV blocks of "
+                        "earlier requests are kept and shared by prompts that start alike)")
     p.add_argument("--data-plane-timeout-s", type=float, default=120.0,
                    help="a data-plane send/recv between instances that takes longer fails "
                         "the step (the cluster is then reset and its requests start over)")
@@ -62,7 +65,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     lim.add_argument("--max-stop-strings", type=int, default=16)
     lim.add_argument("--max-stop-string-len", type=int, default=1024)
     lim.add_argument("--max-request-id-len", type=int, default=128,
-                     help="characters of a client-chosen request_id (letters, digits, -_.:/@+=~#)")
+                     help="characters of a client-chosen request_id (letters, digits, -_.:/@+=~)")
     p.add_argument("--cluster-address", default=None, metavar="HOST:PORT",
                    help="wait for --instances instances started elsewhere (`loong instance` "
                         "under torchrun) to join here, instead of starting them locally; the "
@@ -80,7 +83,8 @@ def engine_config(args) -> EngineConfig:
               instances=n, decode_masters=args.decode_masters,
               prefill_group_size=args.prefill_group_size, cost_model=args.cost_model,
               cluster_address=args.cluster_address, recover_lost_instances=True,
-              data_plane_timeout_s=args.data_plane_timeout_s, limits=request_limits(args))
+              data_plane_timeout_s=args.data_plane_timeout_s, limits=request_limits(args),
+              enable_prefix_caching=not args.no_prefix_caching)
     if args.policy == "pd-disagg" and n < 2:
         raise InvalidRequestError("policy", f"pd-disagg needs --instances >= 2 (a prefill "
                                   f"and a decode one), got {n}")

@@ -45,8 +45,9 @@ class Histogram:
 class InstanceGauge:
     rank: int
     alive: bool
-    blocks_used: int
+    blocks_used: int           # held by requests in flight
     blocks_free: int
+    blocks_cached: int = 0     # prefix-cached, unused (evicted when memory is needed)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class EngineSnapshot:
     group_sizes: dict[int, int] = field(default_factory=dict)
     migrations: int = 0
     steps: int = 0
+    prefix_cache: dict = field(default_factory=dict)   # hit/queried tokens, inserted, evicted
 
 
 class ServerStats:
@@ -122,6 +124,7 @@ class ServerStats:
                 "completion_tokens": self.completion_tokens,
                 "ttft_s": self.ttft.as_dict(), "tpot_s": self.tpot.as_dict(),
                 "uptime_s": time.monotonic() - self.started, "steps": s.steps,
+                "prefix_cache": dict(s.prefix_cache),
             }
 
     def prometheus_text(self) -> str:
@@ -151,9 +154,18 @@ class ServerStats:
         metric("steps_total", "counter", "Engine iterations.", [("", d["steps"])])
         metric("migrations_total", "counter", "KV migrations between instances.",
                [("", d["migrations"])])
-        for key, help_ in (("blocks_used", "KV blocks in use."), ("blocks_free", "KV blocks free.")):
+        for key, help_ in (("blocks_used", "KV blocks held by requests in flight."),
+                           ("blocks_free", "KV blocks free."),
+                           ("blocks_cached", "Prefix-cached KV blocks no request uses.")):
             metric(f"kv_{key}", "gauge", help_ + " Per instance.",
                    [(f'{{instance="{g["rank"]}"}}', g[key]) for g in d["instances"]])
+        pc = d["prefix_cache"]
+        metric("prefix_cache_hit_tokens_total", "counter",
+               "Prompt tokens served from prefix-cached blocks.", [("", pc.get("hit_tokens", 0))])
+        metric("prefix_cache_queried_tokens_total", "counter",
+               "Prompt tokens of the requests started.", [("", pc.get("queried_tokens", 0))])
+        metric("prefix_cache_evictions_total", "counter", "Cached KV blocks evicted.",
+               [("", pc.get("evicted", 0))])
         metric("instance_alive", "gauge", "1 while the instance is in scheduling.",
                [(f'{{instance="{g["rank"]}"}}', int(g["alive"])) for g in d["instances"]])
         metric("prefill_group_size_steps_total", "counter", "Prefill steps by group size.",

@@ -25,7 +25,10 @@ def tiny_loaded(tiny_path):
 
 def start_cluster(loaded, path=None, **kw):
     from loong import LLM
-    args = dict(dtype="float32", data_plane_timeout_s=60.0, instance_threads=1)
+    # Prefix caching off unless asked for: these tests check the data plane's mechanisms
+    # (a repeated prompt would otherwise take the cached path).
+    args = dict(dtype="float32", data_plane_timeout_s=60.0, instance_threads=1,
+                enable_prefix_caching=False)
     args.update(kw)
     return LLM(path, loaded=loaded, **args)
 
@@ -49,7 +52,8 @@ def assert_clean(llm):
     for r in range(ex.num_instances):
         assert ex.inspect(r, "integrity") is None
         shards, free = ex.inspect(r, "shards")
-        assert shards == {} and free == ex.blocks_per_instance, (r, shards, free)
+        # No request holds KV; a used block is a cached one (integrity checks that).
+        assert shards == {}, (r, shards, free)
 
 
 def reference_logits(model, ids):

@@ -35,7 +35,8 @@ def test_one_failing_request_ends_alone(llm, reference, where):
         assert outs[i].finish_reason == "length" and outs[i].error is None
         assert outs[i].token_ids == reference[i].token_ids
     eng = llm.engine
-    assert not eng.has_unfinished() and eng.executor.worker.pool.num_used == 0
+    assert not eng.has_unfinished() and eng.executor.inspect(0, "shards")[0] == {}
+    assert eng.executor.inspect(0, "integrity") is None      # every block free or cached
     assert llm.generate(PROMPTS[1], GREEDY)[0].token_ids == reference[1].token_ids
 
 
@@ -51,4 +52,5 @@ def test_output_processing_failure_ends_that_request(llm, reference):
                 done[o.request_id] = o
     assert done[rids[1]].finish_reason == "error" and "processing its output" in done[rids[1]].error
     assert done[rids[0]].token_ids == reference[0].token_ids
-    assert eng.executor.worker.pool.num_used == 0
+    assert eng.executor.inspect(0, "shards")[0] == {}
+    assert eng.executor.inspect(0, "integrity") is None

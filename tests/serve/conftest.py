@@ -59,3 +59,10 @@ def idle_and_empty(client) -> bool:
     return (st["running"] == 0 and st["waiting"] == 0
             and st["received"] == st["finished"] + sum(st["rejections"].values())
             and all(g["blocks_used"] == 0 for g in st["instances"]))
+
+
+def request_kv(engine) -> dict:
+    """KV held by requests on the in-process instance (request -> tokens); {} when every
+    block is free or cached (prefix caching keeps finished requests' full blocks)."""
+    assert engine.executor.inspect(0, "integrity") is None
+    return engine.executor.inspect(0, "shards")[0]

@@ -10,7 +10,7 @@ import pytest
 from loong.sampling_params import SamplingParams
 from loong.serve.engine_loop import EngineLoop, Rejected, Submission
 from loong.serve.server_stats import ServerStats
-from tests.serve.conftest import make_engine, wait_until
+from tests.serve.conftest import make_engine, request_kv, wait_until
 from tests.serve.test_engine_loop import held, ids, run_to_end
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -61,8 +61,6 @@ def test_tokenizing_does_not_stall_streams_in_flight(loop):
 
 
 def test_cancel_at_any_stage_frees_everything(loop):
-    pool = loop.engine.executor.worker.pool
-    free0 = pool.num_free
     params = SamplingParams(max_tokens=3000, **GREEDY)
     # Before admission: held loop, cancelled while queued -> never admitted.
     release = held(loop)
@@ -86,7 +84,8 @@ def test_cancel_at_any_stage_frees_everything(loop):
         if d.finish_reason:
             break
     assert d.finish_reason == "abort"
-    wait_until(lambda: loop.num_in_flight == 0 and pool.num_free == free0, what="KV to be freed")
+    wait_until(lambda: loop.num_in_flight == 0 and request_kv(loop.engine) == {},
+               what="KV to be freed")
     st = loop.stats.as_dict()
     assert st["aborts"] == {"cancel": 5, "deadline": 1}
     assert not loop.engine.has_unfinished()

@@ -46,13 +46,15 @@ def test_serve_and_sim_build_static_sp_identically():
     with the same configuration for the same instances, blocks and limits."""
     import dataclasses
 
-    from loong.engine.policy_choice import make_policy
+    from loong.engine.policy_choice import cache_namespace, make_policy
     from loong.sched.policies.registry import PolicySpec, build_policy
     from loong.sim.run import sim_policy_spec
     cfg = _config("--policy", "static-sp", "--instances", "4", "--max-num-seqs", "64")
     served = make_policy(cfg, cfg.policy, 4, 128)
     spec = sim_policy_spec("static-sp", 4, 128, 16, max_num_seqs=64)
-    simulated = build_policy(dataclasses.replace(spec, max_prefill_tokens=2048 * 4))
+    simulated = build_policy(dataclasses.replace(
+        spec, max_prefill_tokens=2048 * 4, prefix_caching=True,
+        cache_namespace=cache_namespace(cfg)))
     assert type(served) is type(simulated) and served.cfg == simulated.cfg
     assert (served.cfg.prefill_group_size, served.cfg.decode_masters,
             served.cfg.concurrent_prefill, served.cfg.balanced_keep) == (4, 1, False, True)

@@ -330,6 +330,8 @@ def _twin(st):
     twin.waiting = deque(reqs[id(r)] for r in st.waiting)
     twin.mirror = copy.copy(st.mirror)
     twin.mirror.used = twin.used = list(st.used)
+    twin.cache = copy.copy(st.cache)
+    twin.cache.used = twin.used
     twin.stats = copy.deepcopy(st.stats)
     twin.releases, twin.migrations = list(st.releases), list(st.migrations)
     twin.in_flight = set(st.in_flight)

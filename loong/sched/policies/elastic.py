@@ -89,6 +89,7 @@ class ElasticPolicy(ESPPolicyBase):
         if hold_decodes:
             st.stats["waits_for_decode_step"] += 1
         if not maintenance_only and free:
+            st.admit_cached(busy)      # prompts with a cached prefix: an extend each
             held = set(busy)
             ready = self.decoder.ready(held)          # running order
             by_seq = sorted(ready, key=BY_SEQ)

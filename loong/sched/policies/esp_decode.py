@@ -25,7 +25,8 @@ from collections import Counter
 
 from loong.sched.cluster_plan import DecodeGroupPlan, DecodeItem
 from loong.sched.policies.esp_state import ESPState
-from loong.sched.policies.placement import BY_SEQ, ESPRequest
+from loong.sched.policies.kv_cache import note_range
+from loong.sched.policies.placement import BY_SEQ, ESPRequest, blocks
 
 
 class DecodePlanner:
@@ -53,6 +54,16 @@ class DecodePlanner:
         own = forced is None
         for j, r in enumerate(batch):
             pl = r.placement
+            k = r.pending
+            if k > 1:                     # an extend: room for all its new tokens
+                m = self._extend_master(r, busy, extra, forced[j] if forced else None)
+                if m is None:
+                    self.own_masters = False
+                    return None
+                t = pl.get(m, 0)
+                extra[m] += blocks(t + k, bs) - blocks(t, bs)
+                out.append(m)
+                continue
             m = None
             if forced is not None:
                 w = forced[j]
@@ -72,6 +83,24 @@ class DecodePlanner:
             out.append(m)
         self.own_masters = own
         return out
+
+    def _extend_master(self, r: ESPRequest, busy, extra: list[int], want: int | None
+                       ) -> int | None:
+        """A master with room for all of r's pending tokens: `want` (forced), r's own
+        (the holder of its prefix's end), else the one with most room."""
+        cfg = self.state.cfg
+        bs, bpi, used, pl, k = cfg.block_size, cfg.blocks_per_instance, self.state.used, \
+            r.placement, r.pending
+
+        def room(c: int) -> int:
+            return (bpi - used[c] - extra[c]) * bs + (-pl.get(c, 0)) % bs
+
+        for c in (want, r.master):
+            if c is not None and c not in busy and room(c) >= k:
+                return c
+        best = max((c for c in range(cfg.num_instances) if c not in busy), key=room,
+                   default=None)
+        return best if best is not None and room(best) >= k else None
 
     def _most_free(self, pl: dict[int, int], busy, extra: list[int]) -> int | None:
         """The instance not busy with room for one more token of a request placed `pl`
@@ -154,10 +183,19 @@ class DecodePlanner:
                 if min(pl.values()) <= 0:
                     shards = tuple(x for x in shards if x[1] > 0)
             tokens = r.tokens
-            add(item(r.rid, tokens[-1], len(tokens) - 1, m, shards))
-            if t % bs == 0:
-                used[m] += 1
-            pl[m] = t + 1
+            k = r.pending
+            if k == 1:
+                add(item(r.rid, tokens[-1], len(tokens) - 1, m, shards))
+                if t % bs == 0:
+                    used[m] += 1
+            else:                         # an extend: the rest of a cached prompt
+                start = len(tokens) - k
+                add(item(r.rid, tokens[start], start, m, shards, tuple(tokens[start + 1:])))
+                used[m] += blocks(t + k, bs) - blocks(t, bs)
+                r.pending = 1
+            if r.seg:                     # caching tracks where its positions lie
+                note_range(r, m, len(tokens) - k, k)
+            pl[m] = t + k
             r.master = m
         per_master = Counter(chosen)
         stats = st.stats

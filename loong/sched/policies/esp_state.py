@@ -22,6 +22,7 @@ from typing import Iterable
 from loong.sched.cluster_plan import (ClusterStepPlan, ClusterStepResult, KeepRange,
                                       MigrationPlan, PrefillGroupPlan, PrefillItem,
                                       check_reports)
+from loong.sched.policies.kv_cache import CacheKeeper, note_range
 from loong.sched.policies.placement import BlockMirror, ESPRequest, blocks
 from loong.sched.queues import QueueDiscipline
 
@@ -39,6 +40,8 @@ class ESPPolicyConfig:
     concurrent_prefill: bool = True         # prefill on instances the decode group leaves idle
     balanced_keep: bool = False             # keep KV spread evenly over the group (static SP:
                                             # no scale-down) instead of fullest-first
+    prefix_caching: bool = False            # reuse cached full blocks of earlier requests
+    cache_namespace: str = ""               # what else changes a block's KV (model, weights)
 
 
 class ESPState:
@@ -58,6 +61,9 @@ class ESPState:
         self.releases: list[str] = []         # KV to drop with the next plan
         self.migrations: list[MigrationPlan] = []
         self.queue = QueueDiscipline()        # the waiting queue's order
+        self.cache = CacheKeeper(cfg.num_instances, cfg.block_size, self.used,
+                                 cfg.blocks_per_instance, cfg.prefix_caching,
+                                 cfg.cache_namespace)
         self.stats = {"prefill_steps": 0, "decode_steps": 0, "scale_ups": 0, "preemptions": 0,
                       "migrations": 0, "migrated_tokens": 0, "group_sizes": {}, "masters": {}}
 
@@ -84,8 +90,13 @@ class ESPState:
         new_dst = blocks(t_dst + num_tokens, bs) - blocks(t_dst, bs)
         if new_dst > self.free(dst):
             raise ValueError(f"instance {dst} has {self.free(dst)} free blocks, needs {new_dst}")
+        moved_from = r.seg.get(src, -1) + have - num_tokens if r.contig.get(src) == have else -1
+        self.used[src] += self.cache.cut(r, src, have - num_tokens)
         self.mirror.shrink(r.placement, src, num_tokens)
+        if src in r.contig:
+            r.contig[src] = min(r.contig[src], have - num_tokens)
         self.mirror.grow(r.placement, dst, num_tokens)
+        note_range(r, dst, moved_from, num_tokens)
         self.migrations.append(MigrationPlan(rid, src, dst, num_tokens))
         self.stats["migrations"] += 1
         self.stats["migrated_tokens"] += num_tokens
@@ -96,9 +107,36 @@ class ESPState:
         for kr in keep:
             r.placement[kr.instance] = kr.end - kr.begin
             self.used[kr.instance] += blocks(kr.end - kr.begin, self.cfg.block_size)
+            note_range(r, kr.instance, kr.begin, kr.end - kr.begin)
         r.master = keep[-1].instance
         self.running[r.rid] = r
+        self.cache.note_miss(r)
         return PrefillItem(r.rid, tuple(r.tokens), tuple(keep))
+
+    def admit_cached(self, busy) -> None:
+        """Waiting requests whose prompt starts with cached blocks on instances not busy
+        start running at once, sharing them (attached, not copied); their next decode item
+        computes the rest of the prompt (an extend) on a master with room for it."""
+        if not (self.cache.enabled and self.waiting):
+            return
+        bs = self.cfg.block_size
+        for r in list(self.waiting):
+            if len(self.running) >= self.cfg.max_num_seqs:
+                return
+            runs = self.cache.lookup(r)
+            while runs and busy.intersection(inst for inst, _ in runs):
+                runs.pop()                      # use the prefix up to a busy holder
+            if not runs:
+                continue
+            rest = len(r.tokens) - sum(len(hs) for _, hs in runs) * bs
+            if not any(self.free(i) * bs >= rest for i in range(self.cfg.num_instances)
+                       if i not in busy):
+                continue                        # no master has room: a plain prefill
+            self.waiting.remove(r)
+            self.cache.attach(r, runs)
+            r.pending = rest
+            r.master = runs[-1][0]
+            self.running[r.rid] = r
 
     def prefill_group(self, members, items: list[PrefillItem]) -> PrefillGroupPlan | None:
         """The prefill group of these items over `members` (counted), or None if empty."""
@@ -112,7 +150,8 @@ class ESPState:
     def preempt(self, r: ESPRequest) -> None:
         """Recompute r later: drop its KV (released with the next plan), queue it again."""
         del self.running[r.rid]
-        self.mirror.drop(r)
+        self.cache.drop(r)
+        r.pending = 1
         self.releases.append(r.rid)
         self.migrations = [m for m in self.migrations if m.request_id != r.rid]
         r.master = None
@@ -122,9 +161,12 @@ class ESPState:
     def emit(self, prefills, decodes, preempted: list[str]) -> ClusterStepPlan:
         """The step's plan: pending releases and migrations plus these groups (executors
         check it); the groups' requests are in flight until their results come back."""
+        inserts, evictions, attaches = self.cache.take_ops()
         plan = ClusterStepPlan(self.step, releases=tuple(self.releases),
                                migrations=tuple(self.migrations), prefills=tuple(prefills),
-                               decodes=tuple(decodes), preempted=tuple(preempted))
+                               decodes=tuple(decodes), preempted=tuple(preempted),
+                               cache_inserts=inserts, evictions=evictions,
+                               cache_attaches=attaches)
         self.releases, self.migrations = [], []
         for g in plan.groups():
             self.in_flight.update(it.request_id for it in g.items)
@@ -166,10 +208,11 @@ class ESPPolicyBase:
         self.state.queue = q
 
     # ----- requests ------------------------------------------------------------------
-    def add(self, rid: str, prompt_token_ids: list[int]) -> None:
+    def add(self, rid: str, prompt_token_ids: list[int], cache_salt: str | None = None) -> None:
         st = self.state
         st.enqueue(ESPRequest(rid, st.seq, list(prompt_token_ids),
-                              prompt_len=len(prompt_token_ids)), preempted=False)
+                              prompt_len=len(prompt_token_ids), salt=cache_salt or ""),
+                   preempted=False)
         st.seq += 1
 
     def finish(self, rid: str) -> None:
@@ -182,7 +225,7 @@ class ESPPolicyBase:
         st.in_flight.discard(rid)
         if r is not None:
             st.queue.predictor.observe(r.prompt_len, len(r.tokens) - r.prompt_len)
-            st.mirror.drop(r)
+            st.cache.drop(r)
             st.releases.append(rid)
         st.migrations = [m for m in st.migrations if m.request_id != rid]
 
@@ -224,7 +267,8 @@ class ESPPolicyBase:
     @property
     def has_work(self) -> bool:
         st = self.state
-        return bool(st.waiting or st.running or st.releases or st.migrations)
+        return bool(st.waiting or st.running or st.releases or st.migrations
+                    or st.cache.inserts or st.cache.attaches or st.cache.clearing)
 
     def schedule(self, maintenance_only: bool = False, busy: frozenset[int] = frozenset()
                  ) -> ClusterStepPlan:
@@ -235,14 +279,32 @@ class ESPPolicyBase:
         """Apply a step's (or, for asynchronous executors, one group's) result. `done`: the
         requests whose group finished (default: the sampled ones)."""
         st = self.state
+        done = result.sampled if done is None else done
+        if st.cache.enabled:            # blocks this step filled become cached
+            for rid in done:
+                r = st.running.get(rid)
+                if r is not None:
+                    st.cache.collect_inserts(r, sum(r.placement.values()))
         for rid, tok in result.sampled.items():
             r = st.running.get(rid)
             if r is not None:
                 r.tokens.append(tok)
-        st.in_flight.difference_update(result.sampled if done is None else done)
+        st.in_flight.difference_update(done)
         self.check_against(result)
 
     def check_against(self, result: ClusterStepResult) -> None:
-        """The instances' reports must equal the mirror (placement and free blocks)."""
-        check_reports(result, self.state.running.values(), self.state.free)
+        """The instances' reports must equal the mirror (placement and free blocks; a free
+        block there is neither in use nor cached)."""
+        check_reports(result, self.state.running.values(), self.state.cache.true_free)
+
+    def cached_tokens(self, rid: str) -> int:
+        """Prompt tokens of a running request that came from the cache (0 if unknown)."""
+        r = self.state.running.get(rid)
+        return r.cached_tokens if r is not None else 0
+
+    def clear_cache(self) -> None:
+        self.state.cache.clear()
+
+    def cache_stats(self) -> dict:
+        return self.state.cache.stats()
 

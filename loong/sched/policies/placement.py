@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 
 from loong.sched.cluster_plan import KeepRange
+from loong.sched.policies.cache_fields import CacheFields
 
 BY_SEQ = attrgetter("seq")        # sort key: arrival order
 
@@ -26,7 +27,7 @@ def blocks(tokens: int, bs: int) -> int:
 
 
 @dataclass
-class ESPRequest:
+class ESPRequest(CacheFields):
     """A request of an ESP policy (`SimpleESPPolicy`, `ElasticPolicy`)."""
     rid: str
     seq: int                                  # arrival order (preemption picks the newest)
@@ -35,10 +36,13 @@ class ESPRequest:
     master: int | None = None
     prompt_len: int = 0
     qkey: tuple = ()                          # queue-discipline sort key while waiting
+    # Tokens its next decode item computes: 1, or the uncached rest of a prompt whose
+    # prefix came from the cache (an extend).
+    pending: int = 1
 
 
 @dataclass(eq=False)                    # identity: queues hold each request once
-class ReplicaRequest:
+class ReplicaRequest(CacheFields):
     """A request of a replica policy (`ReplicaPolicy`, `PDDisaggPolicy`)."""
     rid: str
     seq: int

@@ -86,9 +86,10 @@ class ClusterPolicy(Protocol):
         `add`."""
 
     # ----- requests ----------------------------------------------------------------------
-    def add(self, rid: str, prompt_token_ids: list[int]) -> None:
+    def add(self, rid: str, prompt_token_ids: list[int], cache_salt: str | None = None) -> None:
         """Queue a new request (ids unique among the requests not yet finished). The
-        caller has checked it against `max_request_tokens` / `max_prompt_tokens`."""
+        caller has checked it against `max_request_tokens` / `max_prompt_tokens`.
+        `cache_salt`: requests share cached blocks only with the same salt."""
 
     def finish(self, rid: str) -> None:
         """Forget rid (finished or aborted), waiting or running, even while its group is
@@ -118,8 +119,22 @@ class ClusterPolicy(Protocol):
         """Raise PlanError unless the instances' reports in `result` (shards and free
         blocks) equal the policy's mirror; `update` calls it."""
 
+    # ----- prefix caching ----------------------------------------------------------------
+    def cached_tokens(self, rid: str) -> int:
+        """Prompt tokens of request rid that came from cached blocks (0 before it started
+        or when none did)."""
+
+    def clear_cache(self) -> None:
+        """Evict every cached block no running request uses, with the next plan (before
+        the policy is replaced, or when cached KV would be stale)."""
+
+    def cache_stats(self) -> dict:
+        """Cache counters: inserted, evicted, hit_tokens, queried_tokens, hit_rate, and per
+        instance cached_blocks and evictable_blocks (cached, used by no request)."""
+
 
 PROTOCOL_MEMBERS: tuple[str, ...] = (
     "cfg", "stats", "used", "queue", "num_waiting", "num_running", "has_work",
     "waiting_head", "placement", "free", "max_request_tokens", "max_prompt_tokens", "add",
-    "finish", "request_migration", "schedule", "update", "check_against")
+    "finish", "request_migration", "schedule", "update", "check_against", "cached_tokens",
+    "clear_cache", "cache_stats")

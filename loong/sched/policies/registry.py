@@ -70,6 +70,8 @@ class PolicySpec:
     decode_replica_size: int | None = None  # pd-disagg: None = replica_size
     # Every policy:
     queue: str = "fcfs"                     # queue discipline: fcfs, mlfq or sjf
+    prefix_caching: bool = False            # reuse cached full blocks (replicas: of one instance)
+    cache_namespace: str = ""               # what else names a block's KV (model, weights)
 
     def __post_init__(self) -> None:
         if self.name not in POLICY_NAMES:
@@ -128,7 +130,9 @@ def _esp_config(spec: PolicySpec) -> ESPPolicyConfig:
                            max_num_seqs=spec.max_num_seqs,
                            prefill_group_size=spec.prefill_group_size,
                            decode_masters=spec.decode_masters,
-                           rotate_masters=spec.rotate_masters)
+                           rotate_masters=spec.rotate_masters,
+                           prefix_caching=spec.prefix_caching,
+                           cache_namespace=spec.cache_namespace)
 
 
 def _elastic(spec: PolicySpec, cost: CostModel | None) -> ElasticPolicy:
@@ -153,7 +157,8 @@ def _replica_config(spec: PolicySpec, chunk_per_request: bool = False) -> Replic
                          max_num_seqs=spec.max_num_seqs,
                          max_prefill_tokens=spec.max_prefill_tokens,
                          watermark=spec.watermark, chunk_per_request=chunk_per_request,
-                         dispatch=spec.dispatch)
+                         dispatch=spec.dispatch, prefix_caching=spec.prefix_caching,
+                         cache_namespace=spec.cache_namespace)
 
 
 def _chunked_prefill(spec: PolicySpec, cost: CostModel | None) -> ReplicaPolicy:

@@ -32,6 +32,7 @@ from loong.sched.cluster_plan import (BatchGroupPlan, ChunkItem, ClusterStepPlan
                                       ClusterStepResult, KeepRange, MigrationPlan,
                                       check_reports)
 from loong.sched.policies.placement import BlockMirror, ReplicaRequest, blocks
+from loong.sched.policies.kv_cache import CacheKeeper
 from loong.sched.queues import QueueDiscipline
 
 
@@ -51,6 +52,10 @@ class ReplicaConfig:
     # New requests go to the least-loaded replica, or to each in turn ("round-robin", as
     # behind the round-robin proxy LoongServe put in front of its TP2 x DP4 baseline).
     dispatch: str = "least-loaded"
+    # Reuse cached full blocks (replicas of one instance only: a larger replica's KV is
+    # spread over its members token by token, which blocks cannot name).
+    prefix_caching: bool = False
+    cache_namespace: str = ""
 
     def __post_init__(self) -> None:
         if self.replica_size < 1 or self.num_instances % self.replica_size:
@@ -86,15 +91,22 @@ class ReplicaPolicy:
         self.queue = QueueDiscipline()
         self.stats = {"iterations": 0, "prefill_only": 0, "mixed": 0, "decode_only": 0,
                       "preemptions": 0, "transfers": 0, "transferred_tokens": 0}
+        caching = cfg.prefix_caching and all(len(m) == 1 for m in self.replicas)
+        self.cache = CacheKeeper(cfg.num_instances, cfg.block_size, self.used,
+                                 cfg.blocks_per_instance, caching, cfg.cache_namespace)
 
     # ----- requests ------------------------------------------------------------------
-    def add(self, rid: str, prompt_token_ids: list[int]) -> None:
+    def add(self, rid: str, prompt_token_ids: list[int], cache_salt: str | None = None) -> None:
         r = ReplicaRequest(rid, self._seq, list(prompt_token_ids), len(prompt_token_ids),
-                           replica=-1)
+                           replica=-1, salt=cache_salt or "")
         self._seq += 1
         self.reqs[rid] = r
-        if self.cfg.dispatch == "round-robin":
-            takers = [i for i, role in enumerate(self.roles) if role != "decode"]
+        takers = [i for i, role in enumerate(self.roles) if role != "decode"]
+        runs = self.cache.lookup(r) if self.cache.enabled else []
+        holder = next((i for i in takers if runs and runs[0][0] in self.replicas[i]), None)
+        if holder is not None:
+            target = holder                 # where its prefix is cached
+        elif self.cfg.dispatch == "round-robin":
             target = takers[r.seq % len(takers)]
         else:
             target = self._least_loaded(r, "prefill")
@@ -109,7 +121,7 @@ class ReplicaPolicy:
             self._dequeue(r)
         self.queue.predictor.observe(r.prompt_len, len(r.tokens) - r.prompt_len)
         if r.placement:
-            self.mirror.drop(r)
+            self.cache.drop(r)
             self._releases.append(rid)
 
     def _least_loaded(self, r: ReplicaRequest, want: str) -> int:
@@ -173,7 +185,8 @@ class ReplicaPolicy:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.reqs or self._releases or self._migrations)
+        return bool(self.reqs or self._releases or self._migrations or self.cache.inserts
+                     or self.cache.attaches or self.cache.clearing)
 
     # ----- planning ------------------------------------------------------------------
     def schedule(self, maintenance_only: bool = False, busy: frozenset[int] = frozenset()
@@ -189,9 +202,11 @@ class ReplicaPolicy:
                 g = self._plan_replica(i, preempted)
                 if g is not None:
                     batches.append(g)
+        inserts, evictions, attaches = self.cache.take_ops()
         plan = ClusterStepPlan(self._step, releases=tuple(self._releases),
                                migrations=tuple(self._migrations), batches=tuple(batches),
-                               preempted=tuple(preempted))
+                               preempted=tuple(preempted), cache_inserts=inserts,
+                               evictions=evictions, cache_attaches=attaches)
         self._releases, self._migrations = [], []
         for g in batches:
             for it in g.items:
@@ -217,8 +232,12 @@ class ReplicaPolicy:
     def move_shard(self, r: ReplicaRequest, src: int, dst: int, tokens: int) -> None:
         """Move the last `tokens` of r's shard on src to dst: mirror now, a migration in
         the next plan."""
+        have = r.placement[src]
+        self.used[src] += self.cache.cut(r, src, have - tokens)
         self.mirror.shrink(r.placement, src, tokens)
         self.mirror.grow(r.placement, dst, tokens)
+        if have == tokens and not r.placement.get(dst, 0) - tokens:   # a whole shard, alone
+            r.seg[dst], r.contig[dst] = r.seg.pop(src, 0), r.contig.pop(src, have)
         self._migrations.append(MigrationPlan(r.rid, src, dst, tokens))
 
     # ----- one replica's iteration --------------------------------------------------------
@@ -300,17 +319,25 @@ class ReplicaPolicy:
         q = self.waiting[i]
         while q and left > 0 and len(self.running[i]) < cfg.max_num_seqs:
             r = q[0]
-            total = len(r.tokens)
+            runs = self.cache.lookup(r, set(members)) if self.cache.enabled else []
+            hit = sum(len(hs) for _, hs in runs)
+            pinned = sum(1 for inst, hs in runs for h in hs
+                         if not self.cache.index.blocks[inst][h].refs)
+            total = len(r.tokens) - hit * cfg.block_size      # tokens to compute
             if whole and items and total > left:
                 break
             free = sum(self.free(m) for m in members)
-            if blocks(total, cfg.block_size) > free - reserve - owed:
+            if blocks(total, cfg.block_size) + pinned > free - reserve - owed:
                 break                                    # FCFS: the head waits for room
+            self._dequeue(r)
+            if runs:
+                r.computed = self.cache.attach(r, runs)    # shared: nothing to compute
+            else:
+                self.cache.note_miss(r)
             n = total if whole else min(total, left, cap)
             keep = self._place(r, n, members)
-            if keep is None:
-                break
-            self._dequeue(r)
+            if keep is None:                 # cannot happen after the room check above
+                raise AssertionError(f"{r.rid!r} admitted without room for {n} tokens")
             self.running[i][r.rid] = r
             items.append(self._chunk(r, n, keep))
             owed += blocks(total - n, cfg.block_size)
@@ -349,7 +376,7 @@ class ReplicaPolicy:
     def _preempt(self, r: ReplicaRequest, preempted: list[str]) -> None:
         """Recompute later: drop r's KV, queue it again (PD: on a prefill replica)."""
         self.running[r.replica].pop(r.rid)
-        self.mirror.drop(r)
+        self.cache.drop(r)
         self._releases.append(r.rid)
         self._migrations = [m for m in self._migrations if m.request_id != r.rid]
         r.computed = 0
@@ -365,6 +392,11 @@ class ReplicaPolicy:
             r = self.reqs.get(rid)
             if r is not None:
                 r.computed += n
+                if self.cache.enabled:          # one instance: positions 0.. in order
+                    for m, t in r.placement.items():
+                        r.seg.setdefault(m, 0)
+                        r.contig[m] = t
+                    self.cache.collect_inserts(r, r.computed)
         for rid, tok in result.sampled.items():
             r = self.reqs.get(rid)
             if r is not None:
@@ -372,5 +404,17 @@ class ReplicaPolicy:
         self.check_against(result)
 
     def check_against(self, result: ClusterStepResult) -> None:
-        """The instances' reports must equal the mirror (placement and free blocks)."""
-        check_reports(result, self.reqs.values(), self.free)
+        """The instances' reports must equal the mirror (placement and free blocks; a free
+        block there is neither in use nor cached)."""
+        check_reports(result, self.reqs.values(), self.cache.true_free)
+
+    def cached_tokens(self, rid: str) -> int:
+        """Prompt tokens of a request that came from the cache (0 if unknown)."""
+        r = self.reqs.get(rid)
+        return r.cached_tokens if r is not None else 0
+
+    def clear_cache(self) -> None:
+        self.cache.clear()
+
+    def cache_stats(self) -> dict:
+        return self.cache.stats()
