@@ -17,6 +17,8 @@ twice that). The kernel's target is >= 50% of the read bandwidth at B=64, ctx 20
 Usage: python experiments/attention_cpu_bench.py [--quick] [--mixed] [--threads 1,2]
            [--dtype bfloat16|float32] [--strategies] [--rotate-mb 256] [--out results.json]
   --mixed: row lengths uniform in [1, ctx] instead of all equal to ctx.
+  --quick: B in {1, 32} x context {512, 2048}, cold runs over 64 MB, 1 s per torch
+           measurement, unless given (a smoke test, several seconds).
 Must not import: anything beyond torch, loong.ops and loong.attention.
 """
 from __future__ import annotations
@@ -79,6 +81,53 @@ def make_case(B: int, ctx: int, mixed: bool, dtype, copies: int = 1, seed: int =
     return q, k_cache, v_cache, tables, lens.to(torch.int32)
 
 
+def measure_case(args, B: int, ctx: int, dtype, bw: dict) -> tuple[dict, str]:
+    """Times one (B, ctx) case; returns its JSON row and its table line. The case's tensors
+    (up to --rotate-mb of KV) are freed when this returns."""
+    scale = D ** -0.5
+    nblk = -(-ctx // BS)
+    case_bytes = 2 * B * nblk * BS * HKV * D * torch.finfo(dtype).bits // 8
+    copies = max(1, min(256, math.ceil(args.rotate_mb * 1e6 / case_bytes)))
+    q, kc, vc, tables, lens = make_case(B, ctx, args.mixed, dtype, copies)
+    kv_bytes = 2 * int(lens.sum()) * HKV * D * kc.element_size()
+
+    def call(fn, i):
+        return fn(q, kc, vc, tables[i % copies], lens, scale)
+
+    t_cpp = _time(lambda i: call(ops.paged_decode_attention, i), max(args.reps, copies))
+    t_hot = _time(lambda i: call(ops.paged_decode_attention, 0), args.reps)
+    t_torch = _time(lambda i: call(acpu.paged_decode_attention_torch, i),
+                    max(args.reps, min(copies, 32)), budget_s=args.budget)
+    row = {"B": B, "ctx": ctx, "mixed": args.mixed, "dtype": args.dtype,
+           "kv_MB": kv_bytes / 1e6, "copies": copies,
+           "cpp_ms": t_cpp * 1e3, "cpp_GBps": kv_bytes / t_cpp / 1e9,
+           "cpp_hot_GBps": kv_bytes / t_hot / 1e9,
+           "torch_ms": t_torch * 1e3, "torch_GBps": kv_bytes / t_torch / 1e9}
+    row["cpp_frac_read_bw"] = row["cpp_GBps"] / bw["read_GBps"]
+    row["cpp_frac_memcpy_bw"] = row["cpp_GBps"] / bw["memcpy_GBps"]
+    row["speedup"] = t_torch / t_cpp
+    line = (f"{B:>3} {ctx:>5} {row['kv_MB']:>6.1f} | {row['cpp_ms']:>7.3f} "
+            f"{row['cpp_GBps']:>5.1f} {100 * row['cpp_frac_read_bw']:>4.0f}% "
+            f"{100 * row['cpp_frac_memcpy_bw']:>4.0f}% | {row['cpp_hot_GBps']:>8.1f} | "
+            f"{row['torch_ms']:>8.2f} {row['torch_GBps']:>5.1f} | "
+            f"{row['speedup']:>6.1f}x")
+    if args.strategies:
+        t_row = _time(lambda i: call(acpu.paged_decode_per_row, i), args.reps,
+                      budget_s=args.budget)
+        t_bat = _time(lambda i: call(acpu.paged_decode_batched, i), args.reps,
+                      budget_s=args.budget)
+        # Floor: the same attention over pre-gathered contiguous KV (flash call per row).
+        ks = [acpu.gather_kv(kc, vc, tables[0][b], int(lens[b])) for b in range(B)]
+
+        def nogather(i):
+            for b in range(B):
+                acpu.full_attention(q[b:b + 1], ks[b][0], ks[b][1], scale)
+        t_ng = _time(nogather, args.reps, budget_s=args.budget)
+        row.update(per_row_ms=t_row * 1e3, batched_ms=t_bat * 1e3, no_gather_ms=t_ng * 1e3)
+        line += f" | {t_row * 1e3:>8.2f} {t_bat * 1e3:>8.2f} {t_ng * 1e3:>9.2f}"
+    return row, line
+
+
 def run_threads(args, threads: int) -> dict:
     torch.set_num_threads(threads)
     bw = memory_bandwidth()
@@ -88,7 +137,6 @@ def run_threads(args, threads: int) -> dict:
     Bs = [1, 32] if args.quick else [1, 32, 64]
     ctxs = [512, 2048] if args.quick else [512, 2048, 8192]
     dtype = getattr(torch, args.dtype)
-    scale = D ** -0.5
     hdr = (f"{'B':>3} {'ctx':>5} {'KV MB':>6} | {'C++ ms':>7} {'GB/s':>5} {'%read':>5} "
            f"{'%mcpy':>5} | {'hot GB/s':>8} | {'torch ms':>8} {'GB/s':>5} | {'speedup':>7}")
     if args.strategies:
@@ -97,51 +145,9 @@ def run_threads(args, threads: int) -> dict:
     rows = []
     for B in Bs:
         for ctx in ctxs:
-            nblk = -(-ctx // BS)
-            case_bytes = 2 * B * nblk * BS * HKV * D * torch.finfo(dtype).bits // 8
-            copies = max(1, min(256, math.ceil(args.rotate_mb * 1e6 / case_bytes)))
-            q, kc, vc, tables, lens = make_case(B, ctx, args.mixed, dtype, copies)
-            kv_bytes = 2 * int(lens.sum()) * HKV * D * kc.element_size()
-
-            def call(fn, i):
-                return fn(q, kc, vc, tables[i % copies], lens, scale)
-
-            t_cpp = _time(lambda i: call(ops.paged_decode_attention, i), max(args.reps, copies))
-            t_hot = _time(lambda i: call(ops.paged_decode_attention, 0), args.reps)
-            t_torch = _time(lambda i: call(acpu.paged_decode_attention_torch, i),
-                            max(args.reps, min(copies, 32)), budget_s=args.budget)
-            row = {"B": B, "ctx": ctx, "mixed": args.mixed, "dtype": args.dtype,
-                   "kv_MB": kv_bytes / 1e6, "copies": copies,
-                   "cpp_ms": t_cpp * 1e3, "cpp_GBps": kv_bytes / t_cpp / 1e9,
-                   "cpp_hot_GBps": kv_bytes / t_hot / 1e9,
-                   "torch_ms": t_torch * 1e3, "torch_GBps": kv_bytes / t_torch / 1e9}
-            row["cpp_frac_read_bw"] = row["cpp_GBps"] / bw["read_GBps"]
-            row["cpp_frac_memcpy_bw"] = row["cpp_GBps"] / bw["memcpy_GBps"]
-            row["speedup"] = t_torch / t_cpp
-            line = (f"{B:>3} {ctx:>5} {row['kv_MB']:>6.1f} | {row['cpp_ms']:>7.3f} "
-                    f"{row['cpp_GBps']:>5.1f} {100 * row['cpp_frac_read_bw']:>4.0f}% "
-                    f"{100 * row['cpp_frac_memcpy_bw']:>4.0f}% | {row['cpp_hot_GBps']:>8.1f} | "
-                    f"{row['torch_ms']:>8.2f} {row['torch_GBps']:>5.1f} | "
-                    f"{row['speedup']:>6.1f}x")
-            if args.strategies:
-                t_row = _time(lambda i: call(acpu.paged_decode_per_row, i), args.reps,
-                              budget_s=args.budget)
-                t_bat = _time(lambda i: call(acpu.paged_decode_batched, i), args.reps,
-                              budget_s=args.budget)
-                # Floor: the same attention over pre-gathered contiguous KV (flash call per row).
-                ks = [acpu.gather_kv(kc, vc, tables[0][b], int(lens[b])) for b in range(B)]
-
-                def nogather(i):
-                    for b in range(B):
-                        acpu.full_attention(q[b:b + 1], ks[b][0], ks[b][1], scale)
-                t_ng = _time(nogather, args.reps, budget_s=args.budget)
-                del ks
-                row.update(per_row_ms=t_row * 1e3, batched_ms=t_bat * 1e3,
-                           no_gather_ms=t_ng * 1e3)
-                line += f" | {t_row * 1e3:>8.2f} {t_bat * 1e3:>8.2f} {t_ng * 1e3:>9.2f}"
+            row, line = measure_case(args, B, ctx, dtype, bw)
             rows.append(row)
             print(line, flush=True)
-            del q, kc, vc, tables
     return {"threads": torch.get_num_threads(), "bandwidth": bw, "rows": rows}
 
 
@@ -151,14 +157,20 @@ def main() -> None:
     p.add_argument("--mixed", action="store_true", help="row lengths uniform in [1, ctx]")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--budget", type=float, default=3.0, help="seconds per torch measurement")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds per torch measurement (default 3; quick 1)")
     p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
-    p.add_argument("--rotate-mb", type=float, default=256.0,
-                   help="cold runs rotate over disjoint block sets totalling this many MB")
+    p.add_argument("--rotate-mb", type=float, default=None,
+                   help="cold runs rotate over disjoint block sets totalling this many MB "
+                        "(default 256; quick 64)")
     p.add_argument("--strategies", action="store_true",
                    help="also time the torch strategies (per-row, batched, no-gather)")
     p.add_argument("--out", default=None, help="write JSON results here")
     args = p.parse_args()
+    if args.budget is None:
+        args.budget = 1.0 if args.quick else 3.0
+    if args.rotate_mb is None:
+        args.rotate_mb = 64.0 if args.quick else 256.0
     if not ops.csrc_available():
         print(f"C++ kernels unavailable ({ops.load_error()}): the C++ columns time the torch "
               f"fallback", file=sys.stderr)

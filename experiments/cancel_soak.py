@@ -8,11 +8,12 @@ Prints per round and in total: requests sent, completed, aborted by cause (serve
 rejected by cause, calls the server never saw, unexpected outcomes, KV blocks leaked once
 idle (must be 0), and the resident memory of the server and its instances before and after.
 
-    python experiments/cancel_soak.py --quick        # 1 round of 120 calls, ~1 min
+    python experiments/cancel_soak.py --quick        # 1 round of 120 calls, ~15 s
     python experiments/cancel_soak.py                 # 5 rounds of 400 calls
     python experiments/cancel_soak.py --model PATH --rounds 10 --requests 1000
 
-Writes experiments/results/cancel_soak.json.
+Writes experiments/results/cancel_soak.json (or --json PATH). Exits 1 if a KV block leaked
+or an outcome was unexpected.
 
 Memory: the instances' RSS grows by some tens of MiB per round of new batch shapes; that is
 oneDNN's primitive cache (JIT kernels per matmul shape, up to 1024 entries by default), not
@@ -25,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 
@@ -62,7 +64,11 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=None, help="calls per round (default 400, quick 120)")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=os.path.join(RESULTS, "cancel_soak.json"),
+                   help="result file (default experiments/results/cancel_soak.json)")
     args = p.parse_args(argv)
+    # SIGTERM -> SystemExit, so the finally blocks stop the server and its instances.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rounds = args.rounds or (1 if args.quick else 5)
     per_round = args.requests or (120 if args.quick else 400)
     srv_args = ["--instances", str(args.instances), "--kv-capacity-tokens",
@@ -118,9 +124,10 @@ def main(argv=None) -> int:
               f"({rss1 - rss0:+.0f} MiB)")
     finally:
         srv.stop()
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "cancel_soak.json"), "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
         json.dump(out, f, indent=1)
+    print(f"wrote {args.json}")
     return 0 if out.get("totals", {}).get("leaked", 1) == 0 and not out["totals"]["unexpected"] else 1
 
 

@@ -1,6 +1,8 @@
 """Cost of the protobuf control protocol per step, against pickling the same dataclasses.
 
-    python experiments/control_codec_bench.py [--repeats 7]
+    python experiments/control_codec_bench.py [--repeats 7] [--quick]
+
+--quick: 3 repeats (a smoke test, about a second).
 
 Messages: a decode step of B requests (each with shards on 2 instances) and its result,
 and a ring-prefill step of one P-token prompt over 4 instances. For each: encode+decode
@@ -11,15 +13,19 @@ codec stays well under a millisecond at decode sizes.
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import statistics
+import sys
 import time
 
-from loong.sampling_params import SamplingParams
-from loong.sched.cluster_plan import (ClusterStepPlan, DecodeGroupPlan, DecodeItem,
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from loong.sampling_params import SamplingParams  # noqa: E402
+from loong.sched.cluster_plan import (ClusterStepPlan, DecodeGroupPlan, DecodeItem,  # noqa: E402
                                       InstanceCounters, KeepRange, PrefillGroupPlan, PrefillItem)
-from loong.cluster.control_codec import decode, encode
-from loong.worker.step_io import InstanceResult, InstanceStep, RequestSync
+from loong.cluster.control_codec import decode, encode  # noqa: E402
+from loong.worker.step_io import InstanceResult, InstanceStep, RequestSync  # noqa: E402
 
 
 def decode_step(batch: int) -> InstanceStep:
@@ -56,8 +62,11 @@ def timed(fn, repeats: int, inner: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=None, help="default 7 (quick 3)")
+    ap.add_argument("--quick", action="store_true", help="3 repeats (smoke test)")
     args = ap.parse_args()
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 7
     cases = [(f"decode step, batch {b}", decode_step(b)) for b in (1, 32, 256)]
     cases += [(f"decode result, batch {b}", decode_result(b)) for b in (32, 256)]
     cases += [(f"prefill step, {p} tokens", prefill_step(p)) for p in (8192, 131072)]

@@ -10,7 +10,8 @@ Each system runs once, in its own subprocess (so its peak RSS is its own):
 - Loong: `LLM(...).engine` driven step by step; every step is timed and classified by its plan
   (decode-only / prefill-only / mixed). Main run = the whole workload (end-to-end tokens/s,
   decode tokens/s from decode-only steps with >= 32 requests). Then a prefill-only pass (same
-  prompts, max_tokens=1) gives prefill tokens/s.
+  prompts with another first token, so no KV cached by the main run is reused; max_tokens=1)
+  gives prefill tokens/s.
 - transformers: static batches of --batch-size (default 32) prompts in workload order, left
   padding + attention mask, `generate` (greedy, no EOS). Main pass = every batch with the
   full output length; prefill pass = every batch with max_new_tokens=1. decode tokens/s =
@@ -49,6 +50,7 @@ import bench_common as bc  # noqa: E402
 
 LEVAL_DIR = os.path.join(REPO, "..", "shared", "data", "leval")
 DEFAULT_JSON = os.path.join(HERE, "results", "offline_throughput.json")
+FRESH_TOKEN = 1000        # the first token of `uncached` prompts
 GOALS = {"e2e_ratio": 3.0, "prefill_frac": 0.60, "decode_frac": 0.50, "kv_waste": 0.05}
 
 
@@ -206,6 +208,14 @@ def build_workload(a: argparse.Namespace, tok, vocab_size: int) -> dict:
 # ----------------------------------------------------------------------------------------
 # Loong worker (subprocess)
 # ----------------------------------------------------------------------------------------
+def uncached(prompts: list[list[int]]) -> list[list[int]]:
+    """The prompts with their first token changed (lengths unchanged): a pass over them
+    shares no KV block with an earlier pass over the originals, so an engine with prefix
+    caching cannot skip the prefill being measured."""
+    return [[FRESH_TOKEN if p[0] != FRESH_TOKEN else FRESH_TOKEN + 1] + list(p[1:])
+            for p in prompts]
+
+
 def _drive(engine, prompts: list[list[int]], params, flop: FlopModel) -> dict:
     """Queue all prompts, step the engine to completion, time and classify every step
     (the engine keeps each step's plan in `last_plan`)."""
@@ -262,8 +272,8 @@ def loong_worker(spec: dict) -> dict:
     res["rss_after_load"] = bc.rss_bytes()
     engine = llm.engine
     with rss.phase("warmup"):
-        _drive(engine, [prompts[0][:32]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
-               flop)
+        _drive(engine, uncached([prompts[0][:32]]),
+               SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), flop)
     for k in engine.stats:  # count the measured runs only
         engine.stats[k] = 0
     preempt0 = engine.policy.stats["preemptions"]
@@ -273,8 +283,10 @@ def loong_worker(spec: dict) -> dict:
                       flop)
     stats_main = dict(engine.stats)
     with rss.phase("prefill_pass"):
-        pre = _drive(engine, prompts, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
-                     flop)
+        # The main run's prompts again, each with another first token: their KV from the
+        # main run must not be reused (prefix caching), this pass measures prefill.
+        pre = _drive(engine, uncached(prompts),
+                     SamplingParams(max_tokens=1, temperature=0, ignore_eos=True), flop)
     rss.stop()
 
     bs = main["block_size"]

@@ -9,8 +9,10 @@ and the speed-up of the kernel over the flash op. With --full it also times the 
 variant (a chunk of L/4 queries against L keys, FLOPs 4 * H * D * Lq * Lk).
 
 Usage: python experiments/prefill_attention_bench.py [--lengths 512,1024,2048,4096]
-           [--threads 1,2] [--dtype bfloat16|float32] [--reps 7] [--full]
+           [--threads 1,2] [--dtype bfloat16|float32] [--reps 7] [--full] [--quick]
            [--out experiments/results/prefill_attention_bench.json]
+  --quick: lengths 512,1024 and 3 reps unless given (a smoke test, a few seconds).
+Needs the C++ kernels (exits with an error without them).
 Must not import: anything beyond torch, loong.ops and loong.attention.
 """
 from __future__ import annotations
@@ -58,14 +60,19 @@ def _qkv(L: int, dtype: torch.dtype, Lk: int = None):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", default="512,1024,2048,4096")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default=None, help="default 512,1024,2048,4096 (quick 512,1024)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=None, help="default 7 (quick 3)")
     ap.add_argument("--full", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="short lengths, 3 reps (smoke test)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    if args.lengths is None:
+        args.lengths = "512,1024" if args.quick else "512,1024,2048,4096"
+    if args.reps is None:
+        args.reps = 3 if args.quick else 7
     dtype = getattr(torch, args.dtype)
     if not ops.csrc_available():
         sys.exit(f"C++ kernels unavailable: {ops.load_error()}")
@@ -113,6 +120,7 @@ def main() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"build_info": ops.build_info(), "rows": rows}, f, indent=1)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

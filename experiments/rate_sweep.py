@@ -10,7 +10,10 @@ workload (normalized per-token latency vs rate; needs matplotlib, skipped withou
 prints the table of max-throughput ratios (elastic over each baseline) beside the paper's.
 
     python experiments/rate_sweep.py                 # full sweep (about 10-20 min, 2 cores)
-    python experiments/rate_sweep.py --quick         # shorter runs, fewer rates (~5 min)
+    python experiments/rate_sweep.py --quick         # smoke test: 10 s spans of at most 50
+                                                     # requests, every 5th rate (~20 s)
+    python experiments/rate_sweep.py --duration 60 --max-requests 3000 --every 2
+                                                     # shorter runs, fewer rates (~3-5 min)
 
 Needs ../shared/data (the traces; LV-Eval is synthesized). Differences from the paper
 are discussed in experiments/rate_sweep.md.
@@ -93,9 +96,9 @@ def _per_token_readout(pt: dict) -> tuple[bool, str]:
 
 
 def sweep(workloads, policies, rates, duration, cap, seed, data_dir, jobs, log,
-          point=_point, readout=_per_token_readout) -> list[dict]:
+          point=_point, readout=_per_token_readout, max_extra: int = 8) -> list[dict]:
     """Every (workload, policy) pair over its rates, stopping two rates past the SLO; a
-    pair still under it after its last rate goes on at 1.5x steps (8 more at most).
+    pair still under it after its last rate goes on at 1.5x steps (`max_extra` more at most).
 
     `point` runs one (workload, policy, rate, duration, cap, seed, data_dir) tuple in a
     worker process and returns a dict with "workload", "policy", "rate", "wall_s" (or
@@ -112,7 +115,7 @@ def sweep(workloads, policies, rates, duration, cap, seed, data_dir, jobs, log,
             for key, rs in list(pending.items()):
                 # Extend only while the span of arrivals stays whole (under the cap);
                 # a capped run would flatten the curve and fake a high crossing.
-                if (not rs and over[key] == 0 and extra[key] < 8
+                if (not rs and over[key] == 0 and extra[key] < max_extra
                         and last[key] * 1.5 * duration <= cap):
                     extra[key] += 1
                     last[key] = round(last[key] * 1.5, 4)
@@ -240,11 +243,17 @@ def plot(points: list[dict], path: str) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="60 s of arrivals (at most 3,000 requests), every other rate")
+                    help="smoke test: 10 s of arrivals (at most 50 requests) per point, every "
+                         "5th rate, at most 1 rate past the grid (numbers not meaningful)")
     ap.add_argument("--duration", type=float, default=None,
-                    help="seconds of arrivals per point (default 300)")
+                    help="seconds of arrivals per point (default 300; quick 10)")
     ap.add_argument("--max-requests", type=int, default=None,
-                    help="requests per point at most (default 20000)")
+                    help="requests per point at most (default 20000; quick 50)")
+    ap.add_argument("--every", type=int, default=None,
+                    help="sweep every N-th rate of each workload's grid (default 1; quick 5)")
+    ap.add_argument("--max-extra", type=int, default=None,
+                    help="rates past the grid while a curve stays under the SLO, at 1.5x "
+                         "steps (default 8; quick 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--policies", default=",".join(POLICIES))
@@ -274,18 +283,25 @@ def main(argv=None) -> int:
     policies = [p for p in a.policies.split(",") if p]
     if workloads is None:
         return 2
-    duration = a.duration or (60.0 if a.quick else 300.0)
-    cap = a.max_requests or (3000 if a.quick else 20000)
-    rates = {w: (r[::2] if a.quick else r) for w, r in RATES.items()}
+    duration = a.duration or (10.0 if a.quick else 300.0)
+    cap = a.max_requests or (50 if a.quick else 20000)
+    every = a.every or (5 if a.quick else 1)
+    max_extra = a.max_extra if a.max_extra is not None else (1 if a.quick else 8)
+    if every < 1 or max_extra < 0:
+        print("rate_sweep: --every must be >= 1 and --max-extra >= 0", file=sys.stderr)
+        return 2
+    rates = {w: r[::every] for w, r in RATES.items()}
     t0 = time.time()
     print(f"rate sweep: {len(workloads)} workloads x {len(policies)} policies, {duration:g} s "
-          f"of Poisson arrivals per point (at most {cap} requests), seed {a.seed}")
+          f"of Poisson arrivals per point (at most {cap} requests), every {every} rate(s) of "
+          f"the grid, up to {max_extra} past it, seed {a.seed}")
     points = sweep(workloads, policies, rates, duration, cap, a.seed, data_dir, a.jobs,
-                   lambda s: print(s, flush=True))
+                   lambda s: print(s, flush=True), max_extra=max_extra)
     cross = crossings(points)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "rate_sweep.json"), "w") as f:
-        json.dump({"duration_s": duration, "max_requests": cap, "seed": a.seed, "preset": "a800-lwm7b-tp2",
+        json.dump({"duration_s": duration, "max_requests": cap, "seed": a.seed,
+                   "every": every, "max_extra": max_extra, "preset": "a800-lwm7b-tp2",
                    "instances": 4, "points": points, "max_rate": cross}, f, indent=1)
     png = os.path.join(a.out, "rate_sweep.png")
     print(f"\nwrote {a.out}/rate_sweep.json" + (f" and {png}" if plot(points, png) else

@@ -3,16 +3,21 @@
 For each prompt length (default 1K, 2K, 4K, 8K tokens) one prompt of exactly that many
 tokens (a window of the longest L-Eval document under `../shared/data/leval`, field `input`,
 tokenized with the model's tokenizer; deterministic synthetic ids when that folder is missing
-or with --synthetic) is prefilled by two `ClusterEngine`s kept alive side by side: a ring of
-one instance (the baseline: the same code path, no communication) and a ring of two. Each
+or with --synthetic) is prefilled by two `LLMEngine`s kept alive side by side: a ring of
+one instance (the baseline: the instance runs in this process, `LocalExecutor`, the same
+worker and ring code with no communication) and a ring of two (two instance processes,
+`ClusterExecutor`). Both run the `simple` policy (every prefill over all instances) with
+`overlap_groups=False` (lockstep: each engine step runs one plan to its end through
+`executor.execute`, so the prefill is one timed call). Every prefill's first token is
+replaced by one of its own (`fresh`), so none can reuse KV cached by an earlier one. Each
 request asks for one token (greedy, EOS ignored), so the request's first step is the whole
-prefill. Per length and engine: one warm-up prefill, then --runs timed ones, the two engines
-alternating run by run so that drift on the machine hits both alike.
+prefill. Per length and engine: one warm-up prefill, then --runs timed ones, the two
+engines alternating run by run so that drift on the machine hits both alike.
 
 Measured per length:
-- prefill time: wall time of the cluster's prefill step (the `ClusterExecutor.execute` call
-  that runs the prefill plan, wrapped from outside; engine code is not changed), median of
-  the runs. speedup = t(1 instance) / t(2 instances). The JSON also has the whole
+- prefill time: wall time of the engine's prefill step (the `executor.execute` call that
+  runs the prefill plan, wrapped from outside; engine code is not changed), median of the
+  runs. speedup = t(1 instance) / t(2 instances). The JSON also has the whole
   `engine.step()` wall time (adds detokenizing and the release round trip).
 - bytes: sum over instances of the step's `InstanceCounters.bytes_sent`, against the ring's
   minimum: every position's KV chunk visits every other member once, so each instance sends
@@ -34,12 +39,15 @@ Measured per length:
 Usage: python experiments/ring_prefill_bench.py [--lengths 1024,2048,4096,8192] [--runs 3]
            [--quick] [--comm-reps 7] [--synthetic] [--no-matmul]
            [--json experiments/results/ring_prefill_bench.json]
-Run the full benchmark on an otherwise idle machine with at least 2 cores.
+--quick: lengths 256,512, 1 run, 3 transfer runs (a smoke test: the full run's code path,
+numbers not meaningful). Run the full benchmark on an otherwise idle machine with at least
+2 cores.
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import os
 import signal
@@ -58,6 +66,7 @@ import bench_common as bc  # noqa: E402
 LEVAL_DIR = os.path.join(REPO, "..", "shared", "data", "leval")
 DEFAULT_JSON = os.path.join(HERE, "results", "ring_prefill_bench.json")
 INSTANCES = (1, 2)
+FIRST_TOKEN = 1000       # prefill k starts with token id FIRST_TOKEN + k (see `fresh`)
 
 
 # ----------------------------------------------------------------------------------------
@@ -218,6 +227,14 @@ class Timed:
         ex.execute = execute
 
 
+def fresh(ids: list[int], k: int) -> list[int]:
+    """The prompt with its first token replaced by the k-th of a fixed run of ordinary
+    token ids: every prefill of the benchmark has a first KV block of its own, so none can
+    reuse KV an earlier prefill left cached (prefix caching); both engines get the same
+    variant for the same run, so their sampled tokens stay comparable."""
+    return [FIRST_TOKEN + k] + list(ids[1:])
+
+
 def prefill_once(engine, timed: Timed, ids: list[int], params) -> dict:
     """Prefill one prompt (max_tokens=1) to completion; the prefill step's numbers."""
     timed.calls.clear()
@@ -282,7 +299,7 @@ def main(argv=None) -> int:
     import torch
 
     from loong.config import EngineConfig
-    from loong.engine.cluster_engine import ClusterEngine
+    from loong.engine.llm_engine import LLMEngine
     from loong.kv.cache_pool import kv_bytes_per_token
     from loong.model.loader import load_model_files
     from loong.sampling_params import SamplingParams
@@ -304,8 +321,10 @@ def main(argv=None) -> int:
           f"each; prompts: {source}", file=sys.stderr, flush=True)
 
     mm_before = mm_after = None
+    # One thread: the in-process instance of the 1-instance engine, and the limit of one
+    # instance. The 2-instance engine's instances get instance_threads=1.
+    torch.set_num_threads(1)
     if not a.no_matmul:
-        torch.set_num_threads(1)           # the limit of one instance (one thread)
         print("measuring the one-thread bf16 matmul limit ...", file=sys.stderr, flush=True)
         mm_before = bc.matmul_limit()
 
@@ -317,25 +336,32 @@ def main(argv=None) -> int:
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     engines: dict[int, object] = {}
     timers: dict[int, Timed] = {}
+    executors: dict[int, object] = {}
     raw: dict[int, dict[int, list[dict]]] = {n: {L: [] for L in lengths} for n in INSTANCES}
     warm: dict[int, dict[int, dict]] = {n: {} for n in INSTANCES}
     try:
         for n in INSTANCES:
             t = time.perf_counter()
             print(f"starting a cluster of {n} instance(s), 1 thread each ...", file=sys.stderr, flush=True)
-            eng = ClusterEngine(EngineConfig(
+            # simple: every prefill over all n instances (the elastic policy may pick a
+            # smaller group); lockstep: one plan per step, run by one executor.execute.
+            eng = LLMEngine(EngineConfig(
                 model=None, dtype="bfloat16", device="cpu", instances=n, instance_threads=1,
+                policy="simple", overlap_groups=False,
                 kv_capacity_tokens=kv_tokens, block_size=bs,
                 max_num_batched_tokens=max(8192, top), max_num_seqs=8,
                 max_model_len=max_model_len), loaded)
             engines[n] = eng
+            executors[n] = eng.executor
             timers[n] = Timed(eng)
             print(f"  up in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
+        variants = itertools.count()
         for L in lengths:
-            ids = prompts[L]
+            ids = fresh(prompts[L], next(variants))
             for n in INSTANCES:                # warm-up
                 warm[n][L] = prefill_once(engines[n], timers[n], ids, params)
             for r in range(a.runs):
+                ids = fresh(prompts[L], next(variants))
                 for n in INSTANCES:            # alternate, so drift hits both
                     raw[n][L].append(prefill_once(engines[n], timers[n], ids, params))
             t1 = statistics.median(x["prefill_s"] for x in raw[1][L])
@@ -419,7 +445,7 @@ def main(argv=None) -> int:
               f"{fmt(r['frac_limit_2'], '8.1f', 100, '%')} "
               f"{fmt(r['frac_limit_1'], '8.1f', 100, '%')} {'yes' if r['first_token_match'] else 'NO':>5}")
     print("-" * len(hdr))
-    print("t1/t2: the prefill step (ClusterExecutor.execute of the prefill plan); sent: sum of "
+    print("t1/t2: the prefill step (executor.execute of the prefill plan); sent: sum of "
           "bytes_sent over the 2 instances; exposed: min over instances of comm_wait_s (the slowest instance's waits); xfer: the "
           "same exchanges alone (2-process gloo, median); hidden = max(0, 1 - exposed/xfer); maxwait: "
           "the longest waiting instance's waits (imbalance included) over the step time; %lim: useful "
@@ -450,6 +476,8 @@ def main(argv=None) -> int:
         "model": model,
         "prompt_source": source,
         "settings": {"instances": list(INSTANCES), "instance_threads": 1, "dtype": "bfloat16",
+                     "policy": "simple", "overlap_groups": False,
+                     "executors": {str(n): type(e).__name__ for n, e in executors.items()},
                      "kv_capacity_tokens_per_instance": kv_tokens, "block_size": bs,
                      "max_model_len": max_model_len, "kv_bytes_per_token": kvb},
         "matmul_limit_1_thread": {"before": mm_before, "after": mm_after,

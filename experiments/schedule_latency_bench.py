@@ -15,7 +15,10 @@ lognormal mix plus synthesized LV-Eval lengths, and some running decodes. Three 
    the time ratio and the objective ratio (`--no-exact` skips it: it takes seconds).
 
     python experiments/schedule_latency_bench.py [--calls 200] [--steps 300] [--no-exact]
-        [--json experiments/results/schedule_latency.json]
+        [--quick] [--json experiments/results/schedule_latency.json]
+
+--quick: 20 cold calls and 30 steady steps unless given (a smoke test: the same state, the
+same baseline, noisier medians).
 
 Run it alone (the timings are wall clock). The token lists of 1,000 long prompts are tens
 of millions of Python ints: the benchmark calls gc.freeze() after building the state, as
@@ -129,14 +132,19 @@ def pct(xs, p):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calls", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--calls", type=int, default=None, help="default 200 (quick 20)")
+    ap.add_argument("--steps", type=int, default=None, help="default 300 (quick 30)")
+    ap.add_argument("--quick", action="store_true", help="fewer timed calls (smoke test)")
     ap.add_argument("--waiting", type=int, default=1000)
     ap.add_argument("--running", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-exact", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.calls is None:
+        args.calls = 20 if args.quick else 200
+    if args.steps is None:
+        args.steps = 30 if args.quick else 300
     cost = load_cost_model("a800-lwm7b-tp2")
     src, reqs = workload(args.waiting + args.running + 4000, args.seed)
     out = {"instances": INSTANCES, "cost_model": cost.name, "workload": src,
@@ -247,6 +255,7 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1)
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -6,12 +6,15 @@ clipped to 1024 prompt / 64 output tokens, 40 Poisson requests at 1 req/s), then
 exactly the requests the server saw (the server's prompt and output token counts, the
 actual send times) through `run_simulation` on the same number of instances with the cost
 model profiled on this machine (preset `cpu-smollm2-135m`) and the policy the server runs
-(elastic on 2 instances; on 1 instance `loong serve` runs the engine's chunked-prefill
-scheduler, simulated as `sarathi` with replica size 1 and the same token budget), and prints, per metric, the
-real value, the simulator's and the prediction error (sim - real) / real, plus the real
-2-instance / 1-instance ratio.
+(elastic on 2 instances; on 1 instance `sarathi`, the engine's default there: chunked
+prefill under one token budget per step, replica size 1, served with `--policy sarathi` and
+simulated with the same token budget), and prints, per metric, the real value, the
+simulator's and the prediction error (sim - real) / real, plus the real 2-instance /
+1-instance ratio.
 
-    python experiments/serve_vs_sim.py --quick      # 24 requests per run, ~2-3 min on 2 cores
+    python experiments/serve_vs_sim.py --quick      # smoke test: 6 short requests per run, ~30 s
+    python experiments/serve_vs_sim.py --requests 24 --rate 0.5 --max-input-len 512 \
+        --max-output-len 32                         # the short run of serve_vs_sim.md, ~2-3 min
     python experiments/serve_vs_sim.py              # 40 requests per run, ~3-5 min
     python experiments/serve_vs_sim.py --instances 2 --requests 60 --rate 0.8 ...
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -48,30 +52,35 @@ ROWS = (
     ("output tok/s", "output_throughput_tps", None, 1.0),
     ("requests/s", "throughput_rps", None, 1.0),
 )
-QUICK = dict(requests=24, rate=0.5, max_input_len=512, max_output_len=32)
+# --quick: a smoke test of the whole path (servers, bench, replay, table); numbers are noise.
+QUICK = dict(requests=6, rate=2.0, max_input_len=128, max_output_len=8)
+FULL = dict(requests=40, rate=1.0, max_input_len=1024, max_output_len=64)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help=f"a short run: {QUICK} unless given (~2-3 min on 2 cores)")
+                   help=f"smoke test: {QUICK} unless given (~30 s on 2 cores)")
     p.add_argument("--instances", default="2,1", help="instance counts to run, in order")
     p.add_argument("--workload", default="sharegpt-loong", help="any `loong bench` workload")
-    p.add_argument("--requests", type=int, default=None, help="default 40 (quick 16)")
-    p.add_argument("--rate", type=float, default=None, help="req/s, default 1.0 (quick 0.5)")
+    p.add_argument("--requests", type=int, default=None,
+                   help=f"default {FULL['requests']} (quick {QUICK['requests']})")
+    p.add_argument("--rate", type=float, default=None,
+                   help=f"req/s, default {FULL['rate']} (quick {QUICK['rate']})")
     p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"])
     p.add_argument("--cv", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-input-len", type=int, default=None, help="default 1024 (quick 512)")
-    p.add_argument("--max-output-len", type=int, default=None, help="default 64 (quick 32)")
+    p.add_argument("--max-input-len", type=int, default=None,
+                   help=f"default {FULL['max_input_len']} (quick {QUICK['max_input_len']})")
+    p.add_argument("--max-output-len", type=int, default=None,
+                   help=f"default {FULL['max_output_len']} (quick {QUICK['max_output_len']})")
     p.add_argument("--preset", default="cpu-smollm2-135m", help="the simulator's cost model")
     p.add_argument("--policy", default="elastic",
                    help="serve and sim policy of the multi-instance runs")
     p.add_argument("--one-instance-sim-policy", default="sarathi",
-                   help="sim policy for 1 instance: a 1-instance `loong serve` runs the "
-                        "engine's own vLLM/Sarathi chunked-prefill scheduler (decodes first, "
-                        "one token budget per step), which is the simulator's sarathi policy "
-                        "with replica size 1 (default); `elastic` simulates LoongServe's policy")
+                   help="policy of the 1-instance run, served and simulated: sarathi (default; "
+                        "the engine's default on one instance: decodes first, one token "
+                        "budget per step, replica size 1) or elastic (LoongServe's policy)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="serve's token budget per step, also the sarathi simulation's")
     p.add_argument("--max-num-seqs", type=int, default=128,
@@ -91,8 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extra `loong serve` argument (repeatable, e.g. --serve-arg=--max-num-seqs=64)")
     p.add_argument("--json", default=os.path.join(RESULTS, "serve_vs_sim.json"))
     a = p.parse_args(argv)
-    full = dict(requests=40, rate=1.0, max_input_len=1024, max_output_len=64)
-    for k, v in (QUICK if a.quick else full).items():
+    for k, v in (QUICK if a.quick else FULL).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
     a.instance_list = [int(x) for x in a.instances.split(",") if x.strip()]
@@ -137,7 +145,10 @@ def sim_policy(a: argparse.Namespace, n: int) -> tuple[str, dict]:
 
 def run_one(a: argparse.Namespace, n: int, kv: int) -> dict:
     """Serve on n instances, bench, then simulate the same requests on n instances."""
-    serve = ["--instances", str(n), "--dtype", a.dtype, "--policy", a.policy,
+    policy, kw = sim_policy(a, n)
+    # The server runs the policy that is simulated (a 1-instance server would otherwise run
+    # --policy too: any policy runs on any number of instances).
+    serve = ["--instances", str(n), "--dtype", a.dtype, "--policy", policy,
              "--kv-capacity-tokens", str(kv), "--max-num-batched-tokens",
              str(a.max_num_batched_tokens), "--max-num-seqs", str(a.max_num_seqs), *a.serve_arg]
     t0 = time.time()
@@ -157,7 +168,6 @@ def run_one(a: argparse.Namespace, n: int, kv: int) -> dict:
     count = write_trace(report, trace)
     if not count:
         raise RuntimeError(f"{n} instance(s): no request finished; errors {report['errors']}")
-    policy, kw = sim_policy(a, n)
     sim = run_simulation(f"jsonl:{trace}", policy, n, rate=None, requests=None, seed=a.seed,
                          preset=a.preset, max_num_seqs=a.max_num_seqs, **kw)
     return {"instances": n, "sim_policy": policy, "serve_args": serve, "server_env": env or {}, "server_start_s": start_s,
@@ -228,6 +238,8 @@ def format_table(table: list[dict], ns: list[int]) -> str:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    # SIGTERM -> SystemExit, so the finally blocks stop the server and its instances.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     kv = a.kv_capacity_tokens or load_cost_model(a.preset).tokens_per_instance
     t0 = time.time()
@@ -239,7 +251,7 @@ def main(argv=None) -> int:
     ns = sorted(runs)
     print(f"\n{a.workload}: {a.requests} requests at {a.rate} req/s ({a.arrival}), prompts <= "
           f"{a.max_input_len}, outputs <= {a.max_output_len} tokens; dtype {a.dtype}, "
-          f"{a.policy} policy (sim on 1 instance: {sim_policy(a, 1)[0]}); server threads "
+          f"{a.policy} policy (on 1 instance: {sim_policy(a, 1)[0]}); server threads "
           f"{a.threads or 'default'}; sim preset {a.preset}; {wall:.0f} s in all")
     for n in ns:
         r = runs[n]

@@ -21,7 +21,10 @@ the rate where the attainment curve falls below 90% (linear interpolation,
 matplotlib, skipped without), and prints the table beside the paper's numbers.
 
     python experiments/zipf_ablation.py              # full run: 150 s spans, 3 seeds (~10 min)
-    python experiments/zipf_ablation.py --quick      # 60 s, 1 seed, every other rate (~2 min)
+    python experiments/zipf_ablation.py --quick      # smoke test: 10 s spans of at most 50
+                                                     # requests, 1 seed, every 5th rate (~15 s)
+    python experiments/zipf_ablation.py --duration 60 --seeds 1 --every 2
+                                                     # 60 s, 1 seed, every other rate (~2 min)
 
 Needs ../shared/data (the traces the Zipf lengths are matched to). Results and the
 differences from the paper: experiments/zipf_ablation.md.
@@ -246,11 +249,18 @@ def code_digest() -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="60 s of arrivals per point, every other rate")
+                    help="smoke test: 10 s of arrivals (at most 50 requests) per point, 1 seed, "
+                         "every 5th rate, at most 1 rate past the grid (numbers not meaningful)")
     ap.add_argument("--duration", type=float, default=None,
-                    help="seconds of Poisson arrivals per point (default 150; 60 with --quick)")
-    ap.add_argument("--max-requests", type=int, default=20000,
-                    help="requests per point at most (default 20000)")
+                    help="seconds of Poisson arrivals per point (default 150; 10 with --quick)")
+    ap.add_argument("--max-requests", type=int, default=None,
+                    help="requests per point at most (default 20000; 50 with --quick)")
+    ap.add_argument("--every", type=int, default=None,
+                    help="sweep every N-th rate of each workload's grid (default 1; 5 with "
+                         "--quick)")
+    ap.add_argument("--max-extra", type=int, default=None,
+                    help="rates past the grid while attainment stays >= 90%%, at 1.5x steps "
+                         "(default 8; 1 with --quick)")
     ap.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     ap.add_argument("--seeds", type=int, default=None,
                     help="seeds per point, seed..seed+N-1, records pooled (default 3; 1 "
@@ -271,26 +281,33 @@ def main(argv=None) -> int:
     variants = parse_names(a.variants, VARIANTS, "variants", "zipf_ablation")
     if workloads is None or variants is None:
         return 2
-    duration = a.duration or (60.0 if a.quick else 150.0)
-    rates = {w: (r[::2] if a.quick else r) for w, r in RATES.items()}
+    duration = a.duration or (10.0 if a.quick else 150.0)
+    a.max_requests = a.max_requests or (50 if a.quick else 20000)
+    every = a.every or (5 if a.quick else 1)
+    max_extra = a.max_extra if a.max_extra is not None else (1 if a.quick else 8)
+    rates = {w: r[::every] for w, r in RATES.items()}
     nseeds = a.seeds if a.seeds is not None else (1 if a.quick else 3)
-    if nseeds < 1:
-        print("zipf_ablation: --seeds must be >= 1", file=sys.stderr)
+    if nseeds < 1 or every < 1 or max_extra < 0:
+        print("zipf_ablation: --seeds and --every must be >= 1, --max-extra >= 0",
+              file=sys.stderr)
         return 2
     seeds = tuple(range(a.seed, a.seed + nseeds))
     t0 = time.time()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))
     code = code_digest()
     print(f"zipf ablation: {len(workloads)} workloads x {len(variants)} variants, {duration:g} s "
-          f"of Poisson arrivals per point (at most {a.max_requests} requests), seeds {list(seeds)} pooled, "
+          f"of Poisson arrivals per point (at most {a.max_requests} requests), every {every} "
+          f"rate(s) of the grid, up to {max_extra} past it, seeds {list(seeds)} pooled, "
           f"{a.jobs} jobs", flush=True)
     points = sweep(workloads, variants, rates, duration, a.max_requests, seeds, data_dir,
-                   a.jobs, lambda s: print(s, flush=True), point=_point, readout=_readout)
+                   a.jobs, lambda s: print(s, flush=True), point=_point, readout=_readout,
+                   max_extra=max_extra)
     cross = crossings(points)
     elapsed = time.time() - t0
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "zipf_ablation.json"), "w") as f:
         json.dump({"duration_s": duration, "max_requests": a.max_requests, "seeds": list(seeds),
+                   "every": every, "max_extra": max_extra,
                    "preset": PRESET, "instances": INSTANCES,
                    "variants": {v: {"policy": p, "replica_size": k,
                                     "dispatch": "round-robin" if rr else "least-loaded"

@@ -1,0 +1,1 @@
+"""Smoke tier: every script under experiments/ runs its --quick mode."""
