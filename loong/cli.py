@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder with the trace files (default: ../shared/data when present)")
     sim.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"])
     sim.add_argument("--cv", type=float, default=1.0, help="gamma arrivals' coefficient of variation")
+    sim.add_argument("--prefix-caching", action="store_true",
+                     help="the policy caches and shares full KV blocks (prefix reuse from a "
+                          "trace's hash_ids, e.g. mooncake)")
     sim.add_argument("--json", default=None, help="write the metrics JSON here")
     from loong.client.cli import add_client_parser
     from loong.serve.serve_main import add_serve_parser
@@ -163,7 +166,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
                          None if args.rate == 0 else args.rate, args.requests, args.seed,
                          args.preset, args.data_dir or default_data_dir(), args.arrival, args.cv,
                          queue=args.queue, replica_size=args.replica_size,
-                         token_budget=args.token_budget)
+                         token_budget=args.token_budget, prefix_caching=args.prefix_caching)
     m = out["metrics"]
     print(f"{args.policy} on {args.instances} instances, {args.workload} at "
           f"{args.rate or 'trace'} req/s, {m['count']} requests, {out['simulated_s']:.1f} s "
@@ -175,6 +178,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
                   f"p90 {v['p90'] * 1e3:10.2f}  p99 {v['p99'] * 1e3:10.2f}")
     if m.get("slo"):
         print(f"  normalized by the paper's SLO: {m['slo']['normalized']}")
+    pc = out["prefix_cache"]
+    if args.prefix_caching and pc:
+        print(f"  prefix cache: {pc['hit_rate']:.1%} of prompt tokens hit "
+              f"({pc['hit_tokens']} of {pc['queried_tokens']}), {pc['evicted']} blocks evicted")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1)

@@ -78,6 +78,16 @@ class CostModel:
     def prefill_ms_sums(self, g: int, sum_l: float, sum_l2: float) -> float:
         return self.prefill_coeffs(g).time_ms(sum_l, sum_l2)
 
+    def extend_ms(self, items: Iterable[tuple[int, int]]) -> float:
+        """Extends batched on one instance, each (cached, new): new tokens appended to a
+        sequence of `cached` tokens whose KV is kept. The one-instance prefill fit charged
+        for the new tokens only: linear work for them, attention for the part of a
+        (cached + new)-token causal prefill they do, (cached + new)^2 - cached^2."""
+        c = self.prefill_coeffs(1)
+        pairs = list(items)
+        return c.time_ms(sum(n for _, n in pairs),
+                         sum((p + n) ** 2 - p * p for p, n in pairs))
+
     def decode_coeffs(self, group_size: int | None = None) -> DecodeCoeffs:
         """Decode coefficients for a decode group of `group_size` instances (masters and
         shard holders). `decode_by_group[group_size]` when fitted; for a size not fitted,

@@ -9,6 +9,7 @@ Never imports torch.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from loong.sched.cost_model import load_cost_model
@@ -75,11 +76,15 @@ def run_simulation(workload: str, policy: str = "elastic", instances: int = 4,
                    arrival: str = "poisson", cv: float = 1.0, block_size: int = 16,
                    max_num_seqs: int = 1024, queue: str = "fcfs",
                    replica_size: int | None = None, token_budget: int | None = None,
-                   dispatch: str = "least-loaded", keep_records: bool = False) -> dict:
+                   dispatch: str = "least-loaded", keep_records: bool = False,
+                   prefix_caching: bool = False) -> dict:
     """Simulate one run; returns a JSON-ready dict (config, metrics, simulator and policy
     statistics). rate None replays a trace's real arrival times. `dispatch` (replica
     baselines): "least-loaded" or "round-robin". `keep_records` adds "records", the
-    per-request `RequestRecord`s (not JSON), for readouts the summary lacks."""
+    per-request `RequestRecord`s (not JSON), for readouts the summary lacks.
+    `prefix_caching`: the policy caches and shares full KV blocks; prompts then carry token
+    ids standing for their content (shared prefixes from a trace's hash_ids, e.g.
+    Mooncake's; otherwise nothing is shared)."""
     if policy not in POLICY_NAMES:
         raise ValueError(f"policy: {policy!r} is not one of {sorted(POLICY_NAMES)}")
     if instances < 1:
@@ -104,9 +109,9 @@ def run_simulation(workload: str, policy: str = "elastic", instances: int = 4,
         raise ValueError(f"arrival: {arrival!r} is not 'poisson' or 'gamma'")
     blocks = cost.tokens_per_instance // block_size
     base = paper_dataset(workload)
-    pol = build_policy(sim_policy_spec(policy, instances, blocks, block_size, max_num_seqs,
-                                       workload, replica_size, token_budget, dispatch, queue),
-                       cost)
+    spec = sim_policy_spec(policy, instances, blocks, block_size, max_num_seqs, workload,
+                           replica_size, token_budget, dispatch, queue)
+    pol = build_policy(dataclasses.replace(spec, prefix_caching=prefix_caching), cost)
     capacity = pol.max_request_tokens()
     too_long = [r for r in reqs if r.input_len + r.output_len > capacity]
     if too_long:
@@ -116,7 +121,8 @@ def run_simulation(workload: str, policy: str = "elastic", instances: int = 4,
                          f"{too_long[0].input_len}+{too_long[0].output_len} tokens; use more "
                          f"instances or a larger replica")
     t0 = time.perf_counter()
-    res = Simulator(pol, cost, instances, blocks, block_size).run(reqs)
+    res = Simulator(pol, cost, instances, blocks, block_size,
+                    token_content=prefix_caching).run(reqs)
     wall = time.perf_counter() - t0
     slo = PAPER_SLOS.get(base) or (PAPER_SLOS["mixed"] if base == "zipf" else None)
     metrics = summarize(res.records, slo)
@@ -125,7 +131,8 @@ def run_simulation(workload: str, policy: str = "elastic", instances: int = 4,
                        "arrival": arrival, "cv": cv, "block_size": block_size, "queue": queue,
                        "replica_size": getattr(getattr(pol, "cfg", None), "replica_size", None),
                        "token_budget": getattr(getattr(pol, "cfg", None), "token_budget", None),
-                       "dispatch": getattr(getattr(pol, "cfg", None), "dispatch", None)},
+                       "dispatch": getattr(getattr(pol, "cfg", None), "dispatch", None),
+                       "prefix_caching": prefix_caching},
             "metrics": metrics, "simulated_s": res.end_s, "wall_s": wall,
-            "simulator": res.stats, "policy": pol.stats,
+            "simulator": res.stats, "policy": pol.stats, "prefix_cache": pol.cache_stats(),
             **({"records": res.records} if keep_records else {})}

@@ -29,6 +29,20 @@ from loong.sched.metrics import RequestRecord
 from loong.sched.policies.protocol import ClusterPolicy
 
 SIM_TOKEN = 1      # the token id every simulated sample returns
+TRACE_BLOCK = 512  # tokens per block of a trace's hash_ids (Mooncake's)
+
+
+def prompt_tokens(req, index: int) -> list[int]:
+    """The token ids a simulated request's prompt stands for: from the trace's block
+    hashes where it has them (equal leading hashes, equal tokens: a shared prefix the
+    policy's prefix cache can find), else unique to the request (nothing shared)."""
+    n = req.input_len
+    hids = getattr(req, "hash_ids", None)
+    if hids:
+        return [hids[min(p // TRACE_BLOCK, len(hids) - 1)] * TRACE_BLOCK + p % TRACE_BLOCK + 2
+                for p in range(n)]
+    base = (index + 1) << 32
+    return [base + p for p in range(n)]
 
 
 class SimRequest(Protocol):
@@ -57,8 +71,12 @@ class SimResult:
 
 class Simulator:
     def __init__(self, policy: ClusterPolicy, cost: CostModel, num_instances: int,
-                 blocks_per_instance: int, block_size: int, check_every_step: bool = True) -> None:
+                 blocks_per_instance: int, block_size: int, check_every_step: bool = True,
+                 token_content: bool = False) -> None:
+        """`token_content`: give prompts token ids that stand for their content
+        (`prompt_tokens`), for a policy with prefix caching; else every id is the same."""
         self.policy, self.cost = policy, cost
+        self.token_content = token_content
         self.n = num_instances
         self.tables = [ShardTable(BlockPool(blocks_per_instance, block_size))
                        for _ in range(num_instances)]
@@ -90,15 +108,20 @@ class Simulator:
             return self.cost.prefill_ms(len(g.members), [len(it.token_ids) for it in g.items]) / 1e3
         per_master: dict[int, int] = {}
         per_member: dict[int, int] = {}
+        extends: dict[int, list[tuple[int, int]]] = {}   # master -> its (cached, new)
         for it in g.items:
             per_master[it.master] = per_master.get(it.master, 0) + 1
             for inst, t in it.shards:
                 per_member[inst] = per_member.get(inst, 0) + t
             per_member[it.master] = per_member.get(it.master, 0) + 1
+            if it.extend:
+                extends.setdefault(it.master, []).append((it.position, len(it.token_ids)))
         # Charged by the decode group's size (masters and shard holders) where the cost
-        # model has per-group-size decode fits.
-        return self.cost.decode_ms(max(per_master.values()), max(per_member.values()),
-                                   len(g.members)) / 1e3
+        # model has per-group-size decode fits; extends (a cached prompt's new tokens) add
+        # their master's one-instance prefill work for them (`CostModel.extend_ms`).
+        extra = max((self.cost.extend_ms(ks) for ks in extends.values()), default=0.0)
+        return (self.cost.decode_ms(max(per_master.values()), max(per_member.values()),
+                                    len(g.members)) + extra) / 1e3
 
     def _result(self, plan_step: int, g) -> ClusterStepResult:
         res = ClusterStepResult(plan_step)
@@ -121,19 +144,26 @@ class Simulator:
         seq = itertools.count()
         busy: set[int] = set()
         now, a = 0.0, 0
+        idle_plans = 0
         unfinished = len(states)
         records: list[RequestRecord] = []
         for _ in range(max_events):
             while a < len(arrivals) and states[arrivals[a]].arrival_s <= now:
                 st = states[arrivals[a]]
-                # Token ids do not matter to the policy; lengths do.
-                self.policy.add(st.rid, [SIM_TOKEN] * st.input_len)
+                # Token ids matter to the policy only through its prefix cache.
+                i = order[a]
+                self.policy.add(st.rid, prompt_tokens(requests[i], i) if self.token_content
+                                else [SIM_TOKEN] * st.input_len)
                 a += 1
             if unfinished == 0:
                 break
             plan = self.policy.schedule(busy=frozenset(busy))
             if not plan.is_empty:
                 self.stats["plans"] += 1
+                idle_plans = 0 if plan.groups() else idle_plans + 1
+                if idle_plans > 1000:   # bookkeeping only, time not moving: a livelock
+                    raise RuntimeError(f"simulation livelocked at t={now:.3f}s: the policy "
+                                       f"keeps planning without running anything ({plan})")
                 extra = self._apply(plan)
                 for g in plan.groups():
                     for it in g.items:

@@ -40,6 +40,9 @@ class WorkloadRequest:
     output_len: int
     arrival_s: float | None = None
     source: str = ""
+    # Prefix identity when the trace has it (Mooncake): block i of the prompt (512 tokens)
+    # is the block named hash_ids[i]; equal leading ids mean a shared prefix.
+    hash_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("input_len", "output_len"):
@@ -174,15 +177,16 @@ def read_leval_csv(path: PathLike, source: str = "leval") -> list[WorkloadReques
 
 def read_mooncake_jsonl(path: PathLike, source: str = "mooncake") -> list[WorkloadRequest]:
     """Mooncake FAST'25 trace: `{"timestamp" (ms), "input_length", "output_length",
-    "hash_ids"}` a line. timestamp / 1000 -> arrival_s; hash_ids (prefix reuse) are not
-    kept."""
+    "hash_ids"}` a line. timestamp / 1000 -> arrival_s; hash_ids (one per 512-token block of
+    the prompt; equal leading ids are a shared prefix) are kept."""
     out = []
     for ln, obj in _jsonl_rows(path):
         _need(obj, ("timestamp", "input_length", "output_length"), path, ln)
+        hids = obj.get("hash_ids")
         out.append(WorkloadRequest(_int_field(obj["input_length"], "input_length", path, ln),
                                    _int_field(obj["output_length"], "output_length", path, ln),
                                    _time_field(obj["timestamp"], "timestamp", path, ln, 1e-3),
-                                   source))
+                                   source, tuple(int(h) for h in hids) if hids else None))
     return out
 
 

@@ -46,10 +46,14 @@ SCRIPTS = {
                        ["decode_latency.json"], "2 instances / 1 instance TPOT", 240, None),
     # One torch thread: two threads on a busy CPU wait at OpenMP barriers (2-3x slower
     # when other work shares the cores; about as fast when idle).
+    "mooncake_prefix_sim": (lambda d: ["--out", str(d / "mooncake.json")], ["mooncake.json"],
+                            "a perfect LRU cache", 180, "data"),
     "offline_throughput": (lambda d: ["--json", str(d / "offline.json"), "--threads", "1"],
                            ["offline.json"], "end-to-end output tok/s", 300, None),
     "prefill_attention_bench": (lambda d: ["--out", str(d / "prefill.json")], ["prefill.json"],
                                 "kern GF/s", 120, "csrc"),
+    "prefix_cache_bench": (lambda d: ["--json", str(d / "prefix.json")], ["prefix.json"],
+                           "n samples:", 240, None),
     "rate_sweep": (lambda d: ["--out", str(d / "rate_sweep")], ["rate_sweep/rate_sweep.json"],
                    "max throughput (req/s", 180, "data"),
     "ring_prefill_bench": (lambda d: ["--json", str(d / "ring.json")], ["ring.json"],

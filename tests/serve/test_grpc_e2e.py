@@ -204,3 +204,32 @@ def test_client_generated_from_proto_alone(server, tmp_path):
     assert res.returncode == 0, res.stderr
     text, reason, n = res.stdout.rsplit(" ", 2)
     assert "Paris" in text and reason == "length" and n.strip() == "4"
+
+
+def test_n_samples_and_cached_prompt_tokens(client, loaded_default, long_text):
+    """Over gRPC: n completions arrive with their index, seeded ones equal separate requests
+    with the derived seeds; a second request on the same long prefix (sharded over both
+    instances) reports its cached prompt tokens and gives the cold run's tokens."""
+    from loong import LLM, SamplingParams
+    from loong.sampling_params import derive_seed
+    tok = loaded_default.tokenizer
+    r = client.generate(prompt_token_ids=tok.encode("Rivers of Europe include"), n=3,
+                        max_tokens=6, temperature=0.9, seed=11, ignore_eos=True)
+    assert [c.index for c in r.completions] == [0, 1, 2]
+    for c in r.completions:
+        alone = client.generate(prompt_token_ids=tok.encode("Rivers of Europe include"),
+                                max_tokens=6, temperature=0.9, seed=derive_seed(11, c.index),
+                                ignore_eos=True)
+        assert c.token_ids == alone.token_ids and c.completion_tokens == 6
+
+    doc = tok.encode(long_text)[:1040]           # over one instance's 1,024 KV tokens
+    questions = [tok.encode(q, add_special_tokens=False) for q in (" Who?", " Where?")]
+    cold = LLM(loaded=loaded_default, dtype="float32", device="cpu",
+               enable_prefix_caching=False).generate(
+        [doc + q for q in questions], SamplingParams(max_tokens=5, temperature=0.0))
+    hot = [client.generate(prompt_token_ids=doc + q, max_tokens=5, temperature=0.0)
+           for q in questions]
+    assert [h.token_ids for h in hot] == [c.token_ids for c in cold]
+    assert hot[1].cached_prompt_tokens >= len(doc) // 16 * 16 - 16
+    assert int(client.stats()["prefix_cache"]["hit_tokens"]) >= hot[1].cached_prompt_tokens
+    wait_until(lambda: settled(client), what="requests to settle")

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 class CacheFields:
     salt: str = ""                                     # tenant salt of the chain hashes
     hashes: list[int] = field(default_factory=list)   # full blocks of `tokens`, in order
-    cached: dict[int, list[int]] = field(default_factory=dict)   # inst -> leading cached blocks
+    # inst -> its shard's leading full blocks, in order: the hash of each it shares or
+    # named cached; None for one cached there already by another (it stays private).
+    cached: dict[int, list[int | None]] = field(default_factory=dict)
     seg: dict[int, int] = field(default_factory=dict)     # inst -> position of shard slot 0
     contig: dict[int, int] = field(default_factory=dict)  # inst -> tokens contiguous from it
     cached_tokens: int = 0                             # prompt tokens served from the cache

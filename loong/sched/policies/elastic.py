@@ -89,7 +89,10 @@ class ElasticPolicy(ESPPolicyBase):
         if hold_decodes:
             st.stats["waits_for_decode_step"] += 1
         if not maintenance_only and free:
-            st.admit_cached(busy)      # prompts with a cached prefix: an extend each
+            # Prompts with a cached prefix: an extend each (some wait for their holders).
+            g = len(free)
+            busy = busy | st.admit_cached(busy, lambda r, hit: self._sharing_pays(r, hit, g))
+            free = [i for i in free if i not in busy]
             held = set(busy)
             ready = self.decoder.ready(held)          # running order
             by_seq = sorted(ready, key=BY_SEQ)
@@ -109,6 +112,12 @@ class ElasticPolicy(ESPPolicyBase):
                 ps = st.stats["prefill_groups_per_step"]
                 ps[k] = ps.get(k, 0) + 1
         return st.emit(prefills, decodes, preempted)
+
+    def _sharing_pays(self, r: ESPRequest, hit: int, g: int) -> bool:
+        """Computing r's prompt past its `hit` cached tokens as one extend on one instance
+        is predicted no slower than a ring prefill of all of it on the g free instances."""
+        n = len(r.tokens)
+        return self.cost.extend_ms([(hit, n - hit)]) <= self.cost.prefill_ms(max(1, g), [n])
 
     def _pause_for(self, prefills: list[PrefillGroupPlan], held: set[int],
                    by_seq: list[ESPRequest]) -> list[ESPRequest]:
@@ -203,10 +212,12 @@ class ElasticPolicy(ESPPolicyBase):
         bs = self.cfg.block_size
         result = None
         chosen = list(chosen)
+        # Equally free instances: the one with fewest cached blocks first (keeps the cache).
+        by_cache = sorted(insts, key=lambda i: (st.evictable(i), i))
         while chosen:
             exact = len(chosen) * len(insts) <= self.ecfg.dp_exact_cells
             result = dp_batching([len(r.tokens) for r in chosen],
-                                 [(i, st.free(i) * bs) for i in insts],
+                                 [(i, st.free(i) * bs) for i in by_cache],
                                  self.cost.prefill_ms_sums, exact=exact, coeffs=self._coeffs)
             if result is not None:
                 break

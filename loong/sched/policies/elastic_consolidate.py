@@ -56,9 +56,12 @@ class ConsolidationPlanner:
 
     def kv_map(self, ready: list[ESPRequest]):
         """One walk over the running requests: instance -> requests with KV there, the
-        instances holding KV of a request not in `ready`, and the context tokens of the
-        `ready` ones per instance."""
-        ready_ids = {id(r) for r in ready}
+        instances holding KV of a request not in `ready` (or attached this schedule), and
+        the context tokens of the `ready` ones per instance."""
+        # A request attached to cached blocks since the last plan stays put: its attach
+        # runs after the plan's evictions, so a move would leave them evictable first.
+        attaching = self.state.cache.attaching()
+        ready_ids = {id(r) for r in ready if r.rid not in attaching}
         on: dict[int, list[ESPRequest]] = defaultdict(list)
         blocked: set[int] = set()
         ctx = [0] * self.state.cfg.num_instances

@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from loong.sched.cluster_plan import (ClusterStepPlan, ClusterStepResult, KeepRange,
                                       MigrationPlan, PrefillGroupPlan, PrefillItem,
@@ -25,6 +25,10 @@ from loong.sched.cluster_plan import (ClusterStepPlan, ClusterStepResult, KeepRa
 from loong.sched.policies.kv_cache import CacheKeeper, note_range
 from loong.sched.policies.placement import BlockMirror, ESPRequest, blocks
 from loong.sched.queues import QueueDiscipline
+
+
+# Schedules a prompt whose cached prefix lies on busy instances may wait for them.
+MAX_CACHE_DEFERRALS = 64
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class ESPState:
         self.releases: list[str] = []         # KV to drop with the next plan
         self.migrations: list[MigrationPlan] = []
         self.queue = QueueDiscipline()        # the waiting queue's order
+        self.deferred: list[ESPRequest] = []   # waiting out this schedule (admit_cached)
         self.cache = CacheKeeper(cfg.num_instances, cfg.block_size, self.used,
                                  cfg.blocks_per_instance, cfg.prefix_caching,
                                  cfg.cache_namespace)
@@ -69,6 +74,10 @@ class ESPState:
 
     def free(self, inst: int) -> int:
         return self.cfg.blocks_per_instance - self.used[inst]
+
+    def evictable(self, inst: int) -> int:
+        """Of `free(inst)`, the cached blocks no request uses (evicted when needed)."""
+        return self.cache.index.evictable(inst)
 
     def enqueue(self, r: ESPRequest, preempted: bool) -> None:
         """Insert r into the waiting queue at its discipline's place (stable)."""
@@ -113,30 +122,56 @@ class ESPState:
         self.cache.note_miss(r)
         return PrefillItem(r.rid, tuple(r.tokens), tuple(keep))
 
-    def admit_cached(self, busy) -> None:
+    def admit_cached(self, busy, worth: Callable[[ESPRequest, int], bool] | None = None
+                     ) -> frozenset[int]:
         """Waiting requests whose prompt starts with cached blocks on instances not busy
         start running at once, sharing them (attached, not copied); their next decode item
-        computes the rest of the prompt (an extend) on a master with room for it."""
+        computes the rest of the prompt (an extend) on a master with room for it. Only
+        where sharing is `worth` it (r, cached tokens): by default when the cached prefix is
+        at least half the prompt (a policy with a cost model compares times); otherwise a
+        plain prefill computes it all. One worth sharing whose prefix, at least half its
+        prompt, lies on a busy instance sits this schedule out (`deferred`: no plain prefill takes it), for up to
+        MAX_CACHE_DEFERRALS schedules, rather than computing it all again. Returns the
+        instances to leave idle this schedule: the free holders of the first one deferred,
+        so that all its holders are free together once the busy ones finish (groups on
+        them would otherwise keep alternating with groups on the others)."""
+        hold: frozenset[int] = frozenset()
         if not (self.cache.enabled and self.waiting):
-            return
+            return hold
         bs = self.cfg.block_size
+        worth = worth or (lambda r, hit: 2 * hit >= len(r.tokens))
         for r in list(self.waiting):
             if len(self.running) >= self.cfg.max_num_seqs:
-                return
+                return hold
             runs = self.cache.lookup(r)
+            if runs and busy.intersection(inst for inst, _ in runs):
+                hit = sum(len(hs) for _, hs in runs) * bs
+                if (r.deferrals < MAX_CACHE_DEFERRALS and 2 * hit >= len(r.tokens)
+                        and worth(r, hit)):
+                    r.deferrals += 1
+                    self.waiting.remove(r)
+                    self.deferred.append(r)
+                    if not hold:
+                        hold = frozenset(i for i, _ in runs if i not in busy)
+                    continue
             while runs and busy.intersection(inst for inst, _ in runs):
                 runs.pop()                      # use the prefix up to a busy holder
             if not runs:
                 continue
-            rest = len(r.tokens) - sum(len(hs) for _, hs in runs) * bs
-            if not any(self.free(i) * bs >= rest for i in range(self.cfg.num_instances)
-                       if i not in busy):
+            hit = sum(len(hs) for _, hs in runs) * bs
+            if not worth(r, hit):
+                continue
+            rest = len(r.tokens) - hit
+            taken = self.cache.newly_used(runs)
+            if not any((self.free(i) - taken.get(i, 0)) * bs >= rest
+                       for i in range(self.cfg.num_instances) if i not in busy):
                 continue                        # no master has room: a plain prefill
             self.waiting.remove(r)
             self.cache.attach(r, runs)
             r.pending = rest
             r.master = runs[-1][0]
             self.running[r.rid] = r
+        return hold
 
     def prefill_group(self, members, items: list[PrefillItem]) -> PrefillGroupPlan | None:
         """The prefill group of these items over `members` (counted), or None if empty."""
@@ -150,9 +185,9 @@ class ESPState:
     def preempt(self, r: ESPRequest) -> None:
         """Recompute r later: drop its KV (released with the next plan), queue it again."""
         del self.running[r.rid]
-        self.cache.drop(r)
+        if not self.cache.drop(r):
+            self.releases.append(r.rid)
         r.pending = 1
-        self.releases.append(r.rid)
         self.migrations = [m for m in self.migrations if m.request_id != r.rid]
         r.master = None
         self.enqueue(r, preempted=True)
@@ -161,6 +196,10 @@ class ESPState:
     def emit(self, prefills, decodes, preempted: list[str]) -> ClusterStepPlan:
         """The step's plan: pending releases and migrations plus these groups (executors
         check it); the groups' requests are in flight until their results come back."""
+        for r in self.deferred:                 # back in line, where they were
+            i = bisect.bisect_right(self.waiting, r.qkey, key=lambda q: q.qkey)
+            self.waiting.insert(i, r)
+        self.deferred.clear()
         inserts, evictions, attaches = self.cache.take_ops()
         plan = ClusterStepPlan(self.step, releases=tuple(self.releases),
                                migrations=tuple(self.migrations), prefills=tuple(prefills),
@@ -225,8 +264,8 @@ class ESPPolicyBase:
         st.in_flight.discard(rid)
         if r is not None:
             st.queue.predictor.observe(r.prompt_len, len(r.tokens) - r.prompt_len)
-            st.cache.drop(r)
-            st.releases.append(rid)
+            if not st.cache.drop(r):
+                st.releases.append(rid)
         st.migrations = [m for m in st.migrations if m.request_id != rid]
 
     def request_migration(self, rid: str, src: int, dst: int, num_tokens: int) -> None:

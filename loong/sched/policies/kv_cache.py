@@ -7,7 +7,8 @@ sharing (a cached block is counted in `used` while some running request uses it,
 evictable, not counted, when none does), prefix lookups, attaches, inserts of newly full
 blocks after a step, and evictions when memory is needed, all collected for the next plan.
 Rules the instances rely on (`kv.shards`): an attach starts an empty shard; an insert names
-full blocks right after the ones already cached; every operation rides on a plan.
+full blocks of a shard none of which is cached there already; every operation rides on a
+plan.
 Pure Python: imports `cluster_plan`, `placement` and `prefix_cache`; never torch.
 """
 from __future__ import annotations
@@ -111,15 +112,34 @@ class CacheKeeper:
         st["queried_tokens"] += len(r.tokens)
         return pos
 
+    def attaching(self) -> set[str]:
+        """Requests attached to cached blocks since the last plan."""
+        return {a.request_id for a in self.attaches}
+
+    def newly_used(self, runs: list[tuple[int, list[int]]]) -> dict[int, int]:
+        """Per instance, the blocks attaching `runs` would take from the evictable (cached
+        blocks no request uses yet count as free until then)."""
+        out: dict[int, int] = {}
+        for inst, hs in runs:
+            bl = self.index.blocks[inst]
+            out[inst] = sum(1 for h in hs if bl[h].refs == 0)
+        return out
+
     def note_miss(self, r) -> None:
         self.index.stats["queried_tokens"] += len(r.tokens)
 
-    def drop(self, r) -> None:
+    def drop(self, r) -> bool:
         """r's KV goes (finished, aborted or preempted): private blocks free, references of
-        cached ones dropped (an unused cached block becomes evictable, not counted)."""
+        cached ones dropped (an unused cached block becomes evictable, not counted).
+        Returns whether the instances hold nothing of r to release: r was attached since
+        the last plan (that attach is withdrawn; plans release before they attach, so it
+        would outlive a release)."""
         bs = self.bs
+        unsent = any(a.request_id == r.rid for a in self.attaches)
+        if unsent:
+            self.attaches = [a for a in self.attaches if a.request_id != r.rid]
         for inst, t in r.placement.items():
-            mine = r.cached.get(inst, ())
+            mine = [h for h in r.cached.get(inst, ()) if h is not None]
             self.used[inst] -= blocks(t, bs) - len(mine)
             for h in mine:
                 self.index.unref(inst, h)
@@ -127,6 +147,7 @@ class CacheKeeper:
                     self.used[inst] -= 1
         r.placement = {}
         r.cached, r.seg, r.contig = {}, {}, {}
+        return unsent
 
     def cut(self, r, inst: int, keep: int) -> int:
         """r's shard on inst is cut to its first `keep` tokens (a migration moves the rest):
@@ -139,6 +160,8 @@ class CacheKeeper:
             return 0
         fix = 0
         for h in mine[first_gone:]:
+            if h is None:
+                continue                      # private: freed, as counted
             fix += 1                          # not freed: still cached
             self.index.unref(inst, h)
             if self.index.blocks[inst][h].refs == 0:
@@ -162,15 +185,19 @@ class CacheKeeper:
             if full <= first:
                 continue
             hs = self.hashes(r, seg // bs + full)[seg // bs + first:seg // bs + full]
-            named = []
-            for h in hs:
+            run_start, run = first, []
+            for j, h in enumerate(hs, start=first):
                 if self.index.holds(inst, h):
-                    break              # cached here by another request: stays private
+                    mine.append(None)  # cached here by another request: stays private
+                    if run:
+                        self.inserts.append(CacheInsert(r.rid, inst, run_start, tuple(run)))
+                    run_start, run = j + 1, []
+                    continue
                 self.index.insert(inst, h)
-                named.append(h)
-            if named:
-                mine.extend(named)
-                self.inserts.append(CacheInsert(r.rid, inst, first, tuple(named)))
+                mine.append(h)
+                run.append(h)
+            if run:
+                self.inserts.append(CacheInsert(r.rid, inst, run_start, tuple(run)))
 
     # ----- the next plan ---------------------------------------------------------------
     def true_free(self, inst: int) -> int:

@@ -39,6 +39,7 @@ class ESPRequest(CacheFields):
     # Tokens its next decode item computes: 1, or the uncached rest of a prompt whose
     # prefix came from the cache (an extend).
     pending: int = 1
+    deferrals: int = 0              # schedules it waited for the holders of its prefix
 
 
 @dataclass(eq=False)                    # identity: queues hold each request once

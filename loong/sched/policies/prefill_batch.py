@@ -24,11 +24,11 @@ class PrefillBatch:
 
 def sorted_problem(lengths: Sequence[int], free_tokens: Sequence[tuple[int, int]]):
     """Both searches' view: request order by length (longest first, then index), the
-    sorted lengths, and instances by free tokens (most first, then id)."""
+    sorted lengths, and instances by free tokens (most first, then in the order given)."""
     if any(n <= 0 for n in lengths):
         raise ValueError("lengths must be positive")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return order, [lengths[i] for i in order], sorted(free_tokens, key=lambda x: (-x[1], x[0]))
+    return order, [lengths[i] for i in order], sorted(free_tokens, key=lambda x: -x[1])
 
 
 def batching_objective(lengths: Sequence[int], batches: Sequence[PrefillBatch], cost: CostFn) -> float:

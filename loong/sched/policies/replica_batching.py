@@ -102,15 +102,22 @@ class ReplicaPolicy:
         self._seq += 1
         self.reqs[rid] = r
         takers = [i for i, role in enumerate(self.roles) if role != "decode"]
-        runs = self.cache.lookup(r) if self.cache.enabled else []
-        holder = next((i for i in takers if runs and runs[0][0] in self.replicas[i]), None)
-        if holder is not None:
-            target = holder                 # where its prefix is cached
-        elif self.cfg.dispatch == "round-robin":
+        if self.cfg.dispatch == "round-robin":
             target = takers[r.seq % len(takers)]
         else:
-            target = self._least_loaded(r, "prefill")
+            target = self._least_loaded(r, "prefill", self._cached_blocks(r, takers))
         self._enqueue(r, target, preempted=False)
+
+    def _cached_blocks(self, r: ReplicaRequest, takers: list[int]) -> dict[int, int]:
+        """Per replica, the blocks of r's prompt it holds cached (replicas of one instance)."""
+        if not self.cache.enabled:
+            return {}
+        out = {}
+        for i in takers:
+            runs = self.cache.lookup(r, allowed=set(self.replicas[i]))
+            if runs:
+                out[i] = sum(len(hs) for _, hs in runs)
+        return out
 
     def finish(self, rid: str) -> None:
         r = self.reqs.pop(rid, None)
@@ -120,19 +127,23 @@ class ReplicaPolicy:
         if self.running[r.replica].pop(rid, None) is None:
             self._dequeue(r)
         self.queue.predictor.observe(r.prompt_len, len(r.tokens) - r.prompt_len)
-        if r.placement:
-            self.cache.drop(r)
+        if r.placement and not self.cache.drop(r):
             self._releases.append(rid)
 
-    def _least_loaded(self, r: ReplicaRequest, want: str) -> int:
+    def _least_loaded(self, r: ReplicaRequest, want: str,
+                      cached: dict[int, int] | None = None) -> int:
         """The replica with the least KV in use plus queued prompt blocks, among those of
-        role `want` ("prefill": replicas that take new requests; "decode")."""
+        role `want` ("prefill": replicas that take new requests; "decode"). `cached`
+        (replica -> blocks of r's prompt cached there) takes those blocks off the load a
+        replica would have with r: its prefix cache draws r only while it saves more than
+        the replica's extra load (requests sharing a short prefix still spread out)."""
         ok = [i for i, role in enumerate(self.roles)
               if role == "mixed" or role == want]
+        cached = cached or {}
 
         def load(i: int) -> tuple[float, int]:
-            return ((sum(self.used[m] for m in self.replicas[i]) + self._queued_blocks[i])
-                    / len(self.replicas[i]), i)
+            return ((sum(self.used[m] for m in self.replicas[i]) + self._queued_blocks[i]
+                     - cached.get(i, 0)) / len(self.replicas[i]), i)
         return min(ok, key=load)
 
     def _enqueue(self, r: ReplicaRequest, replica: int, preempted: bool) -> None:
@@ -376,8 +387,8 @@ class ReplicaPolicy:
     def _preempt(self, r: ReplicaRequest, preempted: list[str]) -> None:
         """Recompute later: drop r's KV, queue it again (PD: on a prefill replica)."""
         self.running[r.replica].pop(r.rid)
-        self.cache.drop(r)
-        self._releases.append(r.rid)
+        if not self.cache.drop(r):
+            self._releases.append(r.rid)
         self._migrations = [m for m in self._migrations if m.request_id != r.rid]
         r.computed = 0
         target = r.replica if self.roles[r.replica] != "decode" else self._least_loaded(r, "prefill")

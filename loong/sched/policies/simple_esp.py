@@ -45,7 +45,9 @@ class SimpleESPPolicy(ESPPolicyBase):
         n = self.cfg.num_instances
         free = [i for i in range(n) if i not in busy]
         if not maintenance_only and free:
-            st.admit_cached(busy)      # prompts with a cached prefix: an extend each
+            # Prompts with a cached prefix: an extend each (some wait for their holders).
+            busy = busy | st.admit_cached(busy)
+            free = [i for i in free if i not in busy]
             held = {i for r in st.running.values() for i in r.placement}
             idle = [i for i in free if i not in held]
             if st.waiting and (not st.running or (not self._last_prefill and (
