@@ -107,6 +107,11 @@ class LLMEngine:
         """Raise InvalidRequestError if the request could never fit the instances' KV."""
         self._check_lengths(len(ids), params.max_tokens)
 
+    def max_new_tokens(self, n: int) -> int:
+        """The most tokens a prompt of n tokens may generate: what the context length and
+        the instances' KV leave (0 if the prompt alone does not fit)."""
+        return max(0, min(self.max_model_len - n, self.policy.max_request_tokens() - n + 1))
+
     def _check_lengths(self, n: int, max_tokens: int) -> None:
         max_prompt, max_total = self.policy.max_prompt_tokens(), self.policy.max_request_tokens()
         if n > max_prompt:

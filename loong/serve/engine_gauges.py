@@ -34,8 +34,32 @@ def snapshot(engine) -> EngineSnapshot:
             sizes[k] = sizes.get(k, 0) + v
     # Stats keys differ by policy (the replica policies have no group sizes or migrations,
     # only PD transfers): missing ones count 0.
+    groups = groups_of(engine.last_plan) if engine.has_unfinished() else []
     return EngineSnapshot(pol.num_running, pol.num_waiting,
                           sum(st.get("preemptions", 0) for st in history), gauges, sizes,
                           sum(st.get("migrations", 0) for st in history), engine.stats["steps"],
                           {k: cache[k] for k in ("hit_tokens", "queried_tokens", "hit_rate",
-                                                 "inserted", "evicted")})
+                                                 "inserted", "evicted")}, groups)
+
+
+def groups_of(plan) -> list[dict]:
+    """The groups of a step plan as plain dicts, for the console: prefill groups (ring
+    attention over `instances`, the requests and their prompt tokens), decode groups
+    (`masters` among `instances`, how many requests) and replica batches."""
+    if plan is None:
+        return []
+    out: list[dict] = []
+    for g in plan.prefills:
+        out.append({"kind": "prefill", "instances": list(g.members),
+                    "requests": [{"id": it.request_id, "tokens": len(it.token_ids)}
+                                 for it in g.items]})
+    for g in plan.decodes:
+        out.append({"kind": "decode", "instances": list(g.members),
+                    "masters": sorted({it.master for it in g.items}),
+                    "requests": len(g.items),
+                    "extends": sum(1 for it in g.items if it.extend)})
+    for g in plan.batches:
+        out.append({"kind": "batch", "instances": list(g.members),
+                    "requests": [{"id": it.request_id, "tokens": len(it.token_ids)}
+                                 for it in g.items]})
+    return out

@@ -20,6 +20,7 @@ stops admitting; a request whose own execution failed ends with finish_reason "e
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import math
 import queue
@@ -80,6 +81,9 @@ class Submission:
     params: SamplingParams | None = None
     request_id: str = ""
     timeout_s: float = 0.0
+    # params.max_tokens becomes as many as the context and the KV leave after the prompt
+    # (params.max_tokens is then a lower bound): OpenAI's chat default.
+    max_tokens_auto: bool = False
 
 
 class Ticket:
@@ -308,6 +312,10 @@ class EngineLoop:
         if rid in self._streams:
             raise Rejected("duplicate", f"request_id: {rid!r} is already in flight", "request_id")
         ids = prep.ids
+        if sub.max_tokens_auto:
+            room = max(prep.params.max_tokens, engine.max_new_tokens(len(ids)))
+            prep = dataclasses.replace(prep, params=dataclasses.replace(prep.params,
+                                                                        max_tokens=room))
         try:
             engine.check_fits(ids, prep.params)     # never fits: invalid, not "queue full"
         except InvalidRequestError as e:
@@ -374,6 +382,7 @@ class EngineLoop:
         d = Delta(rid, out.token_ids[nt:], out.text[nc:], (out.logprobs or [])[nl:],
                   index=out.index)
         s.sent[out.index] = (len(out.token_ids), len(out.text), len(out.logprobs or []))
+        self.stats.stream_tokens(len(d.token_ids))
         if finish_reason is not None:
             s.ended.add(out.index)
             s.completion_tokens += len(out.token_ids)

@@ -14,6 +14,13 @@ from typing import Callable
 from loong.serve.server_stats import ServerStats
 
 
+def health_body(stats: ServerStats, instances: int, ok: bool) -> dict:
+    """The /health body (here and on the HTTP API's port)."""
+    alive = sum(1 for g in stats.as_dict()["instances"] if g["alive"])
+    return {"status": "SERVING" if ok else "NOT_SERVING", "instances": instances,
+            "instances_alive": alive, "degraded": alive < instances}
+
+
 def start_metrics_server(stats: ServerStats, host: str, port: int,
                          healthy: Callable[[], bool], instances: int = 1) -> ThreadingHTTPServer:
     """Serve until `.shutdown()`; `.server_address[1]` is the bound port (port 0 = any)."""
@@ -25,9 +32,7 @@ def start_metrics_server(stats: ServerStats, host: str, port: int,
                 self._reply(200, stats.prometheus_text(), "text/plain; version=0.0.4")
             elif path == "/health":
                 ok = healthy()
-                alive = sum(1 for g in stats.as_dict()["instances"] if g["alive"])
-                body = {"status": "SERVING" if ok else "NOT_SERVING", "instances": instances,
-                        "instances_alive": alive, "degraded": alive < instances}
+                body = health_body(stats, instances, ok)
                 self._reply(200 if ok else 503, json.dumps(body) + "\n", "application/json")
             else:
                 self._reply(404, "try /metrics or /health\n")

@@ -1,8 +1,10 @@
-"""`loong serve`: the manager process (public gRPC API) and its local instance processes.
+"""`loong serve`: the manager process (public gRPC and OpenAI-compatible HTTP APIs) and its
+local instance processes.
 
 Owns: the command's options, building the engine for the chosen policy (one in-process
-instance, or N instance processes running the ESP data plane), starting the gRPC server
-(and the optional Prometheus endpoint), the ready line, and shutdown: SIGTERM or SIGINT
+instance, or N instance processes running the ESP data plane), starting the gRPC server,
+the HTTP server (OpenAI API and live console, on by default) and the optional Prometheus
+endpoint, the ready line, and shutdown: SIGTERM or SIGINT
 stops admission (health NOT_SERVING, new requests UNAVAILABLE), lets requests in flight
 finish for up to --drain-timeout-s, aborts the rest, stops the instance processes and
 exits 0 with no child left.
@@ -26,6 +28,12 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the gRPC API with a local cluster of instances")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="port of the OpenAI-compatible HTTP API and the live console at / "
+                        "(same host, API key and TLS as gRPC; 0 = off)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name the HTTP API answers to (default: the model file's "
+                        "or directory's name; SmolLM2-135M-Instruct for the embedded model)")
     p.add_argument("--policy", default="elastic", choices=POLICY_NAMES,
                    help="cluster policy (the registry's, as `loong sim` runs them): elastic "
                         "(ESP, default), static-sp (every prefill on all instances, no "
@@ -110,6 +118,16 @@ def model_info(engine, config: EngineConfig) -> dict:
             "version": __version__}
 
 
+def served_model_name(args) -> str:
+    import os
+    if args.served_model_name:
+        return args.served_model_name
+    if not args.model:
+        return "SmolLM2-135M-Instruct"
+    base = os.path.basename(os.path.normpath(args.model))
+    return base[:-5] if base.endswith(".gguf") else base
+
+
 def cmd_serve(args) -> int:
     import os
 
@@ -119,6 +137,8 @@ def cmd_serve(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"{name}: must be a positive int, got {v}")
+    if not 0 <= args.http_port < 65536:
+        raise ValueError(f"http_port: must be in [0, 65535] (0 = off), got {args.http_port}")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("tls_cert: give both --tls-cert and --tls-key")
     tls = None
@@ -152,19 +172,28 @@ async def _serve(args, cfg: EngineConfig, api_key, tls) -> int:
 
     loop = EngineLoop(engine, stats, max_queued_requests=args.max_queued_requests,
                       max_queued_tokens=args.max_queued_tokens, on_failure=on_failure).start()
-    server, health, port = build_server(loop, model_info(engine, cfg),
-                                        f"{args.host}:{args.port}", api_key=api_key, tls=tls)
-    metrics = None
+    info = model_info(engine, cfg)
+    server, health, port = build_server(loop, info, f"{args.host}:{args.port}",
+                                        api_key=api_key, tls=tls)
+    metrics = http = None
     try:
         await server.start()
         await set_health(health, True)
+        if args.http_port:
+            http = await _start_http(args, loop, info, engine, api_key,
+                                     lambda: healthy["ok"] and not loop.draining)
         if args.metrics_port is not None:
             metrics = start_metrics_server(stats, args.host, args.metrics_port,
                                            lambda: healthy["ok"] and not loop.draining,
                                            instances=cfg.instances)
         for sig in (signal.SIGTERM, signal.SIGINT):
             aio_loop.add_signal_handler(sig, stop.set)
-        extra = f", metrics on http://{args.host}:{metrics.server_address[1]}/metrics" if metrics else ""
+        extra = ""
+        if http is not None:
+            scheme = "https" if tls else "http"
+            extra += f", OpenAI API and console on {scheme}://{args.host}:{http.port}"
+        if metrics:
+            extra += f", metrics on http://{args.host}:{metrics.server_address[1]}/metrics"
         # The ready line: scripts and tests wait for it.
         print(f"loong: serving on {args.host}:{port} ({cfg.instances} instance(s), "
               f"{engine.policy_name} policy{', TLS' if tls else ''}{', API key' if api_key else ''}"
@@ -175,11 +204,27 @@ async def _serve(args, cfg: EngineConfig, api_key, tls) -> int:
         await set_health(health, False)
         aborted = await asyncio.to_thread(loop.drain, args.drain_timeout_s)
         await server.stop(grace=2.0)
+        if http is not None:
+            await http.stop()
         log.info(f"stopped ({aborted} request(s) aborted at the drain timeout)")
     finally:
         loop.stop()
+        if http is not None:
+            await http.stop()
         if metrics is not None:
             metrics.shutdown()
         await asyncio.to_thread(engine.close)
     print("loong: server stopped", flush=True)
     return 0
+
+
+async def _start_http(args, loop, info: dict, engine, api_key, healthy):
+    """The OpenAI-compatible API and the console on --http-port (started and listening)."""
+    from loong.serve.console_state import console_state
+    from loong.serve.http_server import HttpContext, HttpServer, build_app
+    ctx = HttpContext(loop, info, [served_model_name(args)], engine.tokenizer, api_key,
+                      healthy, lambda: console_state(loop.stats, info, loop.num_preparing))
+    tls_files = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    http = HttpServer(build_app(ctx), args.host, args.http_port, tls_files)
+    await http.start()
+    return http

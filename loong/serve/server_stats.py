@@ -12,12 +12,14 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 # Bucket upper bounds in seconds (the last, implicit bucket is +Inf).
 TTFT_BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BOUNDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+RECENT = 1024          # latencies kept for percentiles (the most recent requests)
+RATE_WINDOW_S = 5.0    # tokens/s is measured over this window
 
 
 @dataclass
@@ -62,6 +64,9 @@ class EngineSnapshot:
     migrations: int = 0
     steps: int = 0
     prefix_cache: dict = field(default_factory=dict)   # hit/queried tokens, inserted, evicted
+    # The groups of the step just run: {"kind": "prefill" | "decode" | "batch",
+    # "instances": [...], ...} (see engine_gauges.groups_of).
+    groups: list[dict] = field(default_factory=list)
 
 
 class ServerStats:
@@ -77,6 +82,10 @@ class ServerStats:
         self.ttft = Histogram(TTFT_BOUNDS)
         self.tpot = Histogram(TPOT_BOUNDS)
         self.snapshot = EngineSnapshot()
+        self.streamed_tokens = 0    # tokens delivered to streams so far (live, unlike finished)
+        self._recent_ttft: deque[float] = deque(maxlen=RECENT)
+        self._recent_tpot: deque[float] = deque(maxlen=RECENT)
+        self._rate: deque[tuple[float, int]] = deque()     # (monotonic, streamed_tokens)
 
     def receive(self) -> None:
         with self._lock:
@@ -94,8 +103,10 @@ class ServerStats:
             self.completion_tokens += completion_tokens
             if ttft is not None:
                 self.ttft.observe(ttft)
+                self._recent_ttft.append(ttft)
             if tpot is not None:
                 self.tpot.observe(tpot)
+                self._recent_tpot.append(tpot)
             if abort_cause is not None:
                 self.aborts[abort_cause] += 1
 
@@ -106,9 +117,34 @@ class ServerStats:
             self.finished += 1
             self.aborts[cause] += 1
 
+    def stream_tokens(self, n: int) -> None:
+        with self._lock:
+            self.streamed_tokens += n
+
     def publish(self, snapshot: EngineSnapshot) -> None:
+        now = time.monotonic()
         with self._lock:
             self.snapshot = snapshot
+            self._rate.append((now, self.streamed_tokens))
+            while len(self._rate) > 2 and self._rate[1][0] < now - RATE_WINDOW_S:
+                self._rate.popleft()
+
+    def tokens_per_s(self) -> float:
+        """Tokens streamed per second over about the last RATE_WINDOW_S seconds."""
+        now = time.monotonic()
+        with self._lock:
+            if not self._rate:
+                return 0.0
+            t0, n0 = self._rate[0]
+            n = self.streamed_tokens
+        return (n - n0) / max(now - t0, 1e-3) if now - t0 > 0.05 else 0.0
+
+    def percentiles(self, qs=(50, 90, 99)) -> dict:
+        """TTFT and TPOT percentiles (seconds) of the most recent finished requests."""
+        with self._lock:
+            data = {"ttft_s": sorted(self._recent_ttft), "tpot_s": sorted(self._recent_tpot)}
+        return {k: {f"p{q}": (v[min(len(v) - 1, (len(v) * q) // 100)] if v else None)
+                    for q in qs} for k, v in data.items()}
 
     def as_dict(self) -> dict:
         """The proto `Stats` message as a dict (field names as in loong.proto)."""
@@ -125,6 +161,7 @@ class ServerStats:
                 "ttft_s": self.ttft.as_dict(), "tpot_s": self.tpot.as_dict(),
                 "uptime_s": time.monotonic() - self.started, "steps": s.steps,
                 "prefix_cache": dict(s.prefix_cache),
+                "groups": [dict(g) for g in s.groups],     # not in the proto (console only)
             }
 
     def prometheus_text(self) -> str:

@@ -10,28 +10,38 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 
 READY = re.compile(r"serving on (\S+:\d+)")
+HTTP = re.compile(r"OpenAI API and console on (https?://\S+:\d+)")
 
 
 class ServerProcess:
     def __init__(self, args: list[str], env: dict | None = None, timeout_s: float = 300.0,
                  cwd: str | None = None) -> None:
+        """`args` without --http-port: the HTTP API is off (`http_url` None); with it, the
+        URL it serves on (pick a free port with `free_port()`)."""
+        if "--http-port" not in args:
+            args = ["--http-port", "0", *args]
         cmd = [sys.executable, "-m", "loong.cli", "serve", "--port", "0", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, cwd=cwd, env={**os.environ, **(env or {})},
                                      start_new_session=True)
         self.lines: list[str] = []
         self.address: str | None = None
+        self.http_url: str | None = None
         ready = threading.Event()
 
         def pump() -> None:
             for line in self.proc.stdout:
                 self.lines.append(line)
                 m = READY.search(line)
+                h = HTTP.search(line)
+                if m and h and self.address is None:
+                    self.http_url = h.group(1)
                 if m and self.address is None:
                     self.address = m.group(1)
                     ready.set()
@@ -41,6 +51,13 @@ class ServerProcess:
         if not ready.wait(timeout_s) or self.address is None:
             self.kill()
             raise RuntimeError("loong serve did not become ready:\n" + "".join(self.lines[-40:]))
+
+    @staticmethod
+    def free_port() -> int:
+        """A TCP port free on loopback now (for --http-port)."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
 
     def output(self) -> str:
         return "".join(self.lines)

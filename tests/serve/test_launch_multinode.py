@@ -46,7 +46,8 @@ def test_multinode_script_on_one_cpu_machine(tiny_path):
                LOONG_DEVICE="cpu", LOONG_PORT=str(port), LOONG_CLUSTER_KEY=os.urandom(16).hex(),
                OMP_NUM_THREADS="1")
     manager, mlines = _start("manager", env, "--model", tiny_path, "--dtype", "float32",
-                             "--kv-capacity-tokens", "256", "--block-size", "4")
+                             "--kv-capacity-tokens", "256", "--block-size", "4",
+                             "--http-port", "0")
     instances, ilines = _start("instances", env)
     try:
         c = LoongClient(f"127.0.0.1:{port}")
