@@ -27,6 +27,8 @@ setup(
         # (request routing, SSE streaming, disconnect detection, TLS) instead of our own.
         "fastapi>=0.110",
         "uvicorn>=0.29",
+        # `loong bench --backend openai` streams from any OpenAI-compatible server.
+        "httpx>=0.27",
     ],
     extras_require={
         # grpcio-tools is pinned: the test that generated code is current compares its output.

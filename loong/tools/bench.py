@@ -1,4 +1,5 @@
-"""`loong bench`: a load generator for a running Loong gRPC server.
+"""`loong bench`: a load generator for a running Loong server (gRPC), or any
+OpenAI-compatible server (`--backend openai`: Loong's HTTP API, vLLM, SGLang).
 
 Owns: turning a workload (the simulator's named workloads, `random:IN:OUT`, or
 `leval-docs`, real L-Eval documents and questions sent as text) into concrete requests
@@ -25,9 +26,10 @@ Requests and arrivals:
 Per request it records the scheduled time, the actual send time (the record's arrival),
 the first streamed token (TTFT is measured from the send), the finish, the server's
 prompt/completion token counts and its queue time (first_scheduled = send + queue_s).
-Failed RPCs are counted by gRPC status code under "errors".
+Failed requests are counted by code under "errors" (the gRPC status name, or HTTP_<status>
+for the OpenAI backend). The transports are `bench_backends`'s.
 
-No torch: it needs grpcio, protobuf and numpy only.
+No torch: it needs grpcio, protobuf and numpy (httpx for the OpenAI backend).
 """
 from __future__ import annotations
 
@@ -41,8 +43,9 @@ import time
 from dataclasses import dataclass, field
 
 
+from loong.tools.bench_backends import BackendError, GrpcBackend, OpenAIBackend, StreamEvent
 from loong.tools.bench_requests import (CHARS_PER_TOKEN, MAX_RETRIES, BenchRequest, build_requests,
-                                  length_limits)
+                                        length_limits)
 from loong.sched.metrics import PAPER_SLOS, RequestRecord, summarize
 
 ENV_API_KEY = "LOONG_API_KEY"
@@ -98,9 +101,8 @@ class _Progress:
         print(("\r" if self.tty else "") + self.line(elapsed), file=self.stream, flush=True)
 
 
-async def _send_one(client, req: BenchRequest, t0: float, sem, progress: _Progress | None,
+async def _send_one(backend, req: BenchRequest, t0: float, sem, progress: _Progress | None,
                     timeout: float | None) -> BenchResult:
-    from loong.client import LoongClientError
     delay = t0 + req.arrival_s - time.perf_counter()
     if delay > 0:
         await asyncio.sleep(delay)
@@ -115,15 +117,15 @@ async def _send_one(client, req: BenchRequest, t0: float, sem, progress: _Progre
             else:
                 kw["prompt_token_ids"] = req.prompt_token_ids
             try:
-                async with client.generate_stream(timeout=timeout, **kw) as stream:
-                    async for msg in stream:
-                        _on_delta(res, msg, time.perf_counter() - t0)
-            except LoongClientError as e:
-                if (e.code == "INVALID_ARGUMENT" and "context length" in e.details
-                        and req.retries < MAX_RETRIES and req.shorten()):
+                async for ev in backend.stream(kw, timeout):
+                    _on_event(res, ev, time.perf_counter() - t0)
+            except BackendError as e:
+                if e.context_too_long and req.retries < MAX_RETRIES and req.shorten():
                     res.send_s = time.perf_counter() - t0
                     continue
                 res.error, res.error_details = e.code, e.details
+            except Exception as e:             # noqa: BLE001 - a broken connection, say
+                res.error, res.error_details = type(e).__name__, str(e)
             break
         res.finish_s = time.perf_counter() - t0
         res.retries = req.retries
@@ -135,20 +137,19 @@ async def _send_one(client, req: BenchRequest, t0: float, sem, progress: _Progre
     return res
 
 
-def _on_delta(res: BenchResult, msg, now: float) -> None:
-    if msg.token_ids:
+def _on_event(res: BenchResult, ev: StreamEvent, now: float) -> None:
+    if ev.new_tokens:
         if res.first_token_s is None:
             res.first_token_s = now
-        res.output_tokens += len(msg.token_ids)
-    if msg.finish_reason:
-        res.finish_reason = msg.finish_reason
-    if msg.HasField("usage"):
-        res.prompt_tokens = msg.usage.prompt_tokens or res.prompt_tokens
-        res.output_tokens = max(res.output_tokens, msg.usage.completion_tokens)
-    if msg.HasField("timing"):
-        t = msg.timing
-        res.server_timing = {"queue_s": t.queue_s, "ttft_s": t.ttft_s, "decode_s": t.decode_s,
-                             "e2e_s": t.e2e_s}
+        res.output_tokens += ev.new_tokens
+    if ev.finish_reason:
+        res.finish_reason = ev.finish_reason
+    if ev.prompt_tokens:
+        res.prompt_tokens = ev.prompt_tokens
+    if ev.completion_tokens is not None:
+        res.output_tokens = max(res.output_tokens, ev.completion_tokens)
+    if ev.timing:
+        res.server_timing = ev.timing
 
 
 class _null:
@@ -159,27 +160,37 @@ class _null:
         return None
 
 
-async def fetch_model_info(address: str, api_key: str | None = None,
-                           ready_timeout: float = 60.0) -> dict:
-    """Wait until the server is SERVING and return its GetModelInfo as a dict."""
-    from loong.client import AsyncLoongClient
-    async with AsyncLoongClient(address, api_key=api_key, timeout=30) as client:
-        await client.wait_ready(ready_timeout)
-        return await client.model_info()
+def make_backend(args_or_address, api_key: str | None = None):
+    """The bench's backend: from `loong bench` options (--backend, --address or
+    --base-url, --model), or a gRPC address string."""
+    if isinstance(args_or_address, str):
+        return GrpcBackend(args_or_address, api_key)
+    a = args_or_address
+    if a.backend == "openai":
+        return OpenAIBackend(a.base_url, a.model, api_key)
+    return GrpcBackend(a.address, api_key)
 
 
-async def run_requests(address: str, reqs: list[BenchRequest], *, api_key: str | None = None,
-                       concurrency: int | None = None, timeout: float | None = None,
+async def fetch_model_info(backend, ready_timeout: float = 60.0) -> dict:
+    """Wait until the server answers and return its model info (GetModelInfo's fields)."""
+    async with backend:
+        return await backend.info(ready_timeout)
+
+
+async def run_requests(backend, reqs: list[BenchRequest], *, concurrency: int | None = None,
+                       timeout: float | None = None,
                        progress: bool = True) -> tuple[list[BenchResult], float]:
-    """Send every request at its scheduled time; (results in request order, wall seconds)."""
-    from loong.client import AsyncLoongClient
+    """Send every request at its scheduled time; (results in request order, wall seconds).
+    `backend`: a GrpcBackend / OpenAIBackend (or a gRPC address)."""
+    if isinstance(backend, str):
+        backend = GrpcBackend(backend)
     prog = _Progress(len(reqs)) if progress else None
     sem = asyncio.Semaphore(concurrency) if concurrency else None
-    async with AsyncLoongClient(address, api_key=api_key) as client:
+    async with backend:
         t0 = time.perf_counter()
         ticker = asyncio.ensure_future(prog.run(t0)) if prog else None
         try:
-            results = await asyncio.gather(*(_send_one(client, r, t0, sem, prog, timeout)
+            results = await asyncio.gather(*(_send_one(backend, r, t0, sem, prog, timeout)
                                              for r in reqs))
         finally:
             if ticker is not None:
@@ -254,8 +265,9 @@ def format_summary(report: dict) -> str:
     m = report["metrics"]
     srv = report.get("server") or {}
     rate = f"at {report['rate']:g} req/s" if report["rate"] else "all at once"
-    lines = [f"bench: {report['workload']} {rate} against {srv.get('instances', '?')} "
-             f"instance(s) ({srv.get('policy', '?')}): {report['finished']}/"
+    target = (f"{srv.get('model')} at {srv.get('base_url')}" if srv.get("backend") == "openai"
+              else f"{srv.get('instances', '?')} instance(s) ({srv.get('policy', '?')})")
+    lines = [f"bench: {report['workload']} {rate} against {target}: {report['finished']}/"
              f"{report['requests']} finished in {report['wall_s']:.1f} s"
              + (f", errors {report['errors']}" if report["errors"] else "")]
     if m is None:
@@ -276,7 +288,15 @@ def format_summary(report: dict) -> str:
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
-    g.add_argument("--address", default="127.0.0.1:50051", help="server host:port")
+    g.add_argument("--backend", default="grpc", choices=["grpc", "openai"],
+                   help="grpc: Loong's gRPC API at --address; openai: any OpenAI-compatible "
+                        "server at --base-url (Loong's --http-port, vLLM, SGLang), streamed "
+                        "/v1/completions with vLLM's ignore_eos")
+    g.add_argument("--address", default="127.0.0.1:50051", help="gRPC server host:port")
+    g.add_argument("--base-url", default="http://127.0.0.1:8000/v1",
+                   help="--backend openai: the API's base URL")
+    g.add_argument("--model", default=None,
+                   help="--backend openai: the model name (default: the first /v1/models lists)")
     g.add_argument("--api-key", default=None, help=f"API key (default: ${ENV_API_KEY})")
     g.add_argument("--ready-timeout", type=float, default=60.0,
                    help="seconds to wait for the server to be SERVING")
@@ -340,7 +360,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     from loong.sim.workloads import default_data_dir
     _check_args(args)
     api_key = args.api_key if args.api_key is not None else os.environ.get(ENV_API_KEY)
-    info = asyncio.run(fetch_model_info(args.address, api_key, args.ready_timeout))
+    info = asyncio.run(fetch_model_info(make_backend(args, api_key), args.ready_timeout))
     limits = length_limits(info, args.max_input_len, args.max_output_len)
     reqs = build_requests(args.workload, args.requests, limits,
                           data_dir=args.data_dir or default_data_dir(), seed=args.seed,
@@ -350,7 +370,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     if not reqs:
         raise ValueError(f"workload: {args.workload!r} gave no requests")
     results, wall = asyncio.run(run_requests(
-        args.address, reqs, api_key=api_key, concurrency=args.concurrency,
+        make_backend(args, api_key), reqs, concurrency=args.concurrency,
         timeout=args.request_timeout or None, progress=not args.no_progress))
     config = {k: v for k, v in vars(args).items() if k not in ("api_key", "func")}
     config["limits"] = {"max_total": limits[0], "max_input_len": limits[1],

@@ -144,15 +144,28 @@ def test_bad_options():
 
 
 def test_end_to_end_against_one_instance(tmp_path):
+    """The same workload over gRPC and over the OpenAI-compatible API of one server."""
     from tests.serve.conftest import ServerProcess
-    srv = ServerProcess("--instances", "1")
+    srv = ServerProcess("--instances", "1", "--http-port", str(ServerProcess.free_port()))
     try:
         out = tmp_path / "bench.json"
-        rc = cmd_bench(parse_bench_args(["--address", srv.address, "--workload", "random:16:4",
-                                         "--requests", "6", "--rate", "0", "--no-progress",
+        common = ["--workload", "random:16:4", "--requests", "6", "--rate", "0",
+                  "--no-progress"]
+        rc = cmd_bench(parse_bench_args(["--address", srv.address, *common,
                                          "--json", str(out)]))
+        out_http = tmp_path / "bench_http.json"
+        rc_http = cmd_bench(parse_bench_args(["--backend", "openai", "--base-url",
+                                              srv.http_url + "/v1", *common,
+                                              "--json", str(out_http)]))
     finally:
         srv.kill()
+    assert rc_http == 0
+    rep = json.loads(out_http.read_text())
+    assert rep["finished"] == 6 and rep["errors"] == {}
+    assert rep["server"]["model"] == "SmolLM2-135M-Instruct"
+    assert [(r["input_len"], r["output_len"], r["finish_reason"]) for r in rep["records"]] \
+        == [(16, 4, "length")] * 6
+    assert all(r["arrival_s"] <= r["first_token_s"] <= r["finish_s"] for r in rep["records"])
     assert rc == 0 and os.path.exists(out)
     rep = json.loads(out.read_text())
     assert rep["requests"] == 6 and rep["finished"] == 6 and rep["errors"] == {}

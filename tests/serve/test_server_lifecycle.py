@@ -61,7 +61,8 @@ def test_api_key_and_tls(tmp_path):
         pytest.skip("openssl is not installed")
     cert, key = _self_signed(tmp_path)
     srv = ServerProcess("--instances", "1", "--kv-capacity-tokens", "2048", "--api-key", "s3cret",
-                        "--tls-cert", str(cert), "--tls-key", str(key))
+                        "--tls-cert", str(cert), "--tls-key", str(key),
+                        "--http-port", str(ServerProcess.free_port()))
     try:
         assert "TLS, API key" in srv.output()
         ca = cert.read_bytes()
@@ -85,6 +86,25 @@ def test_api_key_and_tls(tmp_path):
         with grpc.insecure_channel(srv.address) as ch:
             with pytest.raises(grpc.FutureTimeoutError):
                 grpc.channel_ready_future(ch).result(timeout=3)
+        # The HTTP API: the same certificate and key.
+        import ssl
+        import urllib.error
+        assert srv.http_url.startswith("https://127.0.0.1:")
+        tls_ctx = ssl.create_default_context(cafile=str(cert))
+
+        def get(path, key=None):
+            req = urllib.request.Request(srv.http_url + path,
+                                         headers={"Authorization": f"Bearer {key}"} if key else {})
+            try:
+                with urllib.request.urlopen(req, context=tls_ctx, timeout=30) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert get("/v1/models") == 401 and get("/v1/models", "wrong") == 401
+        assert get("/v1/models", "s3cret") == 200 and get("/health") == 200
+        with pytest.raises(urllib.error.URLError):     # plaintext HTTP is refused
+            urllib.request.urlopen(srv.http_url.replace("https", "http") + "/health", timeout=5)
     finally:
         srv.kill()
 
