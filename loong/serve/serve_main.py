@@ -34,13 +34,15 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None,
                    help="the model name the HTTP API answers to (default: the model file's "
                         "or directory's name; SmolLM2-135M-Instruct for the embedded model)")
-    p.add_argument("--policy", default="elastic", choices=POLICY_NAMES,
-                   help="cluster policy (the registry's, as `loong sim` runs them): elastic "
-                        "(ESP, default), static-sp (every prefill on all instances, no "
-                        "scale-down), simple, or the baselines over one-instance replicas: "
-                        "sarathi (one token budget per iteration), chunked-prefill "
-                        "(SplitFuse), vllm (whole prompts first) and pd-disagg (half the "
-                        "instances prefill, the rest decode; needs --instances >= 2)")
+    p.add_argument("--policy", default=None, choices=POLICY_NAMES,
+                   help="cluster policy (the registry's, as `loong sim` runs them). Default: "
+                        "elastic (ESP) on several instances, sarathi (continuous batching "
+                        "with chunked prefill, as LLM() runs) on one. Also: static-sp (every "
+                        "prefill on all instances, no scale-down), simple, and the baselines "
+                        "over one-instance replicas: sarathi (one token budget per "
+                        "iteration), chunked-prefill (SplitFuse), vllm (whole prompts first) "
+                        "and pd-disagg (half the instances prefill, the rest decode; needs "
+                        "--instances >= 2)")
     p.add_argument("--api-key", default=None,
                    help="require 'authorization: Bearer KEY' on every RPC (default: env "
                         "LOONG_API_KEY if set)")
@@ -96,9 +98,9 @@ def engine_config(args) -> EngineConfig:
     if args.policy == "pd-disagg" and n < 2:
         raise InvalidRequestError("policy", f"pd-disagg needs --instances >= 2 (a prefill "
                                   f"and a decode one), got {n}")
-    # The SimpleESP knobs select the simple policy unless one is named.
-    knobs = args.decode_masters or args.prefill_group_size
-    kw["policy"] = None if (args.policy == "elastic" and knobs) else args.policy
+    # No --policy: the engine's choice (the SimpleESP knobs select simple; else elastic on
+    # several instances, sarathi on one).
+    kw["policy"] = args.policy
     return EngineConfig(**kw)
 
 
@@ -158,7 +160,9 @@ async def _serve(args, cfg: EngineConfig, api_key, tls) -> int:
     from loong.serve.server_stats import ServerStats
 
     aio_loop = asyncio.get_running_loop()
-    log.info(f"starting {cfg.instances} instance(s) ({args.policy} policy, device {cfg.device})")
+    from loong.engine.policy_choice import policy_name
+    log.info(f"starting {cfg.instances} instance(s) ({policy_name(cfg)} policy, device "
+             f"{cfg.device})")
     engine = await asyncio.to_thread(LLMEngine, cfg)
     warm_s = await asyncio.to_thread(warm_up, engine)
     log.info(f"warmed up in {warm_s:.1f}s")

@@ -50,6 +50,10 @@ SCRIPTS = {
                             "a perfect LRU cache", 180, "data"),
     "offline_throughput": (lambda d: ["--json", str(d / "offline.json"), "--threads", "1"],
                            ["offline.json"], "end-to-end output tok/s", 300, None),
+    # vLLM (not a Loong dependency) only where /tmp/vllm-venv has it; else Loong alone.
+    "openai_vs_vllm": (lambda d: ["--json", str(d / "openai_vs_vllm.json")],
+                       ["openai_vs_vllm.json"], "| metric | Loong | vLLM | Loong/vLLM |", 300,
+                       None),
     "prefill_attention_bench": (lambda d: ["--out", str(d / "prefill.json")], ["prefill.json"],
                                 "kern GF/s", 120, "csrc"),
     "prefix_cache_bench": (lambda d: ["--json", str(d / "prefix.json")], ["prefix.json"],

@@ -27,7 +27,10 @@ def test_one_instance_policies():
 def test_esp_policies_unchanged():
     # static-sp is the registry's static-sp (LoongServe without ESP), as in the simulator.
     assert _config("--policy", "static-sp", "--instances", "2").policy == "static-sp"
-    assert _config("--instances", "2").policy == "elastic"
+    from loong.engine.policy_choice import policy_name
+    assert policy_name(_config("--instances", "2")) == "elastic"
+    assert policy_name(_config("--instances", "1")) == "sarathi"     # as LLM() on one
+    assert policy_name(_config("--instances", "1", "--policy", "elastic")) == "elastic"
     assert _config("--instances", "2", "--decode-masters", "1").policy is None
 
 
