@@ -174,3 +174,40 @@ def test_randomized_runs_with_shared_prefixes_keep_every_invariant(kind, seed):
         assert set(t.cached) == set(pol.state.cache.index.blocks[i])
         assert t.pool.num_free + len(t.cached) == blocks
     assert pol.used == [0] * n and not pol.running and not pol.waiting
+
+
+def test_a_migration_chain_through_a_full_instance_evicts_for_its_peak():
+    """Regression (found by the Mooncake sweep at 10 req/s): migrations run in plan order,
+    so a move into an instance that a later move of the same plan empties again needs the
+    room at that moment. Evicting only for the plan's end state left the instance short
+    (OutOfKVBlocksError on the instance, then a dead cluster)."""
+    from loong.kv.block_pool import BlockPool
+    from loong.kv.shards import ShardTable
+    from loong.sched.policies.esp_state import ESPState
+    from loong.sched.policies.placement import ESPRequest
+    from loong.sim.simulator import apply_plan_kv
+    bs, bpi = 4, 10
+    st = ESPState(ESPPolicyConfig(3, bpi, bs, max_prefill_tokens=10**9, prefix_caching=True))
+    tables = [ShardTable(BlockPool(bpi, bs)) for _ in range(3)]
+    # Instance 1: B holds 4 blocks; 6 blocks an earlier request left cached, unused.
+    tables[1].append("C", 24)
+    hashes = list(range(100, 106))
+    tables[1].cache_insert("C", 0, hashes)
+    tables[1].release("C")
+    for h in hashes:
+        st.cache.index.insert(1, h)
+        st.cache.index.unref(1, h)
+    for rid, inst, n in (("A", 0, 8), ("B", 1, 16)):
+        r = ESPRequest(rid, len(st.running), list(range(n)), prompt_len=n)
+        st.running[rid] = r
+        st.mirror.grow(r.placement, inst, n)
+        tables[inst].append(rid, n)
+    assert [t.pool.num_free for t in tables] == [st.cache.true_free(i) for i in range(3)] \
+        == [8, 0, 10]
+    st.migrate("A", 0, 1, 8)        # instance 1 at its peak: A and B both there
+    st.migrate("B", 1, 2, 16)       # then B leaves: the end state has room to spare
+    plan = st.emit([], [], [])
+    assert sum(1 for inst, _ in plan.evictions if inst == 1) == 2
+    apply_plan_kv(plan, tables)
+    assert [t.pool.num_free for t in tables] == [st.cache.true_free(i) for i in range(3)]
+    assert tables[1].tokens("A") == 8 and tables[2].tokens("B") == 16

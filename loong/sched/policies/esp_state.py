@@ -105,6 +105,7 @@ class ESPState:
         if src in r.contig:
             r.contig[src] = min(r.contig[src], have - num_tokens)
         self.mirror.grow(r.placement, dst, num_tokens)
+        self.cache.make_room(dst)
         note_range(r, dst, moved_from, num_tokens)
         self.migrations.append(MigrationPlan(rid, src, dst, num_tokens))
         self.stats["migrations"] += 1

@@ -39,6 +39,7 @@ class CacheKeeper:
         self.namespace = namespace
         self.inserts: list[CacheInsert] = []
         self.attaches: list[CacheAttach] = []
+        self.evictions: list[tuple[int, int]] = []    # made room for mid-plan (make_room)
         self.clearing = False          # evict every unreferenced block with the next plan
 
     def clear(self) -> None:
@@ -204,11 +205,21 @@ class CacheKeeper:
         """Blocks free on the instance itself (evictable cached ones are still held)."""
         return self.bpi - self.used[inst] - self.index.evictable(inst)
 
+    def make_room(self, inst: int) -> None:
+        """The mirror just grew on inst by a migration, which instances apply in plan order:
+        evict now what the instance lacks at this point of the plan (its peak), not only
+        what the plan's end state lacks (a migration into an instance that a later one
+        empties again would find too few free blocks)."""
+        over = -self.true_free(inst)
+        if over > 0:
+            self.evictions += [(inst, h) for h in self.index.evict(inst, over)]
+
     def take_ops(self) -> tuple[tuple, tuple, tuple]:
         """(inserts, evictions, attaches) for the next plan; evictions free what the
-        plan's allocations need (least recently used unreferenced blocks first), or every
-        unreferenced block after `clear()`."""
-        evictions = []
+        plan's allocations need (least recently used unreferenced blocks first: those
+        `make_room` took mid-plan, then what the end state lacks), or every unreferenced
+        block after `clear()`. Instances evict before any migration or allocation."""
+        evictions, self.evictions = self.evictions, []
         for inst in range(len(self.used)):
             over = self.index.evictable(inst) if self.clearing else -self.true_free(inst)
             if over > 0:

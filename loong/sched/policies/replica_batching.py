@@ -247,6 +247,7 @@ class ReplicaPolicy:
         self.used[src] += self.cache.cut(r, src, have - tokens)
         self.mirror.shrink(r.placement, src, tokens)
         self.mirror.grow(r.placement, dst, tokens)
+        self.cache.make_room(dst)
         if have == tokens and not r.placement.get(dst, 0) - tokens:   # a whole shard, alone
             r.seg[dst], r.contig[dst] = r.seg.pop(src, 0), r.contig.pop(src, have)
         self._migrations.append(MigrationPlan(r.rid, src, dst, tokens))
