@@ -1,4 +1,5 @@
-"""Helpers shared by the experiments: the CPU's bf16 matmul limit, RSS tracking, JSON output.
+"""Helpers shared by the experiments: the CPU's bf16 matmul limit, RSS tracking, JSON output,
+the load average, and reading one statistic out of a metrics summary.
 
 Must not import: loong (experiments that use these helpers decide what they load).
 """
@@ -131,3 +132,21 @@ def write_json(path: str, obj) -> None:
 def read_json(path: str):
     with open(path) as f:
         return json.load(f)
+
+
+def loadavg() -> float:
+    """The 1-minute load average (NaN where /proc is missing): how busy the host was."""
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except OSError:
+        return float("nan")
+
+
+def metric_value(m: dict, key: str, stat: str | None, scale: float) -> float | None:
+    """m[key][stat] * scale of a `summarize` dict (m[key] * scale when stat is None), or
+    None when absent."""
+    v = m.get(key)
+    if stat is not None:
+        v = None if v is None else v.get(stat)
+    return None if v is None else v * scale

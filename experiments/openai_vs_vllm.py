@@ -44,6 +44,7 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
 
+from bench_common import loadavg, metric_value  # noqa: E402
 from loong.tools.bench import parse_bench_args, run_bench  # noqa: E402
 from loong.tools.server_process import ServerProcess  # noqa: E402
 
@@ -120,14 +121,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -- machine state -----------------------------------------------------------------------
-
-def loadavg() -> float:
-    try:
-        with open("/proc/loadavg") as f:
-            return float(f.read().split()[0])
-    except OSError:
-        return float("nan")
-
 
 def matching_pids(pattern: str) -> list[int]:
     """Pids whose command line matches `pattern` (pgrep -f), this process excluded."""
@@ -312,11 +305,7 @@ def run_vllm(a: argparse.Namespace, hf_dir: str, log_path: str) -> dict:
 # -- table -------------------------------------------------------------------------------
 
 def metric(report: dict | None, key: str, stat: str | None, scale: float) -> float | None:
-    m = (report or {}).get("metrics") or {}
-    v = m.get(key)
-    if stat is not None:
-        v = None if v is None else v.get(stat)
-    return None if v is None else v * scale
+    return metric_value((report or {}).get("metrics") or {}, key, stat, scale)
 
 
 def build_table(loong: dict | None, vllm: dict | None) -> list[dict]:

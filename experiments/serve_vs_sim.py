@@ -33,6 +33,7 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
 
+from bench_common import loadavg, metric_value  # noqa: E402
 from loong.tools.bench import parse_bench_args, run_bench  # noqa: E402
 from loong.sched.cost_model import load_cost_model  # noqa: E402
 from loong.tools.server_process import ServerProcess  # noqa: E402
@@ -107,14 +108,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def loadavg() -> float:
-    try:
-        with open("/proc/loadavg") as f:
-            return float(f.read().split()[0])
-    except OSError:
-        return float("nan")
-
-
 def bench_argv(a: argparse.Namespace, address: str) -> list[str]:
     argv = ["--address", address, "--workload", a.workload, "--requests", str(a.requests),
             "--rate", str(a.rate), "--arrival", a.arrival, "--cv", str(a.cv),
@@ -175,13 +168,6 @@ def run_one(a: argparse.Namespace, n: int, kv: int) -> dict:
             "real": report, "sim": sim}
 
 
-def metric(m: dict, key: str, stat: str | None, scale: float) -> float | None:
-    v = m.get(key)
-    if stat is not None:
-        v = None if v is None else v.get(stat)
-    return None if v is None else v * scale
-
-
 def err_pct(real, sim):
     return None if real in (None, 0) or sim is None else 100.0 * (sim - real) / real
 
@@ -193,8 +179,8 @@ def build_table(runs: dict[int, dict]) -> list[dict]:
     for label, key, stat, scale in ROWS:
         row = {"metric": label}
         for n, r in runs.items():
-            real = metric(r["real"]["metrics"], key, stat, scale)
-            sim = metric(r["sim"]["metrics"], key, stat, scale)
+            real = metric_value(r["real"]["metrics"], key, stat, scale)
+            sim = metric_value(r["sim"]["metrics"], key, stat, scale)
             row[f"real_{n}"], row[f"sim_{n}"], row[f"err_{n}"] = real, sim, err_pct(real, sim)
         ns = sorted(runs)
         if len(ns) >= 2:
