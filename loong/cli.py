@@ -249,7 +249,8 @@ def _describe_cluster(stats: dict) -> str:
     for r, c in sorted(stats["instances"].items()):
         lines.append(f"  instance {r}: sent {c['bytes_sent'] / 2**20:.1f} MiB, received "
                      f"{c['bytes_recv'] / 2**20:.1f} MiB, {c['ring_steps']} ring steps, "
-                     f"compute {c['compute_s']:.2f}s, waiting on peers {c['comm_wait_s']:.2f}s")
+                     f"compute {c['compute_s']:.2f}s (sampler {c['sample_s']:.2f}s), waiting "
+                     f"on peers {c['comm_wait_s']:.2f}s")
     return "\n".join(lines)
 
 

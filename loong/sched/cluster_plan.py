@@ -189,6 +189,7 @@ class InstanceCounters:
     comm_wait_s: float = 0.0     # time blocked waiting on the data plane
     compute_s: float = 0.0       # step time not spent waiting
     migrated_tokens: int = 0
+    sample_s: float = 0.0        # of compute_s, in the sampler (after the logits)
 
     def add(self, other: "InstanceCounters") -> None:
         for name in self.__dataclass_fields__:

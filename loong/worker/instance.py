@@ -104,8 +104,10 @@ class InstanceWorker:
                 raise PlanMismatchError(f"instance {self.rank} samples {rid!r} without its "
                                         f"sampling state")
             reqs.append(self.requests[rid])
-        for i, (rid, row) in enumerate(zip(rids, sample_requests(
-                self.sampler, logits, reqs, self.eos_token_ids))):
+        t0 = time.perf_counter()
+        rows = sample_requests(self.sampler, logits, reqs, self.eos_token_ids)
+        res.counters.sample_s += time.perf_counter() - t0
+        for i, (rid, row) in enumerate(zip(rids, rows)):
             if row.error is not None:
                 res.failed[rid] = row.error
                 continue

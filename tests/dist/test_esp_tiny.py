@@ -226,6 +226,9 @@ def test_counters_report_ring_traffic(cluster):
     assert total == sum(x.bytes_recv for x in c.values())
     assert all(x.ring_steps == 3 * layers for x in c.values())
     assert all(x.compute_s > 0 for x in c.values())
+    # Only the master of the prompt's last position samples; its sampler time is counted.
+    sampled = [x.sample_s for x in c.values() if x.sample_s > 0]
+    assert len(sampled) == 1 and sampled[0] < max(x.compute_s for x in c.values())
     while eng.has_unfinished():
         eng.step()
     assert_clean(cluster)

@@ -327,20 +327,22 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class InstanceCounters(_message.Message):
-    __slots__ = ("bytes_sent", "bytes_recv", "ring_steps", "comm_wait_s", "compute_s", "migrated_tokens")
+    __slots__ = ("bytes_sent", "bytes_recv", "ring_steps", "comm_wait_s", "compute_s", "migrated_tokens", "sample_s")
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECV_FIELD_NUMBER: _ClassVar[int]
     RING_STEPS_FIELD_NUMBER: _ClassVar[int]
     COMM_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     MIGRATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_S_FIELD_NUMBER: _ClassVar[int]
     bytes_sent: int
     bytes_recv: int
     ring_steps: int
     comm_wait_s: float
     compute_s: float
     migrated_tokens: int
-    def __init__(self, bytes_sent: _Optional[int] = ..., bytes_recv: _Optional[int] = ..., ring_steps: _Optional[int] = ..., comm_wait_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., migrated_tokens: _Optional[int] = ...) -> None: ...
+    sample_s: float
+    def __init__(self, bytes_sent: _Optional[int] = ..., bytes_recv: _Optional[int] = ..., ring_steps: _Optional[int] = ..., comm_wait_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., migrated_tokens: _Optional[int] = ..., sample_s: _Optional[float] = ...) -> None: ...
 
 class InstanceResult(_message.Message):
     __slots__ = ("rank", "step", "sampled", "logprobs", "logits", "shard_tokens", "free_blocks", "counters", "error", "failed")
