@@ -87,10 +87,14 @@ class ConsolidationPlanner:
         order = sorted(hold, key=lambda i: (-used[i], i))      # fullest first
         room = {d: bpi - used[d] - len(on[d]) - 1 for d in hold}   # decode growth
         spare = sum(v for v in room.values() if v > 0)          # over `order`
+        # Instances that took KV this schedule are never a source after: no KV moves twice
+        # in one plan (packing a destination would carry what it just received).
+        filled: set[int] = set()
         for _ in range(self.ecfg.max_consolidations):
             if len(order) < 2:
                 return
-            src = min([(used[i], i) for i in order if i not in blocked], default=(0, None))[1]
+            src = min([(used[i], i) for i in order if i not in blocked and i not in filled],
+                      default=(0, None))[1]
             if src is None:
                 return
             movers = on.get(src, [])
@@ -108,9 +112,11 @@ class ConsolidationPlanner:
                 gain = est_wait         # what the head would otherwise wait for the decodes
             if gain <= self.cost.migration_ms(tokens):
                 return
+            planned = len(st.migrations)
             change = self._pack(src, dsts, room, movers, on)
             if change is None:
                 return
+            filled.update(m.dst for m in st.migrations[planned:])
             st.stats["consolidations"] += 1
             spare += change - max(0, room[src])
             order.remove(src)
