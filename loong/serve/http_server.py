@@ -155,12 +155,10 @@ def build_app(ctx: HttpContext) -> FastAPI:
             for t in tickets:
                 await asyncio.wrap_future(t.future)
         except Rejected as e:
-            for t in tickets:
-                t.cancel("cancel")
+            _cancel_all(tickets, "cancel")
             raise _rejected(e, req.names) from None
         except BaseException:
-            for t in tickets:
-                t.cancel("disconnect")
+            _cancel_all(tickets, "disconnect")
             raise
         if req.echo:
             req.echo = [sub.prompt if sub.prompt is not None
@@ -194,8 +192,7 @@ def build_app(ctx: HttpContext) -> FastAPI:
         finally:
             g.close()
             if not finished:
-                for t in tickets:
-                    t.cancel("disconnect")
+                _cancel_all(tickets, "disconnect")
         return JSONResponse(response_object(req, rid, choices, g.usage(), token_text))
 
     async def stream(request: Request, req: ApiRequest, g: _Gather, tickets, rid: str):
@@ -222,20 +219,19 @@ def build_app(ctx: HttpContext) -> FastAPI:
         finally:
             g.close()
             if not finished:
-                for t in tickets:
-                    t.cancel("disconnect")
+                _cancel_all(tickets, "disconnect")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_key(request)
         body = await body_of(request)
-        return await generate(request, _parsed(parse_completion, body, ctx.served_names))
+        return await generate(request, parse_completion(body, ctx.served_names))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_key(request)
         body = await body_of(request)
-        return await generate(request, _parsed(parse_chat, body, ctx.served_names))
+        return await generate(request, parse_chat(body, ctx.served_names))
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -298,11 +294,10 @@ def build_app(ctx: HttpContext) -> FastAPI:
     return app
 
 
-def _parsed(parse, body, served: list[str]) -> ApiRequest:
-    try:
-        return parse(body, served)
-    except InvalidRequestError as e:
-        raise invalid(e) from None
+def _cancel_all(tickets, cause: str) -> None:
+    """End every submission of one API request (never admitted, or aborted)."""
+    for t in tickets:
+        t.cancel(cause)
 
 
 def _tokenize(ctx: HttpContext, body) -> dict:

@@ -260,12 +260,11 @@ def parse_chat(body: Any, served: list[str]) -> ApiRequest:
     names["max_tokens"] = max_name
     max_tokens = body.get(max_name)
     extra = {"logprobs": (top or 0) if want else None}
-    auto = max_tokens is None            # as many as the context leaves
-    if not auto:
-        extra["max_tokens"] = max_tokens
-    else:
-        extra["max_tokens"] = max(1, body.get("min_tokens", 0)) \
-            if isinstance(body.get("min_tokens", 0), int) else 1
+    # None: as many as the context leaves (set at admission); until then a placeholder no
+    # smaller than min_tokens (a bad min_tokens is SamplingParams' to report).
+    auto = max_tokens is None
+    floor = body.get("min_tokens", 0)
+    extra["max_tokens"] = max_tokens if not auto else max(1, floor if isinstance(floor, int) else 1)
     params = _params(body, names, **extra)
     sub = Submission(messages=messages, params=params, max_tokens_auto=auto)
     return ApiRequest("chat", model, [sub], params.n, stream, _stream_options(body, stream),
