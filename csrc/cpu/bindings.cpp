@@ -22,10 +22,13 @@ void rotary_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 at::Tensor kv_pack(const at::Tensor& kv, const at::Tensor& slots);
 void kv_unpack_(at::Tensor kv, const at::Tensor& slots, const at::Tensor& packed);
+at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w,
+                        const c10::optional<at::Tensor>& bias);
+bool linear_small_supported();
 }  // namespace loong
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "loong CPU kernels: paged decode attention and the log-sum-exp merge";
+  m.doc() = "loong CPU kernels (see csrc/README.md)";
   m.def("paged_decode_attention", &loong::paged_decode_attention,
         "paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale) "
         "-> [out, lse]",
@@ -61,5 +64,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "slots of kv in place",
         py::arg("kv"), py::arg("slots"), py::arg("packed"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("linear_small", &loong::linear_small,
+        "linear_small(x [M<=8, K] bf16, w [N, K] bf16, bias [N] or None) -> x w^T + b [M, N]",
+        py::arg("x"), py::arg("w"), py::arg("bias"), py::call_guard<py::gil_scoped_release>());
+  m.def("linear_small_supported", &loong::linear_small_supported,
+        "whether linear_small runs in this build (AVX512_BF16)");
   m.def("build_info", &loong::cpu_ops_build_info, "which SIMD paths this build uses");
 }

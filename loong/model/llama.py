@@ -46,16 +46,16 @@ class DecoderLayer(nn.Module):
         place. Returns the residual stream normed by `next_norm` (the next layer's input norm,
         or the final norm after the last layer)."""
         t = h.shape[0]
-        qkv = F.linear(h, self.qkv, self.qkv_bias)
+        qkv = ops.linear(h, self.qkv, self.qkv_bias)
         # Rotate q and k heads in one pass, in place: they are adjacent columns of qkv.
         ops.rotary_(qkv[:, :self.q_size + self.kv_size].view(t, -1, self.head_dim), cos, sin)
         q = qkv[:, :self.q_size].view(t, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
         o = attn(idx, q, k, v)
-        o = F.linear(o.reshape(t, self.q_size), self.o_proj, self.o_bias)
+        o = ops.linear(o.reshape(t, self.q_size), self.o_proj, self.o_bias)
         h = ops.add_rms_norm(o, residual, self.post_norm, self.eps)
-        mlp = F.linear(ops.silu_mul(F.linear(h, self.gate_up)), self.down)
+        mlp = ops.linear(ops.silu_mul(ops.linear(h, self.gate_up)), self.down)
         return ops.add_rms_norm(mlp, residual, next_norm, self.eps)
 
 
@@ -95,7 +95,7 @@ class LlamaModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab] for the selected hidden rows [N, hidden]."""
         head = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(hidden, head).float()
+        return ops.linear(hidden, head).float()
 
     @torch.no_grad()
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:

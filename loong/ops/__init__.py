@@ -2,7 +2,7 @@
 
 Owns: `csrc_available`, `paged_decode_attention`, `lse_merge`, `causal_attention`,
 `full_attention`, the decoder layer's fused elementwise ops (`rms_norm`, `add_rms_norm`,
-`rotary_`, `silu_mul`), KV block pack / unpack for migration (`kv_pack`, `kv_unpack_`),
+`rotary_`, `silu_mul`), the skinny linear of decode steps (`linear`), KV block pack / unpack for migration (`kv_pack`, `kv_unpack_`),
 `build_info`, `load_error`, the loading state (tried once, thread-safe, one warning), and
 re-exports the build recipe (`EXTENSION_NAME`, `extension_sources`, `EXTRA_CFLAGS`,
 `EXTRA_LDFLAGS`) that a setup.py-time build can reuse. Submodules: `build` (the recipe, the
@@ -39,6 +39,7 @@ import warnings
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from loong.ops import build
 from loong.ops import torch_attention as ta
@@ -51,7 +52,7 @@ Tensor = torch.Tensor
 
 __all__ = ["csrc_available", "paged_decode_attention", "lse_merge", "causal_attention",
            "full_attention", "prefill_kernel_supports", "rms_norm", "add_rms_norm", "rotary_",
-           "silu_mul", "rms_norm_torch", "kv_pack", "kv_unpack_", "build_info", "load_error",
+           "silu_mul", "rms_norm_torch", "linear", "SKINNY_MAX_ROWS", "kv_pack", "kv_unpack_", "build_info", "load_error",
            "EXTENSION_NAME", "EXTRA_CFLAGS", "EXTRA_LDFLAGS", "extension_sources"]
 
 log = logging.getLogger(__name__)
@@ -274,6 +275,33 @@ def silu_mul(gate_up: Tensor) -> Tensor:
             or gate_up.device.type != "cpu" or gate_up.stride(1) != 1 or gate_up.shape[1] % 2):
         return te.silu_mul_torch(gate_up)
     return ext.silu_mul(gate_up)
+
+
+# Skinny linear (csrc/cpu/skinny_linear.cpp): y = x w^T + b for the 1-8 rows of a decode step
+# with bf16 weights, reading each weight row once. Larger batches (compute-bound, where oneDNN's
+# GEMM is near the machine's limit), other dtypes and devices run F.linear.
+SKINNY_MAX_ROWS = 8
+_skinny_ok: tuple = (None, False)     # (module asked, whether its build has the AVX512_BF16 path)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """`F.linear(x, weight, bias)`; x `[M, K]`. The C++ kernel runs for CPU bfloat16 x, weight
+    (contiguous) and bias with 1 <= M <= SKINNY_MAX_ROWS and x's last dim contiguous; it sums
+    in fp32 in its own order, so results agree with F.linear to about one bf16 rounding."""
+    global _skinny_ok
+    ext = _get()
+    if (ext is None or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16
+            or x.dim() != 2 or not 1 <= x.shape[0] <= SKINNY_MAX_ROWS
+            or x.device.type != "cpu" or weight.device.type != "cpu"
+            or (x.stride(1) != 1 and x.shape[1] > 1) or not weight.is_contiguous()
+            or (bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()
+                                      or bias.device.type != "cpu"))):
+        return F.linear(x, weight, bias)
+    if _skinny_ok[0] is not ext:
+        _skinny_ok = (ext, bool(ext.linear_small_supported()))
+    if not _skinny_ok[1]:
+        return F.linear(x, weight, bias)
+    return ext.linear_small(x, weight, bias)
 
 
 # KV block pack / unpack (csrc/cpu/kv_pack.cpp): one memcpy per (layer, k/v, slot) row. The
