@@ -1,31 +1,51 @@
-"""Batch-1 decode latency: time per output token of one stream, on one instance and on a
-local cluster of 2 instances (SmolLM2-135M bf16 by default, 64-token prompt, greedy).
+"""Decode latency: batch-1 tokens/s, the fixed cost of a decode step, batched decode against
+the machine's matmul limit, and the weight-streaming kernel, in one run (issue 18).
 
-For each configuration the engine is built once and warmed up; then `--runs` times one
-request of `--prompt-len` prompt tokens and `--output-len` output tokens is run alone, and
-its time per output token after the first (TPOT) is taken. Prints the median over the runs,
-tokens/s, and the ratio of 2 instances to 1; also the bf16 weight-streaming floor (weight
-bytes / measured read bandwidth) for reference.
+Sections (medians of `--runs`; a decode step's time is measured by difference, the same way
+for every engine: generating `n` tokens minus generating 1 from the same prompts, over n - 1):
+  weights   every projection of the model streamed once per "token" at 1, 4 and 8 rows:
+            `loong.ops.linear` (the skinny kernel) vs `F.linear`, GB/s and the share of the
+            read bandwidth measured here.
+  batch1    SmolLM2 bf16, one stream, at 64 and 2048 context tokens: 1 instance; 2 instances
+            at 64 (the control plane and multi-master decode).
+  fixed     a random 30-layer model with hidden size 64 (arithmetic nearly nil): ms per decode
+            step = the step's fixed cost; native layer loop vs the eager Python loop
+            (LOONG_EAGER_DECODE=1), 1 and 2 instances; 2 minus 1 = the control plane's share.
+  batched   batch 32 and 64 (64-token prompts): decode GFLOP/s (2 x parameters x rows, plus
+            attention) as a share of the bf16 matmul limit measured in the same run.
+  peers     the batch-1 and batched workloads through vLLM's CPU build (`--vllm-python`, its
+            own venv; the model exported as a bf16 Hugging Face directory) and llama.cpp
+            (`--llamacpp-python`, llama-cpp-python on the embedded Q4_1 GGUF: 4.5-bit weights,
+            not bf16), where installed; ratios to Loong.
 
-    python experiments/decode_latency.py --quick     # 1 run of 16 tokens per configuration
-    python experiments/decode_latency.py             # 3 runs of 128 tokens
-    python experiments/decode_latency.py --instances 1 --runs 5
+    python experiments/decode_latency.py --quick     # tiny settings (smoke test)
+    python experiments/decode_latency.py             # 3 runs of 64 tokens everywhere
 
 Writes experiments/results/decode_latency.json.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import bench_common as bc  # noqa: E402
+from decode_peers import prompt_ids, step_times  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
+DEFAULT_VLLM_PYTHON = "/tmp/vllm-venv/bin/python"
+DEFAULT_LLAMACPP_PYTHON = "/tmp/llamacpp-venv/bin/python"
 
 
 def read_bandwidth_gbs(nbytes: int = 1 << 28, reps: int = 5) -> float:
@@ -41,59 +61,255 @@ def read_bandwidth_gbs(nbytes: int = 1 << 28, reps: int = 5) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
-def tpot_runs(llm, prompt: list[int], output_len: int, runs: int) -> list[float]:
-    from loong import SamplingParams
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    llm.generate(prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-    out = []
-    for _ in range(runs):
-        o = llm.generate(prompt, params)[0]
-        out.append(o.tpot)
+class LoongRunner:
+    """`timed(prompts, n)` for an `LLM` (the interface decode_peers.step_times uses)."""
+
+    def __init__(self, llm) -> None:
+        self.llm = llm
+
+    def timed(self, prompts, n: int) -> float:
+        from loong import SamplingParams
+        sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        t0 = time.perf_counter()
+        self.llm.generate(prompts, sp)
+        return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def eager_decode(on: bool):
+    """LOONG_EAGER_DECODE=1 for models built inside (read when a model is constructed, also
+    by instance processes, which inherit the environment)."""
+    old = os.environ.get("LOONG_EAGER_DECODE")
+    if on:
+        os.environ["LOONG_EAGER_DECODE"] = "1"
+    else:
+        os.environ.pop("LOONG_EAGER_DECODE", None)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LOONG_EAGER_DECODE", None)
+        else:
+            os.environ["LOONG_EAGER_DECODE"] = old
+
+
+def med(xs) -> float:
+    return statistics.median(xs)
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN when b is 0 (a --quick run's differences can be 0)."""
+    return a / b if b else float("nan")
+
+
+def per_s(t: float) -> float:
+    return ratio(1.0, t)
+
+
+def weights_section(loaded, runs: int, bw: float) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from loong import ops
+    from loong.model.llama import LlamaModel
+    model = LlamaModel(loaded.config, dtype=torch.bfloat16)
+    model.load_hf_weights(loaded.weights)
+    mats = [p for layer in model.layers for p in (layer.qkv, layer.o_proj, layer.gate_up,
+                                                  layer.down)]
+    mats.append(model.embed if model.lm_head is None else model.lm_head)
+    nbytes = sum(m.numel() * 2 for m in mats)
+    out = {"bytes": nbytes, "rows": {}}
+    for rows in (1, 4, 8):
+        xs = {k: torch.randn(rows, k).bfloat16() for k in {m.shape[1] for m in mats}}
+        res = {}
+        for name, fn in (("F.linear", F.linear), ("ops.linear", ops.linear)):
+            for m in mats:
+                fn(xs[m.shape[1]], m)
+            ts = []
+            for _ in range(max(runs, 3)):
+                t0 = time.perf_counter()
+                for m in mats:
+                    fn(xs[m.shape[1]], m)
+                ts.append(time.perf_counter() - t0)
+            res[name] = nbytes / med(ts) / 1e9
+        out["rows"][str(rows)] = res
+        print(f"weights, {rows} row(s): skinny kernel {res['ops.linear']:.1f} GB/s "
+              f"({res['ops.linear'] / bw:.0%} of read bandwidth), F.linear "
+              f"{res['F.linear']:.1f} GB/s: {res['ops.linear'] / res['F.linear']:.2f}x", flush=True)
+    return out
+
+
+def batch1_section(a, loaded) -> dict:
+    from loong import LLM
+    out = {}
+    vocab = loaded.config.vocab_size
+    for n, contexts in ((1, a.contexts), (2, a.contexts[:1])):
+        if n not in a.instances:
+            continue
+        with LLM(loaded=loaded, dtype="bfloat16", instances=n,
+                 kv_capacity_tokens=max(a.contexts) + a.output_len + 64,
+                 enable_prefix_caching=False) as llm:
+            r = LoongRunner(llm)
+            for c in contexts:
+                ts = step_times(r, [prompt_ids(c, vocab)], a.output_len, a.runs)
+                out[f"{n}x{c}"] = ts
+                print(f"batch 1, {n} instance(s), context {c}: {med(ts) * 1e3:.1f} ms per token "
+                      f"({per_s(med(ts)):.1f} tokens/s) {[round(t * 1e3, 1) for t in ts]}", flush=True)
+    if "1x%d" % a.contexts[0] in out and "2x%d" % a.contexts[0] in out:
+        r = ratio(med(out["2x%d" % a.contexts[0]]), med(out["1x%d" % a.contexts[0]]))
+        print(f"2 instances / 1 instance TPOT: {r:.2f}x")
+    return out
+
+
+def fixed_section(a, loaded) -> dict:
+    from loong import LLM
+    from loong.model.random_weights import random_model
+    tiny = random_model(loaded, num_layers=30, hidden_size=64)
+    out = {}
+    for n in a.instances:
+        for mode in ("eager", "native"):
+            with eager_decode(mode == "eager"), LLM(loaded=tiny, dtype="bfloat16", instances=n,
+                                                    enable_prefix_caching=False) as llm:
+                ts = step_times(LoongRunner(llm), [prompt_ids(64, tiny.config.vocab_size)],
+                                a.fixed_tokens, a.runs)
+            out[f"{n}/{mode}"] = ts
+        e, nat = med(out[f"{n}/eager"]), med(out[f"{n}/native"])
+        print(f"fixed cost, {n} instance(s): native {nat * 1e3:.2f} ms per step, eager "
+              f"{e * 1e3:.2f} ms: {ratio(e, nat):.2f}x", flush=True)
+    if 1 in a.instances and 2 in a.instances:
+        cp = med(out["2/native"]) - med(out["1/native"])
+        print(f"control plane of a 2-instance step: {cp * 1e3:.2f} ms")
+    return out
+
+
+def step_flops(cfg, rows: int, context: int) -> float:
+    """FLOPs of one decode step: 2 x (projection + LM head parameters) per row, plus q.k and
+    p.v over the context."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    per_layer = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * d + cfg.num_heads * d * h \
+        + 3 * h * cfg.intermediate_size
+    params = cfg.num_layers * per_layer + cfg.vocab_size * h
+    attn = cfg.num_layers * 4 * cfg.num_heads * d * context
+    return rows * (2.0 * params + attn)
+
+
+def batched_section(a, loaded, limit_gflops: float) -> dict:
+    from loong import LLM
+    out = {}
+    vocab = loaded.config.vocab_size
+    with LLM(loaded=loaded, dtype="bfloat16", enable_prefix_caching=False,
+             kv_capacity_tokens=max(a.batches) * (a.batch_prompt_len + a.output_len + 16),
+             max_num_seqs=max(a.batches)) as llm:
+        r = LoongRunner(llm)
+        for b in a.batches:
+            prompts = [prompt_ids(a.batch_prompt_len, vocab, s) for s in range(b)]
+            ts = step_times(r, prompts, a.output_len, a.runs)
+            flops = step_flops(loaded.config, b, a.batch_prompt_len + a.output_len // 2)
+            gf = ratio(flops, med(ts)) / 1e9
+            out[str(b)] = {"step_s": ts, "gflops": gf, "share_of_limit": gf / limit_gflops}
+            print(f"batch {b}: {med(ts) * 1e3:.1f} ms per step, {ratio(b, med(ts)):.0f} tokens/s, "
+                  f"{gf:.0f} GFLOP/s = {gf / limit_gflops:.0%} of the bf16 matmul limit "
+                  f"({limit_gflops:.0f})", flush=True)
+    return out
+
+
+def run_peer(a, engine: str, python: str, model: str, batches: list[int]) -> dict | None:
+    argv = [python, os.path.join(HERE, "decode_peers.py"), "--engine", engine, "--model", model,
+            "--contexts", ",".join(map(str, a.contexts)), "--batches", ",".join(map(str, batches)),
+            "--batch-prompt-len", str(a.batch_prompt_len), "--output-len", str(a.output_len),
+            "--runs", str(a.runs), "--threads", str(a.threads)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
+    print(f"{engine}: running {' '.join(argv[1:4])} ...", flush=True)
+    p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=a.peer_timeout)
+    for line in p.stdout.splitlines():
+        if line.startswith("PEER_RESULT "):
+            return json.loads(line[len("PEER_RESULT "):])
+    print(f"{engine} failed (exit {p.returncode}):\n{p.stderr[-3000:]}", flush=True)
+    return None
+
+
+def peers_section(a, loaded, loong_b1: dict, loong_batched: dict) -> dict:
+    from loong.model.default_model import default_model_path
+    out = {}
+    tmp = tempfile.mkdtemp(prefix="loong-decode-hf-")
+    for engine, python in (("vllm", a.vllm_python), ("llamacpp", a.llamacpp_python)):
+        if not python or not os.path.exists(python):
+            print(f"{engine}: not installed at {python!r}; skipped", flush=True)
+            continue
+        if engine == "vllm":
+            model = os.path.join(tmp, "hf")
+            from loong.model.hf_export import export_hf
+            export_hf(loaded, model, dtype="bfloat16")
+            batches = a.batches
+        else:
+            model, batches = default_model_path(), []
+        res = run_peer(a, engine, python, model, batches)
+        if res is None:
+            continue
+        out[engine] = res
+        for c, ts in res["batch1"].items():
+            mine = loong_b1.get(f"1x{c}")
+            vs = f", Loong is {ratio(med(ts), med(mine)):.2f}x faster" if mine else ""
+            print(f"{engine} {res['version']} batch 1, context {c}: {med(ts) * 1e3:.1f} ms per "
+                  f"token ({per_s(med(ts)):.1f} tokens/s){vs}", flush=True)
+        for b, ts in res["batched"].items():
+            mine = loong_batched.get(b)
+            vs = f", Loong is {ratio(med(ts), med(mine['step_s'])):.2f}x faster" if mine else ""
+            print(f"{engine} batch {b}: {med(ts) * 1e3:.1f} ms per step{vs}", flush=True)
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="1 run of 16 tokens per configuration")
-    p.add_argument("--instances", default="1,2", help="instance counts to measure")
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=None, help="default 128 (quick 16)")
+    p.add_argument("--quick", action="store_true", help="1 run, 8 tokens, small workloads")
+    p.add_argument("--sections", default="weights,batch1,fixed,batched,peers")
+    p.add_argument("--instances", default="1,2")
+    p.add_argument("--contexts", default=None, help="batch-1 contexts (default 64,2048)")
+    p.add_argument("--batches", default=None, help="batched sizes (default 32,64)")
+    p.add_argument("--batch-prompt-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=None, help="default 64 (quick 8)")
+    p.add_argument("--fixed-tokens", type=int, default=None, help="default 128 (quick 8)")
     p.add_argument("--runs", type=int, default=None, help="default 3 (quick 1)")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--model", default=None)
+    p.add_argument("--threads", type=int, default=2, help="threads of the peer engines")
+    p.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON)
+    p.add_argument("--llamacpp-python", default=DEFAULT_LLAMACPP_PYTHON)
+    p.add_argument("--peer-timeout", type=float, default=1800.0)
     p.add_argument("--json", default=os.path.join(RESULTS, "decode_latency.json"))
-    args = p.parse_args(argv)
-    output_len = args.output_len or (16 if args.quick else 128)
-    runs = args.runs or (1 if args.quick else 3)
-    from loong import LLM
+    a = p.parse_args(argv)
+    q = a.quick
+    a.contexts = [int(x) for x in (a.contexts or ("64,256" if q else "64,2048")).split(",")]
+    a.batches = [int(x) for x in (a.batches or ("4" if q else "32,64")).split(",")]
+    a.output_len = a.output_len or (8 if q else 64)
+    a.fixed_tokens = a.fixed_tokens or (8 if q else 128)
+    a.runs = a.runs or (1 if q else 3)
+    a.instances = [int(x) for x in a.instances.split(",")]
+    sections = set(a.sections.split(","))
+    if q:
+        sections.discard("peers")
     from loong.model.loader import load_model_files
-    loaded = load_model_files(args.model)
-    prompt = [(1000 + 37 * i) % loaded.config.vocab_size for i in range(args.prompt_len)]
-    results = {"prompt_len": args.prompt_len, "output_len": output_len, "runs": runs,
-               "configs": {}}
-    for n in (int(x) for x in args.instances.split(",")):
-        with LLM(args.model, loaded=loaded, dtype=args.dtype, instances=n) as llm:
-            tpots = tpot_runs(llm, prompt, output_len, runs)
-        med = statistics.median(tpots)
-        results["configs"][str(n)] = {"tpot_s": tpots, "median_tpot_s": med,
-                                      "tokens_per_s": 1.0 / med}
-        print(f"{n} instance(s): median {med * 1e3:.1f} ms per token ({1 / med:.1f} tokens/s) "
-              f"over {runs} run(s): {[round(t * 1e3, 1) for t in tpots]}", flush=True)
-    cfgs = results["configs"]
-    if "1" in cfgs and "2" in cfgs:
-        ratio = cfgs["2"]["median_tpot_s"] / cfgs["1"]["median_tpot_s"]
-        results["ratio_2_to_1"] = ratio
-        print(f"2 instances / 1 instance TPOT: {ratio:.2f}x")
-    import torch
-    weight_bytes = sum(t.numel() for t in loaded.weights.values()) * torch.finfo(torch.bfloat16).bits // 8
+    loaded = load_model_files(None)
     bw = read_bandwidth_gbs()
+    results = {"machine": bc.machine_info(), "read_gbs": bw, "runs": a.runs,
+               "output_len": a.output_len}
+    import torch
+    weight_bytes = sum(t.numel() for t in loaded.weights.values()) * 2
     floor = weight_bytes / (bw * 1e9)
-    results.update(weight_bytes_bf16=weight_bytes, read_gbs=bw, floor_tpot_s=floor)
+    results.update(weight_bytes_bf16=weight_bytes, floor_tpot_s=floor)
     print(f"bf16 weight-streaming floor: {weight_bytes / 1e6:.0f} MB at {bw:.1f} GB/s = "
-          f"{floor * 1e3:.1f} ms per token ({1 / floor:.0f} tokens/s)")
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=1)
+          f"{floor * 1e3:.1f} ms per token ({1 / floor:.0f} tokens/s)", flush=True)
+    if "weights" in sections:
+        results["weights"] = weights_section(loaded, a.runs, bw)
+    b1 = results["batch1"] = batch1_section(a, loaded) if "batch1" in sections else {}
+    if "fixed" in sections:
+        results["fixed"] = fixed_section(a, loaded)
+    batched = {}
+    if "batched" in sections:
+        limit = bc.matmul_limit(n=1024 if q else 2048, reps=3 if q else 9)["median_gflops"]
+        results["matmul_limit_gflops"] = limit
+        batched = results["batched"] = batched_section(a, loaded, limit)
+    if "peers" in sections:
+        results["peers"] = peers_section(a, loaded, b1, batched)
+    bc.write_json(a.json, results)
+    del torch
     return 0
 
 

@@ -59,6 +59,12 @@ class DistDecodeAttention:
         self.num_heads, self.head_dim, self.dtype = num_heads, head_dim, dtype
         self.backend = get_attention_backend(cache.kv.device)
 
+    def native_decode(self) -> ops.NativeAttention | None:
+        """For `loong.ops.decoder_layers`: the master's layer loop runs natively and calls
+        this object back for each layer's exchange (CPU caches only)."""
+        return ops.NativeAttention(scale=self.scale, callback=self) \
+            if self.cache.kv.device.type == "cpu" else None
+
     def peer_layer(self, layer: int) -> None:
         self._layer(layer, None, None, None)
 

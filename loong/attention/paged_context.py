@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loong import ops
 from loong.attention import get_attention_backend
 from loong.kv.cache_pool import KVCachePool
 
@@ -58,3 +59,14 @@ class PagedAttention:
                                                 v[seg.start:seg.end], k_ctx, v_ctx, self.scale)
             parts.append(out)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def native_decode(self) -> ops.NativeAttention | None:
+        """This step's attention in the form `loong.ops.decoder_layers` runs natively: only
+        for a step of decode rows alone (no prefill chunk) on a CPU cache."""
+        meta = self.meta
+        if (meta.prefills or not meta.num_decodes or self.cache.kv.device.type != "cpu"
+                or meta.slots.shape[0] != meta.num_decodes):
+            return None
+        return ops.NativeAttention(scale=self.scale, kv=self.cache.kv, slots=meta.slots,
+                                   tables=meta.decode_block_tables,
+                                   lens=meta.decode_context_lens)

@@ -4,9 +4,15 @@ Owns: the layers (fused QKV with optional bias, RoPE, RMSNorm, SwiGLU MLP), load
 Hugging Face-named weights into them, and the LM head. Attention itself is not here:
 each layer calls `attn(layer_idx, q, k, v)` supplied by the caller (rule 5 of DESIGN.md:
 parallelism and KV paging live behind that interface, never in model code).
+
+Decode steps run the layer loop natively (`loong.ops.decoder_layers`, the same kernels in the
+same order, bitwise the same result) when the attention callable offers a native form
+(`attn.native_decode()` -> `loong.ops.NativeAttention`, opaque here) and the kernels take the
+inputs; `LlamaModel.native_decode = False` (or LOONG_EAGER_DECODE=1) keeps the Python loop.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -74,6 +80,8 @@ class LlamaModel(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else empty(cfg.vocab_size, cfg.hidden_size)
         self.to(device)
         self.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings, dtype, device)
+        self.native_decode = os.environ.get("LOONG_EAGER_DECODE", "") != "1"
+        self._native_weights: list[torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -87,10 +95,36 @@ class LlamaModel(nn.Module):
         if n == 0:
             return ops.rms_norm(residual, self.norm, self.cfg.rms_norm_eps)
         h = ops.rms_norm(residual, self.layers[0].input_norm, self.cfg.rms_norm_eps)
+        native = self._native_attention(attn)
+        if native is not None:
+            weights = self.native_layer_weights()
+            if ops.decoder_layers_supported(h, cos, sin, weights, native):
+                cfg = self.cfg
+                return ops.decoder_layers(h, residual, cos, sin, weights, cfg.num_heads,
+                                          cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, native)
         for i, layer in enumerate(self.layers):
             next_norm = self.layers[i + 1].input_norm if i + 1 < n else self.norm
             h = layer(i, h, residual, cos, sin, attn, next_norm)
         return h
+
+    def _native_attention(self, attn: AttentionFn):
+        offer = getattr(attn, "native_decode", None) if self.native_decode else None
+        return offer() if offer is not None else None
+
+    def native_layer_weights(self) -> list[torch.Tensor]:
+        """The layers' weights in `loong.ops.decoder_layers` order (8 per layer; the same
+        tensors as the parameters, so in-place weight updates are seen)."""
+        if self._native_weights is None:
+            none = torch.empty(0, dtype=self.dtype, device=self.device)
+            out: list[torch.Tensor] = []
+            n = len(self.layers)
+            for i, layer in enumerate(self.layers):
+                nxt = self.layers[i + 1].input_norm if i + 1 < n else self.norm
+                out += [layer.qkv, none if layer.qkv_bias is None else layer.qkv_bias,
+                        layer.o_proj, none if layer.o_bias is None else layer.o_bias,
+                        layer.post_norm, layer.gate_up, layer.down, nxt]
+            self._native_weights = out
+        return self._native_weights
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab] for the selected hidden rows [N, hidden]."""
@@ -102,6 +136,7 @@ class LlamaModel(nn.Module):
         """Copy Hugging Face-named tensors into the fused parameters (shape-checked)."""
         cfg = self.cfg
         used: set[str] = set()
+        self._native_weights = None
 
         def take(name: str) -> torch.Tensor:
             if name not in weights:

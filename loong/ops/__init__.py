@@ -2,7 +2,8 @@
 
 Owns: `csrc_available`, `paged_decode_attention`, `lse_merge`, `causal_attention`,
 `full_attention`, the decoder layer's fused elementwise ops (`rms_norm`, `add_rms_norm`,
-`rotary_`, `silu_mul`), the skinny linear of decode steps (`linear`), KV block pack / unpack for migration (`kv_pack`, `kv_unpack_`),
+`rotary_`, `silu_mul`), the skinny linear of decode steps (`linear`), a decode step's decoder
+layers in one native call (`decoder_layers`, `NativeAttention`), KV block pack / unpack for migration (`kv_pack`, `kv_unpack_`),
 `build_info`, `load_error`, the loading state (tried once, thread-safe, one warning), and
 re-exports the build recipe (`EXTENSION_NAME`, `extension_sources`, `EXTRA_CFLAGS`,
 `EXTRA_LDFLAGS`) that a setup.py-time build can reuse. Submodules: `build` (the recipe, the
@@ -36,7 +37,8 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +54,8 @@ Tensor = torch.Tensor
 
 __all__ = ["csrc_available", "paged_decode_attention", "lse_merge", "causal_attention",
            "full_attention", "prefill_kernel_supports", "rms_norm", "add_rms_norm", "rotary_",
-           "silu_mul", "rms_norm_torch", "linear", "SKINNY_MAX_ROWS", "kv_pack", "kv_unpack_", "build_info", "load_error",
+           "silu_mul", "rms_norm_torch", "linear", "SKINNY_MAX_ROWS", "NativeAttention",
+           "decoder_layers", "decoder_layers_supported", "kv_pack", "kv_unpack_", "build_info", "load_error",
            "EXTENSION_NAME", "EXTRA_CFLAGS", "EXTRA_LDFLAGS", "extension_sources"]
 
 log = logging.getLogger(__name__)
@@ -302,6 +305,66 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     if not _skinny_ok[1]:
         return F.linear(x, weight, bias)
     return ext.linear_small(x, weight, bias)
+
+
+# The decoder layers of one decode step in one native call (csrc/cpu/decoder_step.cpp): the same
+# kernels in the same order as the eager layer loop, without Python between them.
+@dataclass(frozen=True)
+class NativeAttention:
+    """How `decoder_layers` attends, offered by an attention callable for a decode step:
+    either paged decode over one instance's cache (`kv` [L, 2, blocks, block_size, Hkv, D],
+    each row's new-token `slots` int64, block `tables` int32 [T, W], `lens` int32 [T] with
+    the new token), or `callback(layer, q, k, v) -> out` (called from native code)."""
+
+    scale: float = 1.0
+    kv: Optional[Tensor] = None
+    slots: Optional[Tensor] = None
+    tables: Optional[Tensor] = None
+    lens: Optional[Tensor] = None
+    callback: Optional[Callable[[int, Tensor, Tensor, Tensor], Tensor]] = None
+
+
+def decoder_layers_supported(h: Tensor, cos: Tensor, sin: Tensor,
+                             layer_weights: Sequence[Tensor], attn: NativeAttention) -> bool:
+    """Whether `decoder_layers` takes these inputs: the extension is loaded, and h, cos, sin,
+    every weight (and a paged cache) are CPU tensors of h's dtype (float32 or bfloat16) that
+    the eager path's kernels would take (so both paths run the same kernels)."""
+    if attn.callback is None:
+        kv, slots, tables, lens = attn.kv, attn.slots, attn.tables, attn.lens
+        if (kv is None or kv.dtype != h.dtype or kv.device.type != "cpu"
+                or not kv.is_contiguous() or slots is None or slots.dtype != torch.int64
+                or tables is None or tables.dtype != torch.int32 or not tables.is_contiguous()
+                or lens is None or lens.dtype != torch.int32 or not lens.is_contiguous()
+                or any(t.device.type != "cpu" for t in (slots, tables, lens))
+                or not slots.shape[0] == tables.shape[0] == lens.shape[0] == h.shape[0]):
+            return False
+    if (_get() is None or h.dtype not in _ELEMENTWISE_DTYPES or h.dim() != 2
+            or h.device.type != "cpu" or not h.is_contiguous()
+            or cos.shape != (h.shape[0], cos.shape[-1]) or cos.dim() != 2 or sin.shape != cos.shape
+            or cos.dtype != h.dtype or sin.dtype != h.dtype
+            or not cos.is_contiguous() or not sin.is_contiguous()
+            or cos.device.type != "cpu" or sin.device.type != "cpu"):
+        return False
+    return all(w.dtype == h.dtype and w.device.type == "cpu" and w.is_contiguous()
+               for w in layer_weights)
+
+
+def decoder_layers(h: Tensor, residual: Tensor, cos: Tensor, sin: Tensor,
+                   layer_weights: Sequence[Tensor], num_heads: int, num_kv_heads: int,
+                   head_dim: int, eps: float, attn: NativeAttention) -> Tensor:
+    """Run every decoder layer of a step natively; returns the last layer's output (normed by
+    the final norm), `residual` updated in place, bitwise what the eager loop gives.
+    `layer_weights`: 8 per layer (see csrc/cpu/decoder_step.cpp), empty tensors for absent
+    biases. Call only where `decoder_layers_supported` is true."""
+    ext = _get()
+    empty = h.new_empty(0)
+    if attn.callback is not None:
+        return ext.decoder_layers(h, residual, cos, sin, list(layer_weights), num_heads,
+                                  num_kv_heads, head_dim, float(eps), attn.callback, empty,
+                                  empty, empty, empty, float(attn.scale))
+    return ext.decoder_layers(h, residual, cos, sin, list(layer_weights), num_heads, num_kv_heads,
+                              head_dim, float(eps), None, attn.kv, attn.slots,
+                              attn.tables, attn.lens, float(attn.scale))
 
 
 # KV block pack / unpack (csrc/cpu/kv_pack.cpp): one memcpy per (layer, k/v, slot) row. The

@@ -32,7 +32,8 @@ EXTENSION_NAME = "loong_cpu_ops"
 EXTRA_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 EXTRA_LDFLAGS = ["-fopenmp"]
 SOURCE_FILES = ("paged_attention.cpp", "lse_merge.cpp", "prefill_attention.cpp",
-                "fused_elementwise.cpp", "kv_pack.cpp", "skinny_linear.cpp", "bindings.cpp")
+                "fused_elementwise.cpp", "kv_pack.cpp", "skinny_linear.cpp",
+                "decoder_step.cpp", "bindings.cpp")
 # This file is <repo>/loong/ops/build.py; the sources are <repo>/csrc/cpu.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CSRC_DIR = os.path.join(_REPO_ROOT, "csrc", "cpu")

@@ -311,3 +311,23 @@ def test_elastic_policy_is_the_default_and_matches_single_instance(tiny_loaded, 
     from loong import LLM
     with pytest.raises(Exception, match="policy"):
         LLM(tiny_path, loaded=tiny_loaded, instances=2, policy="fifo")
+
+
+def test_native_decode_matches_eager_on_masters_and_peers(cluster, tiny_loaded, tiny_path,
+                                                          monkeypatch):
+    """Decode masters run the layer loop natively (calling the multi-master exchange back per
+    layer); instance processes started with LOONG_EAGER_DECODE=1 run the Python loop. Same
+    plans, so the same tokens and bitwise the same logprobs."""
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    use_policy(cluster, decode_masters=3)
+    native = cluster.generate(PROMPTS, params)
+    monkeypatch.setenv("LOONG_EAGER_DECODE", "1")
+    with start_cluster(tiny_loaded, tiny_path, instances=N, kv_capacity_tokens=128,
+                       block_size=4) as eager:
+        use_policy(eager, decode_masters=3)
+        want = eager.generate(PROMPTS, params)
+        assert eager.engine.policy.stats["masters"].get(3, 0) > 0
+    for a, b in zip(native, want):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == b.logprobs
+    assert_clean(cluster)

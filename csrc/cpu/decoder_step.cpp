@@ -1,0 +1,114 @@
+// The decoder layers of one decode step in one native call: no Python between the ops.
+//
+// A decode step on a CPU runs ~12 ops per layer on a few rows; from Python each costs a
+// dispatch (5-30 us) that is larger than its arithmetic, so on a small model the step's time is
+// mostly interpreter. This loop calls the same kernels as the eager path
+// (loong/model/llama.py DecoderLayer.forward + the attention callable), in the same order on the
+// same inputs, so its results are bitwise identical to the eager path's:
+//
+//   for each layer l:
+//     qkv = linear(h, Wqkv_l, bqkv_l)                 (linear_small for 1-8 bf16 rows, else at::linear)
+//     rotary_(q and k heads of qkv, cos, sin)          in place
+//     out = attention(l, q, k, v)
+//     h = add_rms_norm(linear(out, Wo_l, bo_l), residual, post_norm_l)
+//     h = add_rms_norm(linear(silu_mul(linear(h, Wgu_l)), Wdown_l), residual, next_norm_l)
+//
+// Attention is either the paged decode of one instance (kv [L, 2, blocks, block_size, Hkv, D]:
+// write k/v at `slots`, then paged_decode_attention over `tables`/`lens`), or a Python callable
+// `attn(layer, q, k, v) -> out` (a cluster member's multi-master exchange), called with the GIL
+// held; everything else runs with the GIL released.
+//
+// The same structure is what a CUDA graph captures per batch-size bucket on a GPU: one call
+// per step whose inputs (rows, slots, tables, lens) change while the op sequence does not.
+//
+// Weights: `layer_weights` holds kPerLayer tensors per layer in this order: qkv [Q+2KV, H],
+// qkv_bias [Q+2KV] or empty, o_proj [H, Q], o_bias [H] or empty, post_norm [H], gate_up [2I, H],
+// down [H, I], next_norm [H] (the next layer's input norm, or the final norm). Python checks
+// that the inputs suit the kernels (loong/ops/__init__.py decoder_layers), as it does for each
+// kernel in the eager path.
+
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace loong {
+
+at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w,
+                        const c10::optional<at::Tensor>& bias);
+bool linear_small_supported();
+at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tensor& weight,
+                        double eps);
+void rotary_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor silu_mul(const at::Tensor& gate_up);
+std::vector<at::Tensor> paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                               const at::Tensor& v_cache,
+                                               const at::Tensor& block_tables,
+                                               const at::Tensor& context_lens, double scale);
+
+namespace {
+
+constexpr size_t kPerLayer = 8;
+constexpr int64_t kSkinnyMaxRows = 8;   // = loong.ops.SKINNY_MAX_ROWS
+
+// loong.ops.linear's dispatch, in C++ (the same kernel for the same inputs).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  const bool has_bias = b.defined() && b.numel() > 0;
+  const c10::optional<at::Tensor> bias = has_bias ? c10::optional<at::Tensor>(b) : c10::nullopt;
+  const int64_t m = x.size(0);
+  if (x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && m >= 1 &&
+      m <= kSkinnyMaxRows && (x.stride(1) == 1 || x.size(1) <= 1) && w.is_contiguous() &&
+      (!has_bias || (b.scalar_type() == at::kBFloat16 && b.is_contiguous())) &&
+      linear_small_supported()) {
+    return linear_small(x, w, bias);
+  }
+  return at::linear(x, w, bias);
+}
+
+}  // namespace
+
+at::Tensor decoder_layers(at::Tensor h, at::Tensor residual, const at::Tensor& cos,
+                          const at::Tensor& sin, const std::vector<at::Tensor>& layer_weights,
+                          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
+                          const py::object& attn, const at::Tensor& kv, const at::Tensor& slots,
+                          const at::Tensor& tables, const at::Tensor& lens, double scale) {
+  TORCH_CHECK(layer_weights.size() % kPerLayer == 0, "decoder_layers: ", kPerLayer,
+              " weights per layer expected, got ", layer_weights.size());
+  TORCH_CHECK(h.dim() == 2 && residual.sizes() == h.sizes(), "decoder_layers: h and residual [T, H]");
+  const int64_t layers = static_cast<int64_t>(layer_weights.size() / kPerLayer);
+  const bool paged = attn.is_none();
+  if (paged) {
+    TORCH_CHECK(kv.dim() == 6 && kv.size(0) == layers && kv.size(1) == 2 && kv.is_contiguous(),
+                "decoder_layers: kv [L, 2, blocks, block_size, Hkv, D] expected");
+    TORCH_CHECK(slots.size(0) == h.size(0) && lens.size(0) == h.size(0) &&
+                    tables.size(0) == h.size(0),
+                "decoder_layers: one slot, table and length per row");
+  }
+  const int64_t t = h.size(0);
+  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* w = layer_weights.data() + l * kPerLayer;
+    at::Tensor qkv = linear(h, w[0], w[1]);
+    rotary_(qkv.narrow(1, 0, q_size + kv_size).view({t, -1, head_dim}), cos, sin);
+    at::Tensor q = qkv.narrow(1, 0, q_size).view({t, num_heads, head_dim});
+    at::Tensor k = qkv.narrow(1, q_size, kv_size).view({t, num_kv_heads, head_dim});
+    at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({t, num_kv_heads, head_dim});
+    at::Tensor o;
+    if (paged) {
+      at::Tensor k_cache = kv.select(0, l).select(0, 0);
+      at::Tensor v_cache = kv.select(0, l).select(0, 1);
+      k_cache.view({-1, num_kv_heads, head_dim}).index_copy_(0, slots, k);
+      v_cache.view({-1, num_kv_heads, head_dim}).index_copy_(0, slots, v);
+      o = paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)[0];
+    } else {
+      py::gil_scoped_acquire gil;
+      o = attn(l, q, k, v).cast<at::Tensor>();
+    }
+    o = linear(o.reshape({t, q_size}), w[2], w[3]);
+    h = add_rms_norm(o, residual, w[4], eps);
+    at::Tensor mlp = linear(silu_mul(linear(h, w[5], at::Tensor())), w[6], at::Tensor());
+    h = add_rms_norm(mlp, residual, w[7], eps);
+  }
+  return h;
+}
+
+}  // namespace loong
