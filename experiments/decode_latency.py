@@ -10,7 +10,8 @@ for every engine: generating `n` tokens minus generating 1 from the same prompts
             at 64 (the control plane and multi-master decode).
   fixed     a random 30-layer model with hidden size 64 (arithmetic nearly nil): ms per decode
             step = the step's fixed cost; native layer loop vs the eager Python loop
-            (LOONG_EAGER_DECODE=1), 1 and 2 instances; 2 minus 1 = the control plane's share.
+            (LOONG_EAGER_DECODE=1), 1 and 2 instances; on 2, the control plane's share (step
+            time minus the busiest instance's compute, from the instances' counters).
   batched   batch 32 and 64 (64-token prompts): decode GFLOP/s (2 x parameters x rows, plus
             attention) as a share of the bf16 matmul limit measured in the same run.
   peers     the batch-1 and batched workloads through vLLM's CPU build (`--vllm-python`, its
@@ -165,19 +166,42 @@ def fixed_section(a, loaded) -> dict:
     from loong.model.random_weights import random_model
     tiny = random_model(loaded, num_layers=30, hidden_size=64)
     out = {}
+    prompt = [prompt_ids(64, tiny.config.vocab_size)]
     for n in a.instances:
         for mode in ("eager", "native"):
             with eager_decode(mode == "eager"), LLM(loaded=tiny, dtype="bfloat16", instances=n,
                                                     enable_prefix_caching=False) as llm:
-                ts = step_times(LoongRunner(llm), [prompt_ids(64, tiny.config.vocab_size)],
-                                a.fixed_tokens, a.runs)
+                ts = step_times(LoongRunner(llm), prompt, a.fixed_tokens, a.runs)
+                if n > 1 and mode == "native":
+                    out[f"{n}/control_plane"] = control_plane(llm, prompt, a.fixed_tokens, a.runs)
             out[f"{n}/{mode}"] = ts
         e, nat = med(out[f"{n}/eager"]), med(out[f"{n}/native"])
         print(f"fixed cost, {n} instance(s): native {nat * 1e3:.2f} ms per step, eager "
               f"{e * 1e3:.2f} ms: {ratio(e, nat):.2f}x", flush=True)
-    if 1 in a.instances and 2 in a.instances:
-        cp = med(out["2/native"]) - med(out["1/native"])
-        print(f"control plane of a 2-instance step: {cp * 1e3:.2f} ms")
+        if n > 1:
+            cp = out[f"{n}/control_plane"]
+            print(f"control plane of a {n}-instance step (step time minus the busiest "
+                  f"instance's compute): {med(cp) * 1e3:.2f} ms {[round(x * 1e3, 2) for x in cp]}",
+                  flush=True)
+    return out
+
+
+def control_plane(llm, prompt, tokens: int, runs: int) -> list[float]:
+    """Per run: (wall time of `tokens` decode steps - the busiest instance's compute time in
+    them, from the instances' counters) / steps: what the manager and the control messages
+    add to a step whose data plane does nothing (one request on one instance)."""
+    from loong import SamplingParams
+    sp = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    out = []
+    for _ in range(runs):
+        before = llm.engine.cluster_stats()["instances"]
+        t0 = time.perf_counter()
+        llm.generate(prompt, sp)
+        wall = time.perf_counter() - t0
+        after = llm.engine.cluster_stats()["instances"]
+        busiest = max(after[r]["compute_s"] - before.get(r, {}).get("compute_s", 0.0)
+                      for r in after)
+        out.append((wall - busiest) / tokens)
     return out
 
 

@@ -60,10 +60,17 @@ class DistDecodeAttention:
         self.backend = get_attention_backend(cache.kv.device)
 
     def native_decode(self) -> ops.NativeAttention | None:
-        """For `loong.ops.decoder_layers`: the master's layer loop runs natively and calls
-        this object back for each layer's exchange (CPU caches only)."""
-        return ops.NativeAttention(scale=self.scale, callback=self) \
-            if self.cache.kv.device.type == "cpu" else None
+        """For `loong.ops.decoder_layers` (CPU caches only): a master with no peer to ask or
+        answer (its rows' KV all here) attends natively like one instance's paged decode;
+        otherwise the native layer loop calls this object back for each layer's exchange."""
+        ex = self.ex
+        if self.cache.kv.device.type != "cpu":
+            return None
+        if not ex.to_peers and not ex.from_masters and ex.own is not None:
+            # Same order as _layer: write the rows' k/v, then paged decode over own shards.
+            return ops.NativeAttention(scale=self.scale, kv=self.cache.kv, slots=ex.new_slots,
+                                       tables=ex.own.tables, lens=ex.own.lens)
+        return ops.NativeAttention(scale=self.scale, callback=self)
 
     def peer_layer(self, layer: int) -> None:
         self._layer(layer, None, None, None)

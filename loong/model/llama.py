@@ -82,6 +82,7 @@ class LlamaModel(nn.Module):
         self.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings, dtype, device)
         self.native_decode = os.environ.get("LOONG_EAGER_DECODE", "") != "1"
         self._native_weights: list[torch.Tensor] | None = None
+        self._native_weights_ok = False
 
     @property
     def device(self) -> torch.device:
@@ -98,7 +99,7 @@ class LlamaModel(nn.Module):
         native = self._native_attention(attn)
         if native is not None:
             weights = self.native_layer_weights()
-            if ops.decoder_layers_supported(h, cos, sin, weights, native):
+            if self._native_weights_ok and ops.decoder_layers_supported(h, cos, sin, native):
                 cfg = self.cfg
                 return ops.decoder_layers(h, residual, cos, sin, weights, cfg.num_heads,
                                           cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, native)
@@ -124,6 +125,7 @@ class LlamaModel(nn.Module):
                         layer.o_proj, none if layer.o_bias is None else layer.o_bias,
                         layer.post_norm, layer.gate_up, layer.down, nxt]
             self._native_weights = out
+            self._native_weights_ok = ops.decoder_layer_weights_ok(out, self.dtype)
         return self._native_weights
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ Tensor = torch.Tensor
 __all__ = ["csrc_available", "paged_decode_attention", "lse_merge", "causal_attention",
            "full_attention", "prefill_kernel_supports", "rms_norm", "add_rms_norm", "rotary_",
            "silu_mul", "rms_norm_torch", "linear", "SKINNY_MAX_ROWS", "NativeAttention",
-           "decoder_layers", "decoder_layers_supported", "kv_pack", "kv_unpack_", "build_info", "load_error",
+           "decoder_layers", "decoder_layers_supported", "decoder_layer_weights_ok", "kv_pack", "kv_unpack_", "build_info", "load_error",
            "EXTENSION_NAME", "EXTRA_CFLAGS", "EXTRA_LDFLAGS", "extension_sources"]
 
 log = logging.getLogger(__name__)
@@ -324,11 +324,18 @@ class NativeAttention:
     callback: Optional[Callable[[int, Tensor, Tensor, Tensor], Tensor]] = None
 
 
-def decoder_layers_supported(h: Tensor, cos: Tensor, sin: Tensor,
-                             layer_weights: Sequence[Tensor], attn: NativeAttention) -> bool:
-    """Whether `decoder_layers` takes these inputs: the extension is loaded, and h, cos, sin,
-    every weight (and a paged cache) are CPU tensors of h's dtype (float32 or bfloat16) that
-    the eager path's kernels would take (so both paths run the same kernels)."""
+def decoder_layer_weights_ok(layer_weights: Sequence[Tensor], dtype: torch.dtype) -> bool:
+    """Whether every weight of a `decoder_layers` list is a contiguous CPU tensor of `dtype`
+    (check once per list: the model caches the answer)."""
+    return all(w.dtype == dtype and w.device.type == "cpu" and w.is_contiguous()
+               for w in layer_weights)
+
+
+def decoder_layers_supported(h: Tensor, cos: Tensor, sin: Tensor, attn: NativeAttention) -> bool:
+    """Whether `decoder_layers` takes this step (weights checked apart by
+    `decoder_layer_weights_ok`): the extension is loaded, and h, cos, sin (and a paged cache)
+    are CPU tensors of h's dtype (float32 or bfloat16) that the eager path's kernels would take
+    (so both paths run the same kernels)."""
     if attn.callback is None:
         kv, slots, tables, lens = attn.kv, attn.slots, attn.tables, attn.lens
         if (kv is None or kv.dtype != h.dtype or kv.device.type != "cpu"
@@ -338,15 +345,12 @@ def decoder_layers_supported(h: Tensor, cos: Tensor, sin: Tensor,
                 or any(t.device.type != "cpu" for t in (slots, tables, lens))
                 or not slots.shape[0] == tables.shape[0] == lens.shape[0] == h.shape[0]):
             return False
-    if (_get() is None or h.dtype not in _ELEMENTWISE_DTYPES or h.dim() != 2
-            or h.device.type != "cpu" or not h.is_contiguous()
-            or cos.shape != (h.shape[0], cos.shape[-1]) or cos.dim() != 2 or sin.shape != cos.shape
-            or cos.dtype != h.dtype or sin.dtype != h.dtype
-            or not cos.is_contiguous() or not sin.is_contiguous()
-            or cos.device.type != "cpu" or sin.device.type != "cpu"):
-        return False
-    return all(w.dtype == h.dtype and w.device.type == "cpu" and w.is_contiguous()
-               for w in layer_weights)
+    return not (_get() is None or h.dtype not in _ELEMENTWISE_DTYPES or h.dim() != 2
+                or h.device.type != "cpu" or not h.is_contiguous()
+                or cos.dim() != 2 or cos.shape[0] != h.shape[0] or sin.shape != cos.shape
+                or cos.dtype != h.dtype or sin.dtype != h.dtype
+                or not cos.is_contiguous() or not sin.is_contiguous()
+                or cos.device.type != "cpu" or sin.device.type != "cpu")
 
 
 def decoder_layers(h: Tensor, residual: Tensor, cos: Tensor, sin: Tensor,
@@ -355,7 +359,7 @@ def decoder_layers(h: Tensor, residual: Tensor, cos: Tensor, sin: Tensor,
     """Run every decoder layer of a step natively; returns the last layer's output (normed by
     the final norm), `residual` updated in place, bitwise what the eager loop gives.
     `layer_weights`: 8 per layer (see csrc/cpu/decoder_step.cpp), empty tensors for absent
-    biases. Call only where `decoder_layers_supported` is true."""
+    biases. Call only where `decoder_layers_supported` and `decoder_layer_weights_ok` hold."""
     ext = _get()
     empty = h.new_empty(0)
     if attn.callback is not None:

@@ -158,3 +158,37 @@ def test_in_place_weight_updates_are_seen():
     eager = _forward(model, cache, items, tables, native=False)
     assert not torch.equal(before, after)
     assert torch.equal(after, eager)
+
+
+class _NoPeersComm:
+    def wait(self, *handles):
+        assert not handles
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_master_without_peers_attends_natively_like_its_eager_exchange(dtype):
+    """A decode-group master whose rows' KV is all local (no peer to ask or answer) takes the
+    paged native path, bitwise equal to DistDecodeAttention's eager per-layer exchange."""
+    from loong.attention.dist_decode import DecodeExchange, DistDecodeAttention, PagedRows
+    model = _model(dtype)
+    cache, items, tables = _step(model, 3)
+    ids, positions, meta, _, _ = prepare_chunks(items, tables, cache.block_size, model.device)
+    cfg = model.cfg
+    lens = [it.start + 1 for it in items]
+    ex = DecodeExchange(meta.slots, PagedRows.build(tables, lens, model.device), {}, {})
+    attn = DistDecodeAttention(_NoPeersComm(), ex, cache, cfg.head_dim ** -0.5, cfg.num_heads,
+                               cfg.head_dim, dtype)
+    native = attn.native_decode()
+    assert native.callback is None and native.kv is cache.kv
+    kv0 = cache.kv.clone()
+    model.native_decode = True
+    got = model(ids, positions, attn)
+    kv_native = cache.kv.clone()
+    cache.kv.copy_(kv0)
+    model.native_decode = False
+    assert torch.equal(got, model(ids, positions, attn))
+    assert torch.equal(cache.kv, kv_native)
+    with_peer = DecodeExchange(meta.slots, ex.own, {1: torch.tensor([0])}, {})
+    assert DistDecodeAttention(_NoPeersComm(), with_peer, cache, 1.0, cfg.num_heads, cfg.head_dim,
+                               dtype).native_decode().callback is not None
