@@ -1,9 +1,10 @@
 """Decode latency of a peer engine (vLLM's CPU build or llama.cpp), run in that engine's own
 virtual environment by `decode_latency.py`: standard library plus the engine only.
 
-Every workload is timed by difference, the same way for every engine: the time to generate
-`n` tokens minus the time to generate 1 token from the same prompts, over `n - 1`, is the time
-of one decode step (prefill cancels out). Greedy, end-of-sequence ignored. Prints one JSON
+Workloads are timed by difference (vLLM, Loong): the time to generate `n` tokens minus the
+time to generate 1 token from the same prompts, over `n - 1`, is the time of one decode step
+(prefill cancels out); llama.cpp streams, and its step is the time from the first streamed
+token to the last over the tokens between (its long-prompt prefill is too noisy to subtract). Greedy, end-of-sequence ignored. Prints one JSON
 object: {"engine", "version", "batch1": {context: [step seconds per run]},
 "batched": {batch: [step seconds per run]}}.
 
@@ -50,17 +51,21 @@ class LlamaCppRunner:
         self.vocab = self.llm.n_vocab()
         self.eos = self.llm.token_eos()
 
-    def timed(self, prompts: list[list[int]], n: int) -> float:
-        if len(prompts) != 1:
-            raise ValueError("llama.cpp runs one stream here")
+    def tpot(self, prompt: list[int], n: int) -> float:
+        """Seconds between streamed tokens (first to last): the difference method drowns in
+        the noise of a long prompt's prefill here."""
         self.llm.reset()                       # no reuse of the previous call's prompt
-        t0 = time.perf_counter()
-        self.llm.create_completion(prompts[0], max_tokens=n, temperature=0.0,
-                                   logit_bias={self.eos: -1e9})
-        return time.perf_counter() - t0
+        stamps = [time.perf_counter() for _ in self.llm.create_completion(
+            prompt, max_tokens=n, temperature=0.0, logit_bias={self.eos: -1e9}, stream=True)]
+        return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
 
 
 def step_times(runner, prompts: list[list[int]], n: int, runs: int) -> list[float]:
+    if hasattr(runner, "tpot"):                # a streaming engine, one stream
+        if len(prompts) != 1:
+            raise ValueError("streamed timing runs one stream")
+        runner.tpot(prompts[0], 4)
+        return [runner.tpot(prompts[0], n) for _ in range(runs)]
     runner.timed(prompts, 4)                   # warm-up
     out = []
     for _ in range(runs):

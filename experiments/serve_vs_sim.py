@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import sys
 import time
 
@@ -99,8 +100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--serve-arg", action="append", default=[],
                    help="extra `loong serve` argument (repeatable, e.g. --serve-arg=--max-num-seqs=64)")
+    p.add_argument("--runs", type=int, default=1,
+                   help="real runs (and simulations of what each served) per instance count; "
+                        "the table shows medians")
     p.add_argument("--json", default=os.path.join(RESULTS, "serve_vs_sim.json"))
     a = p.parse_args(argv)
+    if a.runs < 1:
+        p.error("--runs must be at least 1")
     for k, v in (QUICK if a.quick else FULL).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -136,7 +142,7 @@ def sim_policy(a: argparse.Namespace, n: int) -> tuple[str, dict]:
     return a.one_instance_sim_policy, dict(replica_size=1, token_budget=a.max_num_batched_tokens)
 
 
-def run_one(a: argparse.Namespace, n: int, kv: int) -> dict:
+def run_one(a: argparse.Namespace, n: int, kv: int, run: int = 0) -> dict:
     """Serve on n instances, bench, then simulate the same requests on n instances."""
     policy, kw = sim_policy(a, n)
     # The server runs the policy that is simulated (a 1-instance server would otherwise run
@@ -157,7 +163,7 @@ def run_one(a: argparse.Namespace, n: int, kv: int) -> dict:
         srv.stop()
     load1 = loadavg()
     stem = os.path.splitext(os.path.abspath(a.json))[0]      # traces beside their report
-    trace = f"{stem}_trace_{n}.jsonl"
+    trace = f"{stem}_trace_{n}" + (f"_run{run + 1}" if run else "") + ".jsonl"
     count = write_trace(report, trace)
     if not count:
         raise RuntimeError(f"{n} instance(s): no request finished; errors {report['errors']}")
@@ -172,15 +178,22 @@ def err_pct(real, sim):
     return None if real in (None, 0) or sim is None else 100.0 * (sim - real) / real
 
 
-def build_table(runs: dict[int, dict]) -> list[dict]:
-    """One row per ROWS entry: real, sim and error per instance count, and real ratios of
-    each count to the first (e.g. 2 over 1)."""
+def median_metric(rs: list[dict], side: str, key: str, stat, scale) -> float | None:
+    """Median over runs of one metric of the real runs or of their simulations."""
+    vals = [v for v in (metric_value(r[side]["metrics"], key, stat, scale) for r in rs)
+            if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def build_table(runs: dict[int, list[dict]]) -> list[dict]:
+    """One row per ROWS entry: real, sim (medians over the runs) and error per instance
+    count, and real ratios of each count to the first (e.g. 2 over 1)."""
     table = []
     for label, key, stat, scale in ROWS:
         row = {"metric": label}
-        for n, r in runs.items():
-            real = metric_value(r["real"]["metrics"], key, stat, scale)
-            sim = metric_value(r["sim"]["metrics"], key, stat, scale)
+        for n, rs in runs.items():
+            real = median_metric(rs, "real", key, stat, scale)
+            sim = median_metric(rs, "sim", key, stat, scale)
             row[f"real_{n}"], row[f"sim_{n}"], row[f"err_{n}"] = real, sim, err_pct(real, sim)
         ns = sorted(runs)
         if len(ns) >= 2:
@@ -229,9 +242,9 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     kv = a.kv_capacity_tokens or load_cost_model(a.preset).tokens_per_instance
     t0 = time.time()
-    runs = {}
+    runs: dict[int, list[dict]] = {}
     for n in a.instance_list:
-        runs[n] = run_one(a, n, kv)
+        runs[n] = [run_one(a, n, kv, i) for i in range(a.runs)]
     table = build_table(runs)
     wall = time.time() - t0
     ns = sorted(runs)
@@ -240,16 +253,19 @@ def main(argv=None) -> int:
           f"{a.policy} policy (on 1 instance: {sim_policy(a, 1)[0]}); server threads "
           f"{a.threads or 'default'}; sim preset {a.preset}; {wall:.0f} s in all")
     for n in ns:
-        r = runs[n]
-        real = r["real"]
-        print(f"  {n} instance(s): {real['finished']}/{real['requests']} finished"
-              + (f", errors {real['errors']}" if real["errors"] else "")
-              + f"; load average {r['loadavg_before']:.2f} -> {r['loadavg_after']:.2f}")
+        for i, r in enumerate(runs[n]):
+            real = r["real"]
+            print(f"  {n} instance(s), run {i + 1}: {real['finished']}/{real['requests']} finished"
+                  + (f", errors {real['errors']}" if real["errors"] else "")
+                  + f"; load average {r['loadavg_before']:.2f} -> {r['loadavg_after']:.2f}")
+    if a.runs > 1:
+        print(f"  (medians of {a.runs} runs)")
     print(format_table(table, ns))
     out = {"args": {k: v for k, v in vars(a).items()}, "wall_s": wall, "table": table,
-           "runs": {str(n): {k: v for k, v in r.items() if k != "sim"}
-                    | {"sim": {k: v for k, v in r["sim"].items() if k != "records"}}
-                    for n, r in runs.items()}}
+           "runs": {str(n): [{k: v for k, v in r.items() if k != "sim"}
+                             | {"sim": {k: v for k, v in r["sim"].items() if k != "records"}}
+                             for r in rs]
+                    for n, rs in runs.items()}}
     with open(a.json, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1)
     print(f"-> {a.json}")

@@ -129,7 +129,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
             raise ValueError(f"{name}: must be a positive int, got {v}")
     if not 0 < args.max_foreign_cpu <= 1:
         raise ValueError(f"max_foreign_cpu: must be in (0, 1], got {args.max_foreign_cpu}")
-    from loong.sched.profile_fit import fit_profile, summary_table
+    from loong.sched.profile_fit import fit_profile, fit_warnings, summary_table
     from loong.tools.profiler import default_grid, run_profile
     if args.refit:
         with open(args.refit, encoding="utf-8") as f:
@@ -152,6 +152,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
                          else "profiled")
     cm = fit_profile(raw, name)
     print(summary_table(cm))
+    for line in fit_warnings(cm):
+        print(line, file=sys.stderr)
     if args.preset_out:
         with open(args.preset_out, "w", encoding="utf-8") as f:
             f.write(cm.to_json() + "\n")

@@ -2,7 +2,8 @@
 
 Owns: `fit_profile` (relative-error least squares per group size via `fit_prefill` /
 `fit_decode`, held-out mean relative errors in `fit_error`, migration bandwidth through
-the origin, per-group-size decode fits kept for inspection) and `summary_table`.
+the origin, per-group-size decode fits kept for inspection), `summary_table` and
+`fit_warnings` (fits whose held-out error is too high to trust).
 Pure Python + numpy: never imports torch (`loong profile --refit` and tests use it alone).
 """
 from __future__ import annotations
@@ -107,6 +108,31 @@ def summary_table(cm: CostModel) -> str:
                  f"(MRE {_pct(fe.get('migration_insample_mre'))}); KV {cm.kv_bytes_per_token} B/token, "
                  f"{cm.tokens_per_instance} tokens/instance")
     return "\n".join(lines)
+
+
+# A held-out mean relative error above this makes the simulator's predictions doubtful.
+HIGH_HELDOUT_MRE = 0.25
+
+
+def fit_warnings(cm: CostModel, threshold: float = HIGH_HELDOUT_MRE) -> list[str]:
+    """One line per fit whose held-out mean relative error exceeds `threshold` (prefill per
+    group size, the shared decode fit, decode per group size), saying what to do."""
+    fe = cm.fit_error or {}
+    bad: list[str] = []
+    for g, e in sorted(fe.get("prefill_heldout_mre", {}).items()):
+        if e is not None and e > threshold:
+            bad.append(f"prefill g={g}: held-out error {_pct(e)}")
+    e = fe.get("decode_heldout_mre")
+    if e is not None and e > threshold and not cm.decode_by_group:
+        # (with per-group fits the shared one only serves group sizes never profiled)
+        bad.append(f"decode (shared): held-out error {_pct(e)}")
+    for g, row in sorted(fe.get("decode_by_group", {}).items()):
+        e = row.get("heldout_mre")
+        if e is not None and e > threshold and int(g) in cm.decode_by_group:
+            bad.append(f"decode g={g}: held-out error {_pct(e)}")
+    return [f"warning: {b} (> {_pct(threshold)}): the simulator's times for it are unreliable; "
+            f"profile again on a quiet machine (check the load average), with the full grid "
+            f"(no --quick) or more --repeats" for b in bad]
 
 
 def _pct(x) -> str:
