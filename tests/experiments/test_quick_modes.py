@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 RESULTS = os.path.join(EXPERIMENTS, "results")
 # Modules of experiments/ that are imported by the scripts, not run.
-HELPERS = {"bench_common"}
+HELPERS = {"bench_common", "decode_peers"}   # decode_peers runs inside peer engines' venvs (decode_latency)
 
 
 def _data_dir():
