@@ -13,15 +13,16 @@ inputs; `LlamaModel.native_decode = False` (or LOONG_EAGER_DECODE=1) keeps the P
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loong import ops
-from loong.errors import ModelLoadError
+from loong.errors import InvalidRequestError, ModelLoadError
 from loong.model.config import ModelConfig
+from loong.model.weight_names import EMBED, LM_HEAD, check_weight_update, hf_weight_shapes
 from loong.model.rope import RotaryEmbedding
 
 # attn(layer_idx, q [T,H,D], k [T,Hkv,D], v [T,Hkv,D]) -> out [T,H,D]
@@ -133,57 +134,64 @@ class LlamaModel(nn.Module):
         head = self.embed if self.lm_head is None else self.lm_head
         return ops.linear(hidden, head).float()
 
-    @torch.no_grad()
-    def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Copy Hugging Face-named tensors into the fused parameters (shape-checked)."""
-        cfg = self.cfg
-        used: set[str] = set()
-        self._native_weights = None
-
-        def take(name: str) -> torch.Tensor:
-            if name not in weights:
-                raise ModelLoadError(f"checkpoint is missing weight {name!r}")
-            used.add(name)
-            return weights[name]
-
-        def put(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
-            if tuple(param.shape) != tuple(value.shape):
-                raise ModelLoadError(
-                    f"weight {name!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
-            param.copy_(value.to(param.dtype))
-
-        put(self.embed, take("model.embed_tokens.weight"), "model.embed_tokens.weight")
-        put(self.norm, take("model.norm.weight"), "model.norm.weight")
+    def hf_weight_slots(self) -> dict[str, torch.Tensor]:
+        """Every weight by its Hugging Face name (as `weight_names.hf_weight_shapes` lists
+        them) -> the parameter, or the rows of a fused one (q/k/v in `qkv`, gate/up in
+        `gate_up`), that holds it: views, so copying into one updates the model in place."""
+        slots: dict[str, torch.Tensor] = {EMBED: self.embed, "model.norm.weight": self.norm}
         if self.lm_head is not None:
-            name = "lm_head.weight"
-            put(self.lm_head, weights[name] if name in weights else take("model.embed_tokens.weight"), name)
-            used.add(name)
-        else:
-            used.add("lm_head.weight")  # tied: a saved copy of the embedding is ignored
+            slots[LM_HEAD] = self.lm_head
+        inter = self.cfg.intermediate_size
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
-            put(layer.input_norm, take(p + "input_layernorm.weight"), p + "input_layernorm.weight")
-            put(layer.post_norm, take(p + "post_attention_layernorm.weight"), p + "post_attention_layernorm.weight")
-            qkv = [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
-            _check_rows(qkv, (layer.q_size, layer.kv_size, layer.kv_size), cfg.hidden_size, p + "self_attn")
-            put(layer.qkv, torch.cat(qkv, 0), p + "self_attn.qkv_proj.weight")
-            if layer.qkv_bias is not None:
-                put(layer.qkv_bias, torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]),
-                    p + "self_attn.qkv_proj.bias")
-            put(layer.o_proj, take(p + "self_attn.o_proj.weight"), p + "self_attn.o_proj.weight")
+            q, kv = layer.q_size, layer.kv_size
+            slots[p + "input_layernorm.weight"] = layer.input_norm
+            slots[p + "post_attention_layernorm.weight"] = layer.post_norm
+            for n, (a, b) in zip("qkv", ((0, q), (q, q + kv), (q + kv, q + 2 * kv))):
+                slots[p + f"self_attn.{n}_proj.weight"] = layer.qkv[a:b]
+                if layer.qkv_bias is not None:
+                    slots[p + f"self_attn.{n}_proj.bias"] = layer.qkv_bias[a:b]
+            slots[p + "self_attn.o_proj.weight"] = layer.o_proj
             if layer.o_bias is not None:
-                put(layer.o_bias, take(p + "self_attn.o_proj.bias"), p + "self_attn.o_proj.bias")
-            gu = [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]
-            _check_rows(gu, (cfg.intermediate_size,) * 2, cfg.hidden_size, p + "mlp")
-            put(layer.gate_up, torch.cat(gu, 0), p + "mlp.gate_up_proj.weight")
-            put(layer.down, take(p + "mlp.down_proj.weight"), p + "mlp.down_proj.weight")
-        unknown = [n for n in weights if n not in used and "rotary_emb" not in n]
+                slots[p + "self_attn.o_proj.bias"] = layer.o_bias
+            slots[p + "mlp.gate_proj.weight"] = layer.gate_up[:inter]
+            slots[p + "mlp.up_proj.weight"] = layer.gate_up[inter:]
+            slots[p + "mlp.down_proj.weight"] = layer.down
+        return slots
+
+    @torch.no_grad()
+    def update_hf_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy Hugging Face-named tensors (any subset of the weights) into the parameters
+        that hold them, in place (cast to the model's dtype and device). Every name and shape
+        is checked before anything is copied (InvalidRequestError naming the weight); a
+        tied model's `lm_head.weight` is its embedding; rotary buffers are ignored. Returns
+        the number of tensors copied."""
+        pairs = check_weight_update(self.cfg, named)
+        slots = self.hf_weight_slots()
+        for name, value in pairs:
+            slots[name].copy_(value.to(device=self.device, dtype=self.dtype))
+        return len(pairs)
+
+    @torch.no_grad()
+    def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Fill every parameter from a whole Hugging Face-named checkpoint (shape-checked).
+        An untied model whose checkpoint has no `lm_head.weight` uses the embedding; a tied
+        model ignores a saved copy of it."""
+        cfg = self.cfg
+        self._native_weights = None
+        given = {n: t for n, t in weights.items() if "rotary_emb" not in n}
+        if cfg.tie_word_embeddings:
+            given.pop(LM_HEAD, None)
+        elif LM_HEAD not in given and EMBED in given:
+            given[LM_HEAD] = given[EMBED]
+        shapes = hf_weight_shapes(cfg)
+        missing = [n for n in shapes if n not in given]
+        if missing:
+            raise ModelLoadError(f"checkpoint is missing weight {missing[0]!r}")
+        unknown = [n for n in given if n not in shapes]
         if unknown:
             raise ModelLoadError(f"checkpoint has {len(unknown)} unexpected weights, e.g. {unknown[:3]}")
-
-
-def _check_rows(parts: list[torch.Tensor], rows: tuple[int, ...], cols: int, prefix: str) -> None:
-    for t, r, n in zip(parts, rows, ("first", "second", "third")):
-        if tuple(t.shape) != (r, cols):
-            raise ModelLoadError(
-                f"{prefix}: {n} projection has shape {tuple(t.shape)}, expected {(r, cols)}")
+        try:
+            self.update_hf_weights(given.items())
+        except InvalidRequestError as e:
+            raise ModelLoadError(str(e).split(": ", 1)[-1]) from None

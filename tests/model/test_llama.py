@@ -90,3 +90,52 @@ def test_shape_mismatch_names_the_tensor():
 def test_unknown_architecture_rejected():
     with pytest.raises(ModelLoadError, match="architectures"):
         ModelConfig.from_hf_dict({"architectures": ["GPT2LMHeadModel"], "hidden_size": 8})
+
+
+def _perturb(hf, scale=0.05, seed=5):
+    """Change every weight of a transformers model (as a training step would)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("arch,tie", [("llama", True), ("llama", False), ("qwen2", False)])
+def test_update_hf_weights_in_place_matches_transformers(arch, tie):
+    """A full Hugging Face state dict of changed weights, applied in place, gives the changed
+    model's logits (the fused q/k/v and gate/up rows, biases and tied heads included)."""
+    hf, ours = tiny_pair(arch=arch, tie=tie)
+    ids = torch.randint(0, 128, (50,), generator=torch.Generator().manual_seed(3))
+    before = our_logits(ours, ids)
+    params = [p.data_ptr() for p in ours.parameters()]
+    _perturb(hf)
+    assert ours.update_hf_weights(hf.state_dict().items()) > 0
+    assert [p.data_ptr() for p in ours.parameters()] == params      # in place
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    got = our_logits(ours, ids)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(got, before, atol=1e-3)
+
+
+def test_partial_update_and_bad_updates_change_nothing():
+    from loong.errors import InvalidRequestError
+    hf, ours = tiny_pair(tie=False)
+    ids = torch.randint(0, 128, (30,), generator=torch.Generator().manual_seed(4))
+    _perturb(hf)
+    sd = hf.state_dict()
+    only = {n: sd[n] for n in ("model.layers.1.mlp.up_proj.weight", "lm_head.weight")}
+    assert ours.update_hf_weights(only.items()) == 2
+    assert torch.equal(ours.layers[1].gate_up[96:], sd["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(ours.lm_head, sd["lm_head.weight"])
+    snapshot = [p.clone() for p in ours.parameters()]
+    for bad, match in (({"model.layers.0.mlp.up_proj.weight": sd["model.layers.0.mlp.up_proj.weight"],
+                         "model.layers.9.mlp.up_proj.weight": torch.zeros(96, 64)}, "no weight"),
+                       ({"model.layers.0.self_attn.q_proj.weight": sd["model.layers.0.self_attn.q_proj.weight"],
+                         "model.layers.0.self_attn.k_proj.weight": torch.zeros(64, 64)}, r"\(32, 64\)")):
+        with pytest.raises(InvalidRequestError, match=match):
+            ours.update_hf_weights(bad.items())
+        # all checked before anything is copied
+        assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), snapshot))
+    assert ours.update_hf_weights([("model.rotary_emb.inv_freq", torch.zeros(3))]) == 0
+    our_logits(ours, ids)
