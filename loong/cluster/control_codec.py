@@ -18,7 +18,7 @@ from loong.sched.cluster_plan import (BatchGroupPlan, CacheAttach, CacheInsert, 
                                       InstanceCounters, KeepRange, MigrationPlan,
                                       PrefillGroupPlan, PrefillItem)
 from loong.cluster.messages import (Heartbeat, Hello, Inspect, InspectReply, InstanceSpec,
-                                    Ready, Reset, Setup, Shutdown)
+                                    Ready, Reset, Setup, Shutdown, UpdateWeights)
 from loong.worker.step_io import InstanceResult, InstanceStep, RequestSync
 
 
@@ -258,6 +258,12 @@ def encode(msg) -> bytes:
         _set_opt(env.inspect, "request_id", msg.request_id)
     elif isinstance(msg, InspectReply):
         _inspect_reply_to(msg, env.inspect_reply)
+    elif isinstance(msg, UpdateWeights):
+        env.update_weights.SetInParent()
+        for name, t in msg.weights:
+            w = env.update_weights.weights.add()
+            w.name = name
+            tensor_to_proto(t, w.tensor)
     else:
         raise TypeError(f"not a control message: {type(msg).__name__}")
     return env.SerializeToString()
@@ -297,6 +303,9 @@ def decode(data: bytes):
         return Inspect(env.inspect.what, _opt(env.inspect, "request_id"))
     if which == "inspect_reply":
         return _inspect_reply_from(env.inspect_reply)
+    if which == "update_weights":
+        return UpdateWeights(tuple((w.name, tensor_from_proto(w.tensor))
+                                   for w in env.update_weights.weights))
     raise ControlProtocolError(f"control frame with no known body ({len(data)} bytes)")
 
 

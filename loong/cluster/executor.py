@@ -27,7 +27,7 @@ from typing import Mapping
 
 from loong.cluster.control_codec import ControlConnection
 from loong.cluster.errors import ClusterError, ClusterReset, InstanceLost
-from loong.cluster.messages import Heartbeat, Inspect, Ready, Reset, Shutdown
+from loong.cluster.messages import Heartbeat, Inspect, Ready, Reset, Shutdown, UpdateWeights
 from loong.cluster.syncs import RequestView, SyncTracker
 from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult, check_plan, remap_plan
 from loong.worker.step_io import InstanceResult, InstanceStep
@@ -284,6 +284,19 @@ class ClusterExecutor:
         if what == "shards" and reply.shards is not None:
             return reply.shards, reply.free_blocks
         return reply.problem
+
+    def update_weights(self, weights: list[tuple[str, object]]) -> None:
+        """Replace weights in place on every live instance (names and shapes checked by the
+        caller); between steps only. Raises ClusterError when an instance fails it (the
+        instances may then hold different weights: restart or update again)."""
+        msg = UpdateWeights(tuple(weights))
+        for r in self.live:
+            self._send(self.instances[r], msg)
+        problems = [self.recv(self.instances[r], "update weights").problem for r in self.live]
+        bad = [p for p in problems if p]
+        if bad:
+            raise ClusterError(f"weight update failed: {bad[0]}"
+                               + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
 
     # ----- transport and liveness ------------------------------------------------------
     def _send(self, inst: InstanceHandle, msg) -> None:

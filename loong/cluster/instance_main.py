@@ -58,8 +58,8 @@ def run_instance(address, authkey: bytes, rank: int, world_size: int, load=None)
     weights), called once (nothing keeps its weights after the model copied them), or None
     (load the model Setup names)."""
     from loong.cluster.control_codec import ControlConnection
-    from loong.cluster.messages import (HEARTBEAT_S, Heartbeat, Hello, Inspect, Ready, Reset,
-                                        Shutdown)
+    from loong.cluster.messages import (HEARTBEAT_S, Heartbeat, Hello, Inspect, InspectReply,
+                                        Ready, Reset, Shutdown, UpdateWeights)
     from loong.worker.step_io import InstanceResult, InstanceStep
     conn = _LockedConn(ControlConnection(_connect(address, authkey)))
     conn.send(Hello(rank, world_size, os.getpid()))
@@ -98,6 +98,13 @@ def run_instance(address, authkey: bytes, rank: int, world_size: int, load=None)
                 return
             if isinstance(msg, Inspect):
                 conn.send(_inspect(worker, msg))
+                continue
+            if isinstance(msg, UpdateWeights):
+                try:
+                    worker.model.update_hf_weights(msg.weights)
+                    conn.send(InspectReply(problem=None))
+                except Exception as e:      # noqa: BLE001 - reported to the manager
+                    conn.send(InspectReply(problem=f"instance {rank}: {type(e).__name__}: {e}"))
                 continue
             if isinstance(msg, Reset):
                 worker.reset()

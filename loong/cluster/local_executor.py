@@ -99,6 +99,10 @@ class LocalExecutor:
         self._syncs.clear()
         return [0]
 
+    def update_weights(self, weights: list[tuple[str, object]]) -> None:
+        """Replace weights in place (names and shapes checked by the caller)."""
+        self.worker.model.update_hf_weights(weights)
+
     def inspect(self, rank: int, what: str, request_id: str | None = None):
         """As `ClusterExecutor.inspect`: 'kv' (a shard's KV), 'shards' ((request -> tokens,
         free blocks)) or 'integrity' (None, or what is wrong)."""

@@ -1,9 +1,9 @@
 """Control messages between the manager side (executor) and instance processes: the
 handshake (Hello, Setup with an InstanceSpec, Ready), liveness (Heartbeat), Reset,
-Shutdown and inspection; the step itself is `loong.worker.step_io`.
+Shutdown, weight updates and inspection; the step itself is `loong.worker.step_io`.
 
-Plain data; no torch objects in requests (inspection replies may carry tensors, for
-tests). On the wire each message is one `loong.control.v1.ControlMessage`
+Plain data; no torch objects in requests except the tensors of a weight update
+(inspection replies may carry tensors, for tests). On the wire each message is one `loong.control.v1.ControlMessage`
 (proto/loong/control/v1/control.proto; `control_codec.py` converts): the field names here
 and there are the same. The data plane (KV, queries, partials) never goes through here.
 Must not import: torch, model or engine code.
@@ -81,6 +81,15 @@ class Heartbeat:
 
 
 HEARTBEAT_S = 0.5
+
+
+@dataclass(frozen=True)
+class UpdateWeights:
+    """Replace these weights in place: (Hugging Face name, tensor) pairs the manager checked
+    (`loong.model.weight_names.check_weight_update`). Answered with an InspectReply whose
+    `problem` is None, or why the update failed."""
+
+    weights: tuple[tuple[str, Any], ...]
 
 
 @dataclass(frozen=True)

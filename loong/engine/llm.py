@@ -74,6 +74,20 @@ class LLM:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def update_weights(self, weights) -> int:
+        """Replace weights in place on every instance: a state dict, (Hugging Face name,
+        tensor) pairs (e.g. `model.named_parameters()` of a transformers Llama), or the path
+        of a safetensors file or checkpoint directory; any subset of the weights. Checked
+        first (an unknown name or a wrong shape raises naming it, and nothing changes); the
+        prefix cache is dropped. Returns the new weight version, which every output reports
+        (`RequestOutput.weight_version_start` / `weight_version`)."""
+        return self.engine.update_weights(weights)
+
+    @property
+    def weight_version(self) -> int:
+        """How many weight updates this LLM applied."""
+        return self.engine.weight_version
+
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:

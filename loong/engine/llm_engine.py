@@ -28,11 +28,13 @@ from loong.engine.detokenizer import IncrementalDetokenizer
 from loong.engine.input_processor import (ModelLimits, PreparedRequest, check_request_id,
                                           prepare_request)
 from loong.engine.outputs import RequestMetrics, RequestOutput
-from loong.engine.policy_choice import make_policy, policy_name
+from loong.engine.policy_choice import cache_namespace, make_policy, policy_name
 from loong.engine.request_state import RequestState, SampleGroup, append_token
 from loong.engine.stop_checker import StopStringChecker
+from loong.engine.weight_updates import named_weights
 from loong.errors import InvalidRequestError
 from loong.model.loader import LoadedModel, load_model_files
+from loong.model.weight_names import check_weight_update
 from loong.sampling_params import SamplingParams, derive_seed
 from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult, InstanceCounters
 from loong.worker.build import build_instance, resolve_device, resolve_dtype
@@ -90,6 +92,7 @@ class LLMEngine:
         self.logits: dict = {}
         self.last_result: ClusterStepResult | None = None
         self.last_plan: ClusterStepPlan | None = None
+        self.weight_version = 0          # weight updates applied so far
 
     # ----- requests ------------------------------------------------------------------
     @property
@@ -163,7 +166,9 @@ class LLMEngine:
                    params: SamplingParams) -> RequestState:
         out = RequestOutput(request_id, prep.text, list(prep.ids),
                             metrics=RequestMetrics(time.perf_counter()),
-                            logprobs=[] if params.logprobs is not None else None, index=index)
+                            logprobs=[] if params.logprobs is not None else None, index=index,
+                            weight_version_start=self.weight_version,
+                            weight_version=self.weight_version)
         return RequestState(
             params, out, IncrementalDetokenizer(self.tokenizer, prep.ids,
                                                 params.skip_special_tokens),
@@ -238,6 +243,7 @@ class LLMEngine:
             state = self._states.get(rid)
             if state is None:             # finished or aborted while its group ran
                 continue
+            state.output.weight_version = self.weight_version
             try:
                 reason, stop_reason = append_token(state, token, outcome.logprobs.get(rid),
                                                    now, self.eos_token_ids)
@@ -416,6 +422,24 @@ class LLMEngine:
                     self.flush()
             except ClusterReset as e:
                 self._recover(e)          # nothing in flight: nothing to re-prefill
+
+    def update_weights(self, weights) -> int:
+        """Replace model weights in place on every instance, between steps: a state dict,
+        (Hugging Face name, tensor) pairs, or a safetensors file / directory; any subset of
+        the weights. Names and shapes are checked first (InvalidRequestError naming the
+        weight; nothing changes then). Cached prefixes are dropped (their KV is stale) and
+        new requests never match blocks computed before; requests in flight go on with the
+        new weights. Returns the new `weight_version`."""
+        pairs = check_weight_update(self.model_config, named_weights(weights))
+        if not pairs:
+            raise InvalidRequestError("weights", "no weight of this model in the update")
+        while self.executor.groups_running:      # groups of the last step still running
+            self._process(self._apply_results(self.executor.wait_groups(), StepOutcome()))
+        self.executor.update_weights(pairs)
+        self.weight_version += 1
+        self.policy.clear_cache(f"{cache_namespace(self.config)}@weights{self.weight_version}")
+        self.flush()
+        return self.weight_version
 
     def flush(self) -> None:
         """Run pending releases and migrations now, without prefill or decode."""

@@ -52,6 +52,10 @@ class RequestOutput:
     # describe completion 0.
     index: int = 0
     outputs: list["RequestOutput"] | None = None
+    # The engine's weight version (LLM.update_weights count) when the request started and
+    # when its latest token was computed (at the end: the version it finished with).
+    weight_version_start: int = 0
+    weight_version: int = 0
 
     @property
     def finished(self) -> bool:

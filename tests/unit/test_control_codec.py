@@ -19,7 +19,7 @@ from loong.sched.cluster_plan import (BatchGroupPlan, CacheAttach, CacheInsert, 
                                       PrefillGroupPlan, PrefillItem)
 from loong.cluster.control_codec import (ControlConnection, ControlProtocolError, decode, encode)
 from loong.cluster.messages import (Heartbeat, Hello, Inspect, InspectReply, InstanceSpec,
-                                    Ready, Reset, Setup, Shutdown)
+                                    Ready, Reset, Setup, Shutdown, UpdateWeights)
 from loong.worker.step_io import InstanceResult, InstanceStep, RequestSync
 
 
@@ -88,6 +88,17 @@ def test_tensors_round_trip_bit_exact():
     assert torch.equal(decode(encode(InspectReply(kv=t))).kv, t)
 
 
+def test_weight_updates_round_trip_bit_exact():
+    ws = (("model.norm.weight", torch.randn(8)),
+          ("model.layers.0.mlp.up_proj.weight", torch.randn(4, 8).bfloat16()),
+          ("lm_head.weight", torch.randn(6, 8)[:, ::2]))             # not contiguous
+    back = decode(encode(UpdateWeights(ws)))
+    assert isinstance(back, UpdateWeights) and [n for n, _ in back.weights] == [n for n, _ in ws]
+    for (_, a), (_, b) in zip(ws, back.weights):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert decode(encode(UpdateWeights(()))) == UpdateWeights(())
+
+
 def _proto_fields(message) -> set[str]:
     return set(message.DESCRIPTOR.fields_by_name)
 
@@ -99,7 +110,7 @@ def _proto_fields(message) -> set[str]:
     (PrefillItem, pb.PrefillItem), (DecodeItem, pb.DecodeItem), (ChunkItem, pb.ChunkItem),
     (MigrationPlan, pb.Migration), (ClusterStepPlan, pb.ClusterStepPlan),
     (CacheInsert, pb.CacheInsert), (CacheAttach, pb.CacheAttach),
-    (Inspect, pb.Inspect), (Heartbeat, pb.Heartbeat),
+    (Inspect, pb.Inspect), (Heartbeat, pb.Heartbeat), (UpdateWeights, pb.UpdateWeights),
 ])
 def test_every_dataclass_field_is_on_the_wire(cls, message):
     """A field added to a message dataclass but not to control.proto would be dropped."""

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ControlMessage(_message.Message):
-    __slots__ = ("hello", "setup", "ready", "step", "result", "heartbeat", "reset", "shutdown", "inspect", "inspect_reply")
+    __slots__ = ("hello", "setup", "ready", "step", "result", "heartbeat", "reset", "shutdown", "inspect", "inspect_reply", "update_weights")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     SETUP_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class ControlMessage(_message.Message):
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
     INSPECT_FIELD_NUMBER: _ClassVar[int]
     INSPECT_REPLY_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     setup: Setup
     ready: Ready
@@ -28,7 +29,8 @@ class ControlMessage(_message.Message):
     shutdown: Shutdown
     inspect: Inspect
     inspect_reply: InspectReply
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., setup: _Optional[_Union[Setup, _Mapping]] = ..., ready: _Optional[_Union[Ready, _Mapping]] = ..., step: _Optional[_Union[InstanceStep, _Mapping]] = ..., result: _Optional[_Union[InstanceResult, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., reset: _Optional[_Union[Reset, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., inspect: _Optional[_Union[Inspect, _Mapping]] = ..., inspect_reply: _Optional[_Union[InspectReply, _Mapping]] = ...) -> None: ...
+    update_weights: UpdateWeights
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., setup: _Optional[_Union[Setup, _Mapping]] = ..., ready: _Optional[_Union[Ready, _Mapping]] = ..., step: _Optional[_Union[InstanceStep, _Mapping]] = ..., result: _Optional[_Union[InstanceResult, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., reset: _Optional[_Union[Reset, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., inspect: _Optional[_Union[Inspect, _Mapping]] = ..., inspect_reply: _Optional[_Union[InspectReply, _Mapping]] = ..., update_weights: _Optional[_Union[UpdateWeights, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("rank", "world_size", "pid")
@@ -416,6 +418,20 @@ class Reset(_message.Message):
 class Shutdown(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class UpdateWeights(_message.Message):
+    __slots__ = ("weights",)
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    weights: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, weights: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
+class NamedTensor(_message.Message):
+    __slots__ = ("name", "tensor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensor: Tensor
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Inspect(_message.Message):
     __slots__ = ("what", "request_id")

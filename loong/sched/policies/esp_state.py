@@ -342,8 +342,8 @@ class ESPPolicyBase:
         r = self.state.running.get(rid)
         return r.cached_tokens if r is not None else 0
 
-    def clear_cache(self) -> None:
-        self.state.cache.clear()
+    def clear_cache(self, namespace: str | None = None) -> None:
+        self.state.cache.clear(namespace)
 
     def cache_stats(self) -> dict:
         return self.state.cache.stats()

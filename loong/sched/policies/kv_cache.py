@@ -42,9 +42,13 @@ class CacheKeeper:
         self.evictions: list[tuple[int, int]] = []    # made room for mid-plan (make_room)
         self.clearing = False          # evict every unreferenced block with the next plan
 
-    def clear(self) -> None:
-        """Evict every cached block no request uses, with the next plan."""
+    def clear(self, namespace: str | None = None) -> None:
+        """Evict every cached block no request uses, with the next plan; with `namespace`,
+        hash new requests' blocks under it from now on (so blocks still held by running
+        requests, whose KV is stale after a weight update, never match a new request)."""
         self.clearing = True
+        if namespace is not None:
+            self.namespace = namespace
 
     @property
     def enabled(self) -> bool:

@@ -124,9 +124,10 @@ class ClusterPolicy(Protocol):
         """Prompt tokens of request rid that came from cached blocks (0 before it started
         or when none did)."""
 
-    def clear_cache(self) -> None:
+    def clear_cache(self, namespace: str | None = None) -> None:
         """Evict every cached block no running request uses, with the next plan (before
-        the policy is replaced, or when cached KV would be stale)."""
+        the policy is replaced, or when cached KV would be stale); with `namespace`, new
+        requests' blocks are hashed under it from now on (after a weight update)."""
 
     def cache_stats(self) -> dict:
         """Cache counters: inserted, evicted, hit_tokens, queried_tokens, hit_rate, and per

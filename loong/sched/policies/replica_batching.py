@@ -425,8 +425,8 @@ class ReplicaPolicy:
         r = self.reqs.get(rid)
         return r.cached_tokens if r is not None else 0
 
-    def clear_cache(self) -> None:
-        self.cache.clear()
+    def clear_cache(self, namespace: str | None = None) -> None:
+        self.cache.clear(namespace)
 
     def cache_stats(self) -> dict:
         return self.cache.stats()

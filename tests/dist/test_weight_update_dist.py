@@ -1,0 +1,29 @@
+"""Weight updates on a cluster (issue 19): every instance process receives the new weights
+over the control connection; greedy outputs then equal transformers on the changed weights
+(fp32), with prompts spread over both instances (ring prefill, multi-master decode), and
+the prefix cache of every instance is dropped."""
+from __future__ import annotations
+
+from loong import SamplingParams
+from tests.dist.conftest import assert_clean, start_cluster
+from tests.engine.test_weight_update import hf_greedy, hf_model, perturb
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+PROMPTS = [[5 + (7 * i + 3 * j) % 200 for j in range(n)] for i, n in enumerate((4, 90, 150))]
+
+
+def test_cluster_update_matches_transformers_and_drops_cached_kv(tiny_loaded, tiny_path):
+    changed = perturb(hf_model(tiny_path))
+    want = [hf_greedy(changed, p, 12) for p in PROMPTS]
+    # 2 x 128 tokens: the 150-token prompt spreads over both instances.
+    with start_cluster(tiny_loaded, tiny_path, instances=2, kv_capacity_tokens=128,
+                       block_size=4, enable_prefix_caching=True) as llm:
+        before = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        assert llm.engine.cache_stats()["inserted"] > 0
+        assert llm.update_weights(changed.state_dict()) == 1
+        outs = llm.generate(PROMPTS, GREEDY)
+        assert [o.token_ids for o in outs] == want != before
+        assert all(o.num_cached_tokens == 0 for o in outs)
+        assert all(o.weight_version == 1 for o in outs)
+        assert llm.engine.policy.stats["group_sizes"].get(2, 0) > 0
+        assert_clean(llm)
