@@ -15,7 +15,8 @@ Semantics follow vLLM / the OpenAI API:
   for tokens seen in the prompt or the output); `presence_penalty` / `frequency_penalty`
   follow OpenAI (output tokens only), each in [-2, 2].
 - `min_tokens` output tokens are produced before EOS or `stop_token_ids` may end the request.
-- `logprobs`: None = none; N >= 0 = the sampled token's logprob plus the top-N alternatives.
+- `logprobs`: None = none; N >= 0 = the sampled token's logprob plus the top-N alternatives,
+  "raw": log-softmax of the model's logits before penalties, temperature and truncation.
 - `n`: completions of the prompt; completion i > 0 with a `seed` samples with seed
   `derive_seed(seed, i)` (completion 0 with `seed` itself), so each is reproducible alone.
 - `cache_salt`: prefix-cached KV is shared only between requests with the same salt.

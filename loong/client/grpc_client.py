@@ -125,6 +125,8 @@ class GenerateResult:
     timing: dict[str, float] = field(default_factory=dict)
     cached_prompt_tokens: int = 0       # prompt tokens served from the prefix cache
     index: int = 0                      # which completion (n > 1)
+    weight_version_start: int = 0       # the server's weight versions at start and end
+    weight_version: int = 0
     # With n > 1: every completion in index order (this object is completion 0).
     completions: list["GenerateResult"] | None = None
 
@@ -160,6 +162,7 @@ def collect(responses: Iterable[loong_pb2.GenerateResponse]) -> GenerateResult:
         if r.HasField("usage"):
             res.prompt_tokens, res.completion_tokens = r.usage.prompt_tokens, r.usage.completion_tokens
             res.cached_prompt_tokens = r.usage.cached_prompt_tokens
+            res.weight_version_start, res.weight_version = r.weight_version_start, r.weight_version
         if r.HasField("timing"):
             res.timing = _timing(r.timing)
     for i, res in by_index.items():
@@ -311,6 +314,38 @@ class LoongClient(_Base):
 
     def model_info(self, *, timeout=_UNSET) -> dict:
         return _to_dict(self._unary(self._stub.GetModelInfo, loong_pb2.GetModelInfoRequest(), timeout))
+
+    # ----- the RL rollout contract (see the Loong service in loong.proto) ---------------
+    def update_weights(self, path: str, *, timeout=_UNSET) -> int:
+        """Load weights from a safetensors file / checkpoint directory the server can read;
+        returns the new weight version."""
+        return self._unary(self._stub.UpdateWeights, loong_pb2.UpdateWeightsRequest(path=path),
+                           timeout).weight_version
+
+    def init_weight_update_group(self, master_address: str, master_port: int,
+                                 world_size: int, rank_offset: int = 1,
+                                 timeout_s: float = 300.0, *, timeout=_UNSET) -> None:
+        """Join the server's instances to a trainer's weight-update group (the trainer's
+        `loong.weight_sync.WeightSender` must be joining meanwhile)."""
+        self._unary(self._stub.InitWeightUpdateGroup, loong_pb2.InitWeightUpdateGroupRequest(
+            master_address=master_address, master_port=master_port, world_size=world_size,
+            rank_offset=rank_offset, timeout_s=timeout_s), timeout)
+
+    def update_weights_from_distributed(self, names, dtypes, shapes, *, timeout=_UNSET) -> int:
+        """The instances receive the weights the trainer broadcasts now; the new version."""
+        req = loong_pb2.UpdateWeightsFromDistributedRequest(
+            names=list(names), dtypes=list(dtypes),
+            shapes=[loong_pb2.TensorShape(dims=list(s)) for s in shapes])
+        return self._unary(self._stub.UpdateWeightsFromDistributed, req, timeout).weight_version
+
+    def pause_generation(self, mode: str = "abort", *, timeout=_UNSET) -> int:
+        """Stop generating ("abort" ends the requests in flight, "keep" holds them); returns
+        how many were aborted."""
+        return self._unary(self._stub.PauseGeneration,
+                           loong_pb2.PauseGenerationRequest(mode=mode), timeout).aborted
+
+    def resume_generation(self, *, timeout=_UNSET) -> None:
+        self._unary(self._stub.ResumeGeneration, loong_pb2.ResumeGenerationRequest(), timeout)
 
     def stats(self, *, timeout=_UNSET) -> dict:
         return _to_dict(self._unary(self._stub.GetStats, loong_pb2.GetStatsRequest(), timeout))

@@ -18,7 +18,8 @@ from loong.sched.cluster_plan import (BatchGroupPlan, CacheAttach, CacheInsert, 
                                       InstanceCounters, KeepRange, MigrationPlan,
                                       PrefillGroupPlan, PrefillItem)
 from loong.cluster.messages import (Heartbeat, Hello, Inspect, InspectReply, InstanceSpec,
-                                    Ready, Reset, Setup, Shutdown, UpdateWeights)
+                                    JoinWeightGroup, Ready, ReceiveWeights, Reset, Setup,
+                                    Shutdown, UpdateWeights)
 from loong.worker.step_io import InstanceResult, InstanceStep, RequestSync
 
 
@@ -258,6 +259,16 @@ def encode(msg) -> bytes:
         _set_opt(env.inspect, "request_id", msg.request_id)
     elif isinstance(msg, InspectReply):
         _inspect_reply_to(msg, env.inspect_reply)
+    elif isinstance(msg, JoinWeightGroup):
+        env.join_weight_group.CopyFrom(pb.JoinWeightGroup(
+            host=msg.host, port=msg.port, world_size=msg.world_size, rank=msg.rank,
+            timeout_s=msg.timeout_s))
+    elif isinstance(msg, ReceiveWeights):
+        env.receive_weights.SetInParent()
+        env.receive_weights.names.extend(msg.names)
+        env.receive_weights.dtypes.extend(msg.dtypes)
+        for shape in msg.shapes:
+            env.receive_weights.shapes.add().dims.extend(shape)
     elif isinstance(msg, UpdateWeights):
         env.update_weights.SetInParent()
         for name, t in msg.weights:
@@ -303,6 +314,13 @@ def decode(data: bytes):
         return Inspect(env.inspect.what, _opt(env.inspect, "request_id"))
     if which == "inspect_reply":
         return _inspect_reply_from(env.inspect_reply)
+    if which == "join_weight_group":
+        j = env.join_weight_group
+        return JoinWeightGroup(j.host, j.port, j.world_size, j.rank, j.timeout_s)
+    if which == "receive_weights":
+        r = env.receive_weights
+        return ReceiveWeights(tuple(r.names), tuple(r.dtypes),
+                              tuple(tuple(x.dims) for x in r.shapes))
     if which == "update_weights":
         return UpdateWeights(tuple((w.name, tensor_from_proto(w.tensor))
                                    for w in env.update_weights.weights))

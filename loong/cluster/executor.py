@@ -27,7 +27,8 @@ from typing import Mapping
 
 from loong.cluster.control_codec import ControlConnection
 from loong.cluster.errors import ClusterError, ClusterReset, InstanceLost
-from loong.cluster.messages import Heartbeat, Inspect, Ready, Reset, Shutdown, UpdateWeights
+from loong.cluster.messages import (Heartbeat, Inspect, JoinWeightGroup, Ready,
+                                    ReceiveWeights, Reset, Shutdown, UpdateWeights)
 from loong.cluster.syncs import RequestView, SyncTracker
 from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult, check_plan, remap_plan
 from loong.worker.step_io import InstanceResult, InstanceStep
@@ -285,17 +286,37 @@ class ClusterExecutor:
             return reply.shards, reply.free_blocks
         return reply.problem
 
+    # ----- weight updates (between steps) ---------------------------------------------
     def update_weights(self, weights: list[tuple[str, object]]) -> None:
         """Replace weights in place on every live instance (names and shapes checked by the
-        caller); between steps only. Raises ClusterError when an instance fails it (the
-        instances may then hold different weights: restart or update again)."""
-        msg = UpdateWeights(tuple(weights))
+        caller). Raises ClusterError when an instance fails it (the instances may then hold
+        different weights: restart or update again)."""
+        self._ask_all(lambda r: UpdateWeights(tuple(weights)), "update weights")
+
+    def join_weight_group(self, host: str, port: int, world_size: int, rank_offset: int,
+                          timeout_s: float) -> None:
+        """Every live instance joins the trainer's weight-update group as rank
+        rank_offset + its position (`loong.weight_sync`); returns once all joined."""
+        ranks = {r: rank_offset + i for i, r in enumerate(self.live)}
+        self._ask_all(lambda r: JoinWeightGroup(host, port, world_size, ranks[r], timeout_s),
+                      "join the weight-update group")
+
+    def receive_weights(self, names: list[str], dtypes: list[str],
+                        shapes: list[tuple[int, ...]]) -> None:
+        """Every live instance receives the trainer's broadcast of these weights and loads
+        them (the trainer broadcasts at the same time)."""
+        msg = ReceiveWeights(tuple(names), tuple(dtypes), tuple(tuple(s) for s in shapes))
+        self._ask_all(lambda r: msg, "receive weights")
+
+    def _ask_all(self, make, what: str) -> None:
+        """Send make(rank) to every live instance, then collect their InspectReply; raise
+        ClusterError naming the first problem."""
         for r in self.live:
-            self._send(self.instances[r], msg)
-        problems = [self.recv(self.instances[r], "update weights").problem for r in self.live]
+            self._send(self.instances[r], make(r))
+        problems = [self.recv(self.instances[r], what).problem for r in self.live]
         bad = [p for p in problems if p]
         if bad:
-            raise ClusterError(f"weight update failed: {bad[0]}"
+            raise ClusterError(f"{what} failed: {bad[0]}"
                                + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
 
     # ----- transport and liveness ------------------------------------------------------

@@ -59,7 +59,9 @@ def run_instance(address, authkey: bytes, rank: int, world_size: int, load=None)
     (load the model Setup names)."""
     from loong.cluster.control_codec import ControlConnection
     from loong.cluster.messages import (HEARTBEAT_S, Heartbeat, Hello, Inspect, InspectReply,
-                                        Ready, Reset, Shutdown, UpdateWeights)
+                                        JoinWeightGroup, Ready, ReceiveWeights, Reset,
+                                        Shutdown, UpdateWeights)
+    from loong.cluster.weight_updater import WeightUpdater
     from loong.worker.step_io import InstanceResult, InstanceStep
     conn = _LockedConn(ControlConnection(_connect(address, authkey)))
     conn.send(Hello(rank, world_size, os.getpid()))
@@ -87,6 +89,7 @@ def run_instance(address, authkey: bytes, rank: int, world_size: int, load=None)
     pool = parts.pool
     conn.send(Ready(rank, pool.num_blocks, pool.block_size, parts.cache.nbytes,
                     ops.csrc_available()))
+    updater = WeightUpdater(worker.model, rank)
     _start_heartbeat(conn, Heartbeat(rank), HEARTBEAT_S)
     try:
         while True:
@@ -99,12 +102,8 @@ def run_instance(address, authkey: bytes, rank: int, world_size: int, load=None)
             if isinstance(msg, Inspect):
                 conn.send(_inspect(worker, msg))
                 continue
-            if isinstance(msg, UpdateWeights):
-                try:
-                    worker.model.update_hf_weights(msg.weights)
-                    conn.send(InspectReply(problem=None))
-                except Exception as e:      # noqa: BLE001 - reported to the manager
-                    conn.send(InspectReply(problem=f"instance {rank}: {type(e).__name__}: {e}"))
+            if isinstance(msg, (UpdateWeights, JoinWeightGroup, ReceiveWeights)):
+                conn.send(InspectReply(problem=updater.handle(msg)))
                 continue
             if isinstance(msg, Reset):
                 worker.reset()

@@ -15,7 +15,9 @@ import traceback
 from typing import Mapping
 
 from loong.cluster.errors import ClusterError, ClusterReset
+from loong.cluster.messages import JoinWeightGroup, ReceiveWeights, UpdateWeights
 from loong.cluster.syncs import RequestView, SyncTracker
+from loong.cluster.weight_updater import WeightUpdater
 from loong.comm import Comm
 from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult, check_plan
 from loong.worker.build import InstanceParts
@@ -33,6 +35,7 @@ class LocalExecutor:
         self.broken: str | None = None
         self._syncs = SyncTracker([0])
         self._ended: list[tuple[ClusterStepResult, list[str]]] = []
+        self._updater: WeightUpdater | None = None
 
     @property
     def num_instances(self) -> int:
@@ -99,9 +102,24 @@ class LocalExecutor:
         self._syncs.clear()
         return [0]
 
+    # ----- weight updates: as ClusterExecutor's, in this process --------------------------
     def update_weights(self, weights: list[tuple[str, object]]) -> None:
-        """Replace weights in place (names and shapes checked by the caller)."""
-        self.worker.model.update_hf_weights(weights)
+        self._weights(UpdateWeights(tuple(weights)))
+
+    def join_weight_group(self, host: str, port: int, world_size: int, rank_offset: int,
+                          timeout_s: float) -> None:
+        self._weights(JoinWeightGroup(host, port, world_size, rank_offset, timeout_s))
+
+    def receive_weights(self, names: list[str], dtypes: list[str],
+                        shapes: list[tuple[int, ...]]) -> None:
+        self._weights(ReceiveWeights(tuple(names), tuple(dtypes), tuple(map(tuple, shapes))))
+
+    def _weights(self, msg) -> None:
+        if self._updater is None:
+            self._updater = WeightUpdater(self.worker.model, 0)
+        problem = self._updater.handle(msg)
+        if problem:
+            raise ClusterError(problem)
 
     def inspect(self, rank: int, what: str, request_id: str | None = None):
         """As `ClusterExecutor.inspect`: 'kv' (a shard's KV), 'shards' ((request -> tokens,

@@ -93,6 +93,29 @@ class UpdateWeights:
 
 
 @dataclass(frozen=True)
+class JoinWeightGroup:
+    """Join the trainer's weight-update group as `rank` (`loong.weight_sync`); answered with
+    an InspectReply once every member joined (or why it could not)."""
+
+    host: str
+    port: int
+    world_size: int
+    rank: int
+    timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class ReceiveWeights:
+    """Receive these weights (Hugging Face names, torch dtype names, shapes) broadcast by
+    the trainer in this order over the weight-update group, then load them in place;
+    answered with an InspectReply."""
+
+    names: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
 class Inspect:
     """Test and debug hook: a shard's raw KV (`what='kv'`), the pool's integrity
     ('integrity') or the shard summary ('shards')."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from loong.config import EngineConfig
 from loong.engine.input_processor import check_messages, render_chat
@@ -83,6 +83,22 @@ class LLM:
         (`RequestOutput.weight_version_start` / `weight_version`)."""
         return self.engine.update_weights(weights)
 
+    def init_weight_update_group(self, master_address: str, master_port: int,
+                                 world_size: int, rank_offset: int = 1,
+                                 timeout_s: float = 300.0) -> None:
+        """Join every instance to a trainer's torch.distributed weight-update group (the
+        trainer is rank 0 and hosts it: `loong.weight_sync.WeightSender`); blocks until all
+        members joined."""
+        self.engine.init_weight_update_group(master_address, master_port, world_size,
+                                             rank_offset, timeout_s)
+
+    def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
+                                        shapes: Sequence[Sequence[int]]) -> int:
+        """Receive the weights the trainer broadcasts now (`WeightSender.broadcast`, same
+        order) on every instance and load them in place; returns the new weight version."""
+        return self.engine.update_weights_from_distributed(list(names), list(dtypes),
+                                                           list(shapes))
+
     @property
     def weight_version(self) -> int:
         """How many weight updates this LLM applied."""
@@ -92,6 +108,11 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """One output per prompt, in order. A prompt is a string or a list of token ids."""
+        prompts, params = self._normalise(prompts, sampling_params)
+        return self._run(prompts, params, use_tqdm)
+
+    @staticmethod
+    def _normalise(prompts, sampling_params) -> tuple[list, list[SamplingParams]]:
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                         and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -102,10 +123,53 @@ class LLM:
             if len(sampling_params) != len(prompts):
                 raise InvalidRequestError("sampling_params", f"{len(sampling_params)} given for "
                                           f"{len(prompts)} prompts")
-            params = list(sampling_params)
-        else:
-            params = [sampling_params or SamplingParams()] * len(prompts)
-        return self._run(prompts, params, use_tqdm)
+            return prompts, list(sampling_params)
+        return prompts, [sampling_params or SamplingParams()] * len(prompts)
+
+    def _add_all(self, prompts: list, params: list[SamplingParams]) -> list[str]:
+        """Queue every prompt, all validated first (a bad one raises before any is queued)."""
+        engine = self.engine
+        prepared = [engine.prepare(p, sp) for p, sp in zip(prompts, params)]
+        for prep in prepared:
+            engine.check_fits(prep.ids, prep.params)
+        return [engine.add_request(prep) for prep in prepared]
+
+    def as_completed(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                     sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+                     ) -> Iterator[tuple[int, RequestOutput]]:
+        """The iterator form of `generate`: yields (prompt index, completion) for each
+        completion as soon as it ends, in the order they end, each exactly once (with
+        `SamplingParams(n=...)` each of a prompt's n completions separately, its `index`
+        telling which). Generation advances only while the caller asks for the next one, so
+        between two it may update weights (`update_weights`: requests in flight go on with the
+        new weights, their outputs say so) or stop; leaving the loop early (break, an
+        exception, closing the iterator) aborts the requests still in flight."""
+        prompts, params = self._normalise(prompts, sampling_params)
+        engine = self.engine
+        ids = self._add_all(prompts, params)
+        order = {rid: i for i, rid in enumerate(ids)}
+        want = sum(p.n for p in params)
+        seen: set[tuple[str, int]] = set()
+        try:
+            while len(seen) < want:
+                if not engine.has_unfinished():
+                    raise RuntimeError("the engine has no request left but some completions "
+                                       "never ended (were they aborted elsewhere?)")
+                for o in engine.step():
+                    for c in (o.outputs or [o]):
+                        key = (c.request_id, c.index)
+                        if (c.finish_reason is not None and key not in seen
+                                and c.request_id in order):
+                            seen.add(key)
+                            yield order[c.request_id], c
+        finally:
+            if len(seen) < want:
+                for rid in ids:
+                    engine.abort(rid)
+
+    def abort_all(self) -> list[RequestOutput]:
+        """End every request in flight (finish_reason "abort"); their outputs so far."""
+        return self.engine.abort_all()
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -121,11 +185,7 @@ class LLM:
 
     def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine
-        # Validate everything first: a bad prompt raises before anything is queued.
-        prepared = [engine.prepare(p, sp) for p, sp in zip(prompts, params)]
-        for prep in prepared:
-            engine.check_fits(prep.ids, prep.params)
-        ids = [engine.add_request(prep) for prep in prepared]
+        ids = self._add_all(prompts, params)
         order = {rid: i for i, rid in enumerate(ids)}
         results: list[RequestOutput | None] = [None] * len(ids)
         bar = ProgressBar(len(ids), use_tqdm)

@@ -199,6 +199,11 @@ class LLMEngine:
         self._groups_done.pop(request_id, None)       # the caller has it now
         return group.outputs[0] if group else out
 
+    def abort_all(self) -> list[RequestOutput]:
+        """End every request in flight; their outputs (completion 0's for n > 1)."""
+        rids = {state.output.request_id for state in self._states.values()}
+        return [o for o in (self.abort(rid) for rid in sorted(rids)) if o is not None]
+
     def get_output(self, request_id: str) -> RequestOutput | None:
         """The output so far of a request in flight (None once finished or unknown); with
         n > 1, completion 0's, whose `outputs` lists them all."""
@@ -433,9 +438,55 @@ class LLMEngine:
         pairs = check_weight_update(self.model_config, named_weights(weights))
         if not pairs:
             raise InvalidRequestError("weights", "no weight of this model in the update")
-        while self.executor.groups_running:      # groups of the last step still running
-            self._process(self._apply_results(self.executor.wait_groups(), StepOutcome()))
+        self._finish_groups()
         self.executor.update_weights(pairs)
+        return self._weights_changed()
+
+    def init_weight_update_group(self, host: str, port: int, world_size: int,
+                                 rank_offset: int = 1, timeout_s: float = 300.0) -> None:
+        """Every instance joins a trainer's torch.distributed group (`loong.weight_sync`:
+        the trainer is rank 0 and hosts the store at host:port; instance i is rank
+        rank_offset + i). Blocks until all members joined (the trainer's `WeightSender`
+        must be starting meanwhile)."""
+        n = len(self.executor.live)
+        if not isinstance(world_size, int) or world_size < 2:
+            raise InvalidRequestError("world_size", f"must be an int >= 2, got {world_size!r}")
+        if not isinstance(rank_offset, int) or rank_offset < 1 or rank_offset + n > world_size:
+            raise InvalidRequestError("rank_offset", f"{n} instance(s) from rank {rank_offset} "
+                                      f"do not fit a group of {world_size} (rank 0 is the trainer)")
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise InvalidRequestError("port", f"must be a TCP port, got {port!r}")
+        self.executor.join_weight_group(host, port, world_size, rank_offset, float(timeout_s))
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[str],
+                                        shapes: list) -> int:
+        """Receive weights the trainer broadcasts now over the weight-update group, in this
+        order (names as in Hugging Face checkpoints, torch dtype names, shapes), and load
+        them in place on every instance; checked first like `update_weights`. Returns the
+        new weight version."""
+        from loong.weight_sync import dtype_from_name
+        names, dtypes, shapes = list(names), list(dtypes), [tuple(s) for s in shapes]
+        if not len(names) == len(dtypes) == len(shapes) or not names:
+            raise InvalidRequestError("names", f"names, dtypes and shapes must be non-empty "
+                                      f"lists of one length (got {len(names)}, {len(dtypes)}, "
+                                      f"{len(shapes)})")
+        for dt in dtypes:
+            try:
+                dtype_from_name(dt)
+            except ValueError as e:
+                raise InvalidRequestError("dtypes", str(e).split(": ", 1)[-1]) from None
+        check_weight_update(self.model_config, zip(names, map(_Shaped, shapes)), "names")
+        self._finish_groups()
+        self.executor.receive_weights(names, dtypes, shapes)
+        return self._weights_changed()
+
+    def _finish_groups(self) -> None:
+        """Let groups of the last step that still run end (weights change between steps)."""
+        while self.executor.groups_running:
+            self._process(self._apply_results(self.executor.wait_groups(), StepOutcome()))
+
+    def _weights_changed(self) -> int:
+        """After an update: a new version; cached prefixes dropped and never matched again."""
         self.weight_version += 1
         self.policy.clear_cache(f"{cache_namespace(self.config)}@weights{self.weight_version}")
         self.flush()
@@ -492,6 +543,13 @@ class LLMEngine:
         ex = getattr(self, "executor", None)
         if ex is not None and ex.broken != "shut down":
             ex.shutdown()
+
+
+class _Shaped:
+    """A shape standing for a tensor not here yet (checked before a broadcast)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = tuple(shape)
 
 
 def _build_executor(config: EngineConfig, loaded: LoadedModel):

@@ -69,6 +69,8 @@ class Delta:
     error: str | None = None
     index: int = 0                  # which completion (SamplingParams.n > 1)
     cached_tokens: int = 0          # prompt tokens from the prefix cache (last delta)
+    weight_version_start: int = 0   # weight versions it started and ended with (last delta)
+    weight_version: int = 0
 
 
 @dataclass
@@ -134,6 +136,7 @@ class EngineLoop:
         self._streams: dict[str, _Stream] = {}
         self._queued_tokens = 0
         self.draining = False
+        self.paused = False             # pause_generation: no engine steps until resumed
         self.failed: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loong-engine-loop", daemon=True)
@@ -181,6 +184,32 @@ class EngineLoop:
         """End a request in flight; the future gives True if it was in flight."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._call(lambda: fut.set_result(self._abort(request_id, cause)), fut)
+        return fut
+
+    def pause(self, mode: str) -> concurrent.futures.Future:
+        """Stop stepping between steps: mode "abort" ends every request in flight (cause
+        "pause": finish_reason "abort"), "keep" holds them until `resume`. Requests sent
+        meanwhile are queued. The future gives how many were aborted."""
+        if mode not in ("abort", "keep"):
+            raise InvalidRequestError("mode", f"must be 'abort' or 'keep', got {mode!r}")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            self.paused = True
+            n = sum(1 for rid in list(self._streams) if self._abort(rid, "pause")) \
+                if mode == "abort" else 0
+            fut.set_result(n)
+        self._call(run, fut)
+        return fut
+
+    def resume(self) -> concurrent.futures.Future:
+        """Go on generating after `pause`."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            self.paused = False
+            fut.set_result(0)
+        self._call(run, fut)
         return fut
 
     def call(self, fn: Callable) -> concurrent.futures.Future:
@@ -272,13 +301,13 @@ class EngineLoop:
     def _run(self) -> None:
         engine = self.engine
         while not self._stop.is_set():
-            busy = engine.has_unfinished()
+            busy = engine.has_unfinished() and not self.paused
             self._run_commands(block=not busy)
             if self._stop.is_set() or self.failed:
                 break
             self._expire_timeouts()
             try:
-                if engine.has_unfinished():
+                if engine.has_unfinished() and not self.paused:
                     self._emit(engine.step())
                 else:
                     engine.housekeeping()
@@ -389,6 +418,8 @@ class EngineLoop:
             d.finish_reason, d.stop_reason = finish_reason, out.stop_reason
             d.prompt_tokens, d.completion_tokens = s.prompt_tokens, len(out.token_ids)
             d.cached_tokens = out.num_cached_tokens
+            d.weight_version_start, d.weight_version = (out.weight_version_start,
+                                                        out.weight_version)
             d.timing = _timing(out.metrics)
             d.error = out.error
             if len(s.ended) == s.n:

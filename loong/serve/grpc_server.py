@@ -99,6 +99,7 @@ def delta_to_proto(d: Delta) -> loong_pb2.GenerateResponse:
             r.stop_reason = str(d.stop_reason)
         r.usage.prompt_tokens, r.usage.completion_tokens = d.prompt_tokens, d.completion_tokens
         r.usage.cached_prompt_tokens = d.cached_tokens
+        r.weight_version_start, r.weight_version = d.weight_version_start, d.weight_version
         r.timing.CopyFrom(loong_pb2.Timing(**(d.timing or {})))
     return r
 
@@ -188,6 +189,65 @@ class LoongServicer(loong_pb2_grpc.LoongServicer):
     async def GetStats(self, request, context):
         return stats_to_proto(self.loop.stats.as_dict())
 
+    # ----- the RL rollout contract ---------------------------------------------------
+    async def _engine_call(self, context, fn):
+        """Run fn(engine) between steps; bad arguments are INVALID_ARGUMENT, a failure on
+        the instances FAILED_PRECONDITION (with what to do)."""
+        try:
+            return await asyncio.wrap_future(self.loop.call(fn))
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Rejected as e:
+            await context.abort(_CODES[e.cause], str(e))
+        except Exception as e:             # noqa: BLE001 - e.g. ClusterError from the instances
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{type(e).__name__}: {e}")
+
+    async def UpdateWeights(self, request, context):
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        if not request.path:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "path: is empty")
+        v = await self._engine_call(context, lambda e: e.update_weights(request.path))
+        return loong_pb2.UpdateWeightsResponse(weight_version=v)
+
+    async def InitWeightUpdateGroup(self, request, context):
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        r = request
+        await self._engine_call(context, lambda e: e.init_weight_update_group(
+            r.master_address, r.master_port, r.world_size, r.rank_offset or 1,
+            r.timeout_s or 300.0))
+        return loong_pb2.UpdateWeightsResponse(weight_version=self.loop.engine.weight_version)
+
+    async def UpdateWeightsFromDistributed(self, request, context):
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        r = request
+        v = await self._engine_call(context, lambda e: e.update_weights_from_distributed(
+            list(r.names), list(r.dtypes), [tuple(x.dims) for x in r.shapes]))
+        return loong_pb2.UpdateWeightsResponse(weight_version=v)
+
+    async def PauseGeneration(self, request, context):
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        try:
+            aborted = await asyncio.wrap_future(self.loop.pause(request.mode or "abort"))
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Rejected as e:
+            await context.abort(_CODES[e.cause], str(e))
+        return loong_pb2.PauseGenerationResponse(paused=True, aborted=aborted,
+                                                 weight_version=self.loop.engine.weight_version)
+
+    async def ResumeGeneration(self, request, context):
+        try:
+            await asyncio.wrap_future(self.loop.resume())
+        except Rejected as e:
+            await context.abort(_CODES[e.cause], str(e))
+        return loong_pb2.PauseGenerationResponse(paused=False,
+                                                 weight_version=self.loop.engine.weight_version)
+
 
 def add_servicer(servicer: LoongServicer, server) -> None:
     """Register the service with request deserializers that never fail (see proto_decode)."""
@@ -198,7 +258,21 @@ def add_servicer(servicer: LoongServicer, server) -> None:
                "GetModelInfo": (grpc.unary_unary_rpc_method_handler,
                                 loong_pb2.GetModelInfoRequest, loong_pb2.ModelInfo),
                "GetStats": (grpc.unary_unary_rpc_method_handler, loong_pb2.GetStatsRequest,
-                            loong_pb2.Stats)}
+                            loong_pb2.Stats),
+               "UpdateWeights": (grpc.unary_unary_rpc_method_handler,
+                                 loong_pb2.UpdateWeightsRequest, loong_pb2.UpdateWeightsResponse),
+               "InitWeightUpdateGroup": (grpc.unary_unary_rpc_method_handler,
+                                         loong_pb2.InitWeightUpdateGroupRequest,
+                                         loong_pb2.UpdateWeightsResponse),
+               "UpdateWeightsFromDistributed": (grpc.unary_unary_rpc_method_handler,
+                                                loong_pb2.UpdateWeightsFromDistributedRequest,
+                                                loong_pb2.UpdateWeightsResponse),
+               "PauseGeneration": (grpc.unary_unary_rpc_method_handler,
+                                   loong_pb2.PauseGenerationRequest,
+                                   loong_pb2.PauseGenerationResponse),
+               "ResumeGeneration": (grpc.unary_unary_rpc_method_handler,
+                                    loong_pb2.ResumeGenerationRequest,
+                                    loong_pb2.PauseGenerationResponse)}
     handlers = {name: kind(getattr(servicer, name), request_deserializer=tolerant(req),
                            response_serializer=resp.SerializeToString)
                 for name, (kind, req, resp) in methods.items()}

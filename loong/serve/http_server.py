@@ -29,6 +29,7 @@ from fastapi.responses import (FileResponse, JSONResponse, PlainTextResponse, Re
 from loong.engine.input_processor import check_messages, check_prompt_ids, render_chat
 from loong.errors import InvalidRequestError
 from loong.serve.engine_loop import Delta, EngineLoop, Rejected
+from loong.serve.http_rollout import add_rollout_routes
 from loong.serve.metrics_http import health_body
 from loong.serve.openai_protocol import (ApiError, ApiRequest, Choice, ChunkWriter, invalid,
                                          new_id, parse_chat, parse_completion, response_object,
@@ -263,6 +264,8 @@ def build_app(ctx: HttpContext) -> FastAPI:
             raise ApiError(400, "tokens: must be a list of token ids", "tokens",
                            "invalid_parameter")
         return {"prompt": await asyncio.to_thread(tok.decode, ids, False)}
+
+    add_rollout_routes(app, loop, check_key, body_of)
 
     @app.get("/health")
     async def health():

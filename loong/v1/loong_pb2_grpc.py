@@ -54,6 +54,31 @@ class LoongStub:
                 request_serializer=loong_dot_v1_dot_loong__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=loong_dot_v1_dot_loong__pb2.Stats.FromString,
                 _registered_method=True)
+        self.UpdateWeights = channel.unary_unary(
+                '/loong.v1.Loong/UpdateWeights',
+                request_serializer=loong_dot_v1_dot_loong__pb2.UpdateWeightsRequest.SerializeToString,
+                response_deserializer=loong_dot_v1_dot_loong__pb2.UpdateWeightsResponse.FromString,
+                _registered_method=True)
+        self.InitWeightUpdateGroup = channel.unary_unary(
+                '/loong.v1.Loong/InitWeightUpdateGroup',
+                request_serializer=loong_dot_v1_dot_loong__pb2.InitWeightUpdateGroupRequest.SerializeToString,
+                response_deserializer=loong_dot_v1_dot_loong__pb2.UpdateWeightsResponse.FromString,
+                _registered_method=True)
+        self.UpdateWeightsFromDistributed = channel.unary_unary(
+                '/loong.v1.Loong/UpdateWeightsFromDistributed',
+                request_serializer=loong_dot_v1_dot_loong__pb2.UpdateWeightsFromDistributedRequest.SerializeToString,
+                response_deserializer=loong_dot_v1_dot_loong__pb2.UpdateWeightsResponse.FromString,
+                _registered_method=True)
+        self.PauseGeneration = channel.unary_unary(
+                '/loong.v1.Loong/PauseGeneration',
+                request_serializer=loong_dot_v1_dot_loong__pb2.PauseGenerationRequest.SerializeToString,
+                response_deserializer=loong_dot_v1_dot_loong__pb2.PauseGenerationResponse.FromString,
+                _registered_method=True)
+        self.ResumeGeneration = channel.unary_unary(
+                '/loong.v1.Loong/ResumeGeneration',
+                request_serializer=loong_dot_v1_dot_loong__pb2.ResumeGenerationRequest.SerializeToString,
+                response_deserializer=loong_dot_v1_dot_loong__pb2.PauseGenerationResponse.FromString,
+                _registered_method=True)
 
 
 class LoongServicer:
@@ -86,6 +111,43 @@ class LoongServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateWeights(self, request, context):
+        """The RL rollout contract (between steps, on every instance). Weights from a safetensors
+        file or checkpoint directory the server can read:
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InitWeightUpdateGroup(self, request, context):
+        """Join a trainer's torch.distributed weight-update group (the trainer is rank 0 and hosts
+        it: loong.weight_sync.WeightSender); returns once every member joined.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateWeightsFromDistributed(self, request, context):
+        """Receive the weights the trainer broadcasts now over that group, in this order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseGeneration(self, request, context):
+        """Stop generating: mode "abort" (default) ends every request in flight (finish_reason
+        "abort"), "keep" holds them; new requests are queued meanwhile. Resume goes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeGeneration(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoongServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +170,31 @@ def add_LoongServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=loong_dot_v1_dot_loong__pb2.GetStatsRequest.FromString,
                     response_serializer=loong_dot_v1_dot_loong__pb2.Stats.SerializeToString,
+            ),
+            'UpdateWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateWeights,
+                    request_deserializer=loong_dot_v1_dot_loong__pb2.UpdateWeightsRequest.FromString,
+                    response_serializer=loong_dot_v1_dot_loong__pb2.UpdateWeightsResponse.SerializeToString,
+            ),
+            'InitWeightUpdateGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.InitWeightUpdateGroup,
+                    request_deserializer=loong_dot_v1_dot_loong__pb2.InitWeightUpdateGroupRequest.FromString,
+                    response_serializer=loong_dot_v1_dot_loong__pb2.UpdateWeightsResponse.SerializeToString,
+            ),
+            'UpdateWeightsFromDistributed': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateWeightsFromDistributed,
+                    request_deserializer=loong_dot_v1_dot_loong__pb2.UpdateWeightsFromDistributedRequest.FromString,
+                    response_serializer=loong_dot_v1_dot_loong__pb2.UpdateWeightsResponse.SerializeToString,
+            ),
+            'PauseGeneration': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseGeneration,
+                    request_deserializer=loong_dot_v1_dot_loong__pb2.PauseGenerationRequest.FromString,
+                    response_serializer=loong_dot_v1_dot_loong__pb2.PauseGenerationResponse.SerializeToString,
+            ),
+            'ResumeGeneration': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeGeneration,
+                    request_deserializer=loong_dot_v1_dot_loong__pb2.ResumeGenerationRequest.FromString,
+                    response_serializer=loong_dot_v1_dot_loong__pb2.PauseGenerationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +305,141 @@ class Loong:
             '/loong.v1.Loong/GetStats',
             loong_dot_v1_dot_loong__pb2.GetStatsRequest.SerializeToString,
             loong_dot_v1_dot_loong__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loong.v1.Loong/UpdateWeights',
+            loong_dot_v1_dot_loong__pb2.UpdateWeightsRequest.SerializeToString,
+            loong_dot_v1_dot_loong__pb2.UpdateWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InitWeightUpdateGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loong.v1.Loong/InitWeightUpdateGroup',
+            loong_dot_v1_dot_loong__pb2.InitWeightUpdateGroupRequest.SerializeToString,
+            loong_dot_v1_dot_loong__pb2.UpdateWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateWeightsFromDistributed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loong.v1.Loong/UpdateWeightsFromDistributed',
+            loong_dot_v1_dot_loong__pb2.UpdateWeightsFromDistributedRequest.SerializeToString,
+            loong_dot_v1_dot_loong__pb2.UpdateWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseGeneration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loong.v1.Loong/PauseGeneration',
+            loong_dot_v1_dot_loong__pb2.PauseGenerationRequest.SerializeToString,
+            loong_dot_v1_dot_loong__pb2.PauseGenerationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeGeneration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loong.v1.Loong/ResumeGeneration',
+            loong_dot_v1_dot_loong__pb2.ResumeGenerationRequest.SerializeToString,
+            loong_dot_v1_dot_loong__pb2.PauseGenerationResponse.FromString,
             options,
             channel_credentials,
             insecure,

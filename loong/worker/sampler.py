@@ -6,13 +6,15 @@ Used once per engine step by the instance that computes the new tokens (the mast
 Must not import: the scheduler (`loong.sched`), the engine, RPC or model code. Imports
 torch and `loong.sampling_params` only.
 
-Pipeline (row-wise; rows whose knob is "off" pass through each stage bit-exactly):
+Pipeline (row-wise; rows whose knob is "off" pass through each stage bit-exactly; logprobs
+are taken before step 1):
   1. penalties, in this order: repetition (HF: for tokens seen in prompt or output, divide
      positive logits, multiply non-positive ones), frequency (`-= f * count_in_output`),
      presence (`-= p * (count_in_output > 0)`);
-  2. logprobs, when asked: `log_softmax` of the penalised logits. CHOICE: logprobs are those
-     of the model's distribution after penalties and before min-tokens masking, temperature,
-     top-k, top-p and min-p (so they are finite and do not depend on the sampling knobs);
+  2. logprobs, when asked: `log_softmax` of the logits as the model computed them ("raw"
+     logprobs, vLLM's default `logprobs_mode`): before penalties, min-tokens masking,
+     temperature, top-k, top-p and min-p, so they are finite, do not depend on the sampling
+     knobs, and are what an RL trainer's own forward pass computes for the sampled tokens;
   3. min-tokens masking: the row's `masked_token_ids` (EOS / stop ids) are set to -inf;
   4. greedy rows: `argmax` (ties -> lowest id, as torch.argmax);
   5. sampled rows: divide by temperature, top-k, top-p (smallest set of most probable
@@ -313,9 +315,10 @@ class Sampler:
             return SamplerOutput(logits.argmax(dim=-1).tolist(), no_lp, list(no_lp))
 
         logits = logits.to(torch.float32, copy=True)
+        # Raw logprobs: the model's own distribution, before penalties and temperature.
+        logprobs = logits.log_softmax(dim=-1) if want_lp else None
         if batch.do_penalties:
             apply_penalties(logits, batch)
-        logprobs = logits.log_softmax(dim=-1) if want_lp else None
         if batch.do_masks:
             idx = _row_index(batch.masked_token_ids, logits.shape[1], logits.device)
             if idx is not None:

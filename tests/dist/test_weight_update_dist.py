@@ -27,3 +27,14 @@ def test_cluster_update_matches_transformers_and_drops_cached_kv(tiny_loaded, ti
         assert all(o.weight_version == 1 for o in outs)
         assert llm.engine.policy.stats["group_sizes"].get(2, 0) > 0
         assert_clean(llm)
+
+
+def test_cluster_update_over_torch_distributed(tiny_loaded, tiny_path):
+    from tests.engine.test_weight_update import push_over_distributed
+    changed = perturb(hf_model(tiny_path), seed=9)
+    want = [hf_greedy(changed, p, 12) for p in PROMPTS]
+    with start_cluster(tiny_loaded, tiny_path, instances=2, kv_capacity_tokens=128,
+                       block_size=4) as llm:
+        assert push_over_distributed(llm, changed, 2) == 1
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+        assert_clean(llm)

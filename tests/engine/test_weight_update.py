@@ -124,3 +124,60 @@ def test_bad_updates_name_the_weight_and_change_nothing(tiny_loaded, tiny_path, 
         llm.update_weights([1, 2])
     assert llm.weight_version == 0
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+
+
+def push_over_distributed(llm, changed, n_instances: int):
+    """A trainer thread broadcasts `changed`'s weights over a weight-update group that the
+    LLM's instances join (what a trainer process does); returns the new weight version."""
+    import threading
+
+    from loong.tools.server_process import ServerProcess
+    from loong.weight_sync import WeightSender
+    port = ServerProcess.free_port()
+    box: dict = {}
+
+    def trainer():
+        try:
+            sender = WeightSender("127.0.0.1", port, 1 + n_instances, timeout_s=60)
+            box["ready"].wait(60)
+            box["names"] = sender.broadcast(changed.state_dict().items())
+        except BaseException as e:            # noqa: BLE001 - reported below
+            box["error"] = e
+
+    box["ready"] = threading.Event()
+    t = threading.Thread(target=trainer, daemon=True)
+    t.start()
+    llm.init_weight_update_group("127.0.0.1", port, 1 + n_instances, timeout_s=60)
+    names, dtypes, shapes = WeightSender.describe(changed.state_dict().items())
+    box["ready"].set()
+    version = llm.update_weights_from_distributed(names, dtypes, shapes)
+    t.join(60)
+    assert "error" not in box, box.get("error")
+    assert box["names"] == names
+    return version
+
+
+def test_update_over_torch_distributed_matches_transformers(tiny_loaded, tiny_path, changed):
+    llm = LLM(tiny_path, loaded=tiny_loaded, dtype="float32")
+    assert push_over_distributed(llm, changed, 1) == 1
+    want = [hf_greedy(changed, p) for p in PROMPTS]
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+
+
+def test_distributed_update_arguments_are_checked(tiny_loaded, tiny_path):
+    llm = LLM(tiny_path, loaded=tiny_loaded, dtype="float32")
+    with pytest.raises(InvalidRequestError, match="rank_offset"):
+        llm.init_weight_update_group("127.0.0.1", 29999, 1 + 1, rank_offset=2)
+    with pytest.raises(InvalidRequestError, match="world_size"):
+        llm.init_weight_update_group("127.0.0.1", 29999, 1)
+    with pytest.raises(InvalidRequestError, match="names"):
+        llm.update_weights_from_distributed(["model.norm.weight"], [], [])
+    with pytest.raises(InvalidRequestError, match="dtypes"):
+        llm.update_weights_from_distributed(["model.norm.weight"], ["floaty"], [(64,)])
+    with pytest.raises(InvalidRequestError, match=r"model.norm.weight.*\(3,\)"):
+        llm.update_weights_from_distributed(["model.norm.weight"], ["float32"], [(3,)])
+    # Not in a group yet: the instance says what to do; nothing changed.
+    from loong.cluster.errors import ClusterError
+    with pytest.raises(ClusterError, match="init_weight_update_group"):
+        llm.update_weights_from_distributed(["model.norm.weight"], ["float32"], [(64,)])
+    assert llm.weight_version == 0

@@ -14,7 +14,7 @@ PKG = os.path.join(ROOT, "loong")
 
 # Package -> rank: a module may import modules of its own package or of lower ranks only.
 RANK = {"errors": 0, "version": 0, "ops": 0, "sched": 0, "v1": 0, "control": 0,
-        "sampling_params": 1, "config": 1, "comm": 1,
+        "sampling_params": 1, "config": 1, "comm": 1, "weight_sync": 1,
         "model": 2, "kv": 3, "attention": 4, "worker": 5, "sim": 5,
         "cluster": 6, "engine": 7, "serve": 8, "client": 8, "tools": 9,
         "": 10, "cli": 11}

@@ -203,10 +203,12 @@ def test_penalties_follow_the_formulas_exactly():
     assert torch.equal(got[2], logits[2])              # no penalties: bit-exact
     assert torch.equal(got[1, [0, 1, 11]], logits[1, [0, 1, 11]])   # prompt not penalised
     out = _sampler()(logits, batch)
-    lp = torch.log_softmax(exp, -1)
+    raw = torch.log_softmax(logits, -1)        # logprobs are raw: before the penalties
     assert out.token_ids[0] == int(exp[0].argmax())
     for i in range(3):
-        assert out.logprobs[i] == pytest.approx(float(lp[i, out.token_ids[i]]), abs=1e-5)
+        assert out.logprobs[i] == pytest.approx(float(raw[i, out.token_ids[i]]), abs=1e-5)
+    assert out.logprobs[0] != pytest.approx(float(torch.log_softmax(exp, -1)[0, out.token_ids[0]]),
+                                            abs=1e-3)
 
 
 def test_repetition_penalty_in_all_greedy_batch_changes_argmax():

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ControlMessage(_message.Message):
-    __slots__ = ("hello", "setup", "ready", "step", "result", "heartbeat", "reset", "shutdown", "inspect", "inspect_reply", "update_weights")
+    __slots__ = ("hello", "setup", "ready", "step", "result", "heartbeat", "reset", "shutdown", "inspect", "inspect_reply", "update_weights", "join_weight_group", "receive_weights")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     SETUP_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,8 @@ class ControlMessage(_message.Message):
     INSPECT_FIELD_NUMBER: _ClassVar[int]
     INSPECT_REPLY_FIELD_NUMBER: _ClassVar[int]
     UPDATE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    JOIN_WEIGHT_GROUP_FIELD_NUMBER: _ClassVar[int]
+    RECEIVE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     setup: Setup
     ready: Ready
@@ -30,7 +32,9 @@ class ControlMessage(_message.Message):
     inspect: Inspect
     inspect_reply: InspectReply
     update_weights: UpdateWeights
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., setup: _Optional[_Union[Setup, _Mapping]] = ..., ready: _Optional[_Union[Ready, _Mapping]] = ..., step: _Optional[_Union[InstanceStep, _Mapping]] = ..., result: _Optional[_Union[InstanceResult, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., reset: _Optional[_Union[Reset, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., inspect: _Optional[_Union[Inspect, _Mapping]] = ..., inspect_reply: _Optional[_Union[InspectReply, _Mapping]] = ..., update_weights: _Optional[_Union[UpdateWeights, _Mapping]] = ...) -> None: ...
+    join_weight_group: JoinWeightGroup
+    receive_weights: ReceiveWeights
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., setup: _Optional[_Union[Setup, _Mapping]] = ..., ready: _Optional[_Union[Ready, _Mapping]] = ..., step: _Optional[_Union[InstanceStep, _Mapping]] = ..., result: _Optional[_Union[InstanceResult, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., reset: _Optional[_Union[Reset, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., inspect: _Optional[_Union[Inspect, _Mapping]] = ..., inspect_reply: _Optional[_Union[InspectReply, _Mapping]] = ..., update_weights: _Optional[_Union[UpdateWeights, _Mapping]] = ..., join_weight_group: _Optional[_Union[JoinWeightGroup, _Mapping]] = ..., receive_weights: _Optional[_Union[ReceiveWeights, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("rank", "world_size", "pid")
@@ -424,6 +428,36 @@ class UpdateWeights(_message.Message):
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     weights: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     def __init__(self, weights: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
+class JoinWeightGroup(_message.Message):
+    __slots__ = ("host", "port", "world_size", "rank", "timeout_s")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    port: int
+    world_size: int
+    rank: int
+    timeout_s: float
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., world_size: _Optional[int] = ..., rank: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class ReceiveWeights(_message.Message):
+    __slots__ = ("names", "dtypes", "shapes")
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    DTYPES_FIELD_NUMBER: _ClassVar[int]
+    SHAPES_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    dtypes: _containers.RepeatedScalarFieldContainer[str]
+    shapes: _containers.RepeatedCompositeFieldContainer[Shape]
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[str]] = ..., shapes: _Optional[_Iterable[_Union[Shape, _Mapping]]] = ...) -> None: ...
+
+class Shape(_message.Message):
+    __slots__ = ("dims",)
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    dims: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, dims: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("name", "tensor")
