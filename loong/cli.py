@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--policy", default="elastic",
                      help="elastic, static-sp, chunked-prefill (LightLLM SplitFuse), sarathi "
                           "(one token budget per iteration), vllm, pd-disagg or simple")
-    sim.add_argument("--queue", default="fcfs", help="queue discipline: fcfs, mlfq or sjf")
+    sim.add_argument("--queue", default="fcfs", help="queue discipline: fcfs, mlfq, sjf or ltr (longest predicted output first, for RL rollouts)")
     sim.add_argument("--replica-size", type=int, default=None,
                      help="instances per baseline replica (default: the paper's TP8/TP4)")
     sim.add_argument("--token-budget", type=int, default=None,

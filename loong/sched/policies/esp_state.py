@@ -81,7 +81,8 @@ class ESPState:
 
     def enqueue(self, r: ESPRequest, preempted: bool) -> None:
         """Insert r into the waiting queue at its discipline's place (stable)."""
-        r.qkey = self.queue.key(r.seq, r.prompt_len, len(r.tokens), preempted)
+        r.qkey = self.queue.key(r.seq, r.prompt_len, len(r.tokens), preempted,
+                                 r.prompt_id)
         i = bisect.bisect_right(self.waiting, r.qkey, key=lambda q: q.qkey)
         self.waiting.insert(i, r)
 
@@ -251,7 +252,8 @@ class ESPPolicyBase:
     def add(self, rid: str, prompt_token_ids: list[int], cache_salt: str | None = None) -> None:
         st = self.state
         st.enqueue(ESPRequest(rid, st.seq, list(prompt_token_ids),
-                              prompt_len=len(prompt_token_ids), salt=cache_salt or ""),
+                              prompt_len=len(prompt_token_ids), salt=cache_salt or "",
+                              prompt_id=st.queue.prompt_key(prompt_token_ids)),
                    preempted=False)
         st.seq += 1
 
@@ -264,7 +266,8 @@ class ESPPolicyBase:
         r = st.running.pop(rid, None)
         st.in_flight.discard(rid)
         if r is not None:
-            st.queue.predictor.observe(r.prompt_len, len(r.tokens) - r.prompt_len)
+            st.queue.predictor.observe(r.prompt_len, len(r.tokens) - r.prompt_len,
+                                           r.prompt_id)
             if not st.cache.drop(r):
                 st.releases.append(rid)
         st.migrations = [m for m in st.migrations if m.request_id != rid]

@@ -36,6 +36,7 @@ class ESPRequest(CacheFields):
     master: int | None = None
     prompt_len: int = 0
     qkey: tuple = ()                          # queue-discipline sort key while waiting
+    prompt_id: int | None = None              # queues.prompt_id of its prompt (predictor)
     # Tokens its next decode item computes: 1, or the uncached rest of a prompt whose
     # prefix came from the cache (an extend).
     pending: int = 1
@@ -53,6 +54,7 @@ class ReplicaRequest(CacheFields):
     computed: int = 0                   # tokens whose KV the replica holds
     placement: dict[int, int] = field(default_factory=dict)
     qkey: tuple = ()
+    prompt_id: int | None = None        # queues.prompt_id of its prompt (predictor)
 
 
 class BlockMirror:

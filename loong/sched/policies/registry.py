@@ -69,7 +69,7 @@ class PolicySpec:
     prefill_instances: int | None = None    # pd-disagg: None = max(replica_size, N // 2)
     decode_replica_size: int | None = None  # pd-disagg: None = replica_size
     # Every policy:
-    queue: str = "fcfs"                     # queue discipline: fcfs, mlfq or sjf
+    queue: str = "fcfs"                     # queue discipline: fcfs, mlfq, sjf or ltr
     prefix_caching: bool = False            # reuse cached full blocks (replicas: of one instance)
     cache_namespace: str = ""               # what else names a block's KV (model, weights)
 

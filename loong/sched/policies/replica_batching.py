@@ -98,7 +98,8 @@ class ReplicaPolicy:
     # ----- requests ------------------------------------------------------------------
     def add(self, rid: str, prompt_token_ids: list[int], cache_salt: str | None = None) -> None:
         r = ReplicaRequest(rid, self._seq, list(prompt_token_ids), len(prompt_token_ids),
-                           replica=-1, salt=cache_salt or "")
+                           replica=-1, salt=cache_salt or "",
+                           prompt_id=self.queue.prompt_key(prompt_token_ids))
         self._seq += 1
         self.reqs[rid] = r
         takers = [i for i, role in enumerate(self.roles) if role != "decode"]
@@ -126,7 +127,8 @@ class ReplicaPolicy:
         self.in_flight.pop(rid, None)
         if self.running[r.replica].pop(rid, None) is None:
             self._dequeue(r)
-        self.queue.predictor.observe(r.prompt_len, len(r.tokens) - r.prompt_len)
+        self.queue.predictor.observe(r.prompt_len, len(r.tokens) - r.prompt_len,
+                                           r.prompt_id)
         if r.placement and not self.cache.drop(r):
             self._releases.append(rid)
 
@@ -148,7 +150,8 @@ class ReplicaPolicy:
 
     def _enqueue(self, r: ReplicaRequest, replica: int, preempted: bool) -> None:
         r.replica = replica
-        r.qkey = self.queue.key(r.seq, r.prompt_len, len(r.tokens), preempted)
+        r.qkey = self.queue.key(r.seq, r.prompt_len, len(r.tokens), preempted,
+                                 r.prompt_id)
         q = self.waiting[replica]
         q.insert(bisect.bisect_right(q, r.qkey, key=lambda x: x.qkey), r)
         self._queued_blocks[replica] += blocks(len(r.tokens), self.cfg.block_size)
