@@ -75,3 +75,39 @@ def test_ltr_shortens_an_rl_batchs_makespan_once_it_has_seen_the_prompts():
     assert first == pytest.approx(fcfs, rel=0.05)
     second = makespan(ltr, rl_batch())         # step 2: the same prompts, lengths learned
     assert second < 0.85 * fcfs, (second, fcfs)
+
+
+def alternating_batch(pairs=4):
+    """Long and short prompts alternate in arrival order: dispatch by KV load alternates
+    replicas too, so every long sample would land on the same replica."""
+    out = []
+    for k in range(pairs):
+        out.append(Req(60, 300, 0.0, [1]))          # prompt 1: long outputs
+        out.append(Req(60, 20, 0.0, [2]))           # prompt 2: short outputs
+    return out
+
+
+def test_ltr_dispatch_spreads_predicted_long_samples_over_replicas():
+    cfg = ReplicaConfig(2, 400, 16, replica_size=1, token_budget=256, max_num_seqs=2)
+
+    def run(queue):
+        pol = ReplicaPolicy(cfg)
+        pol.queue = queue
+        seen = {}
+        orig = pol._enqueue
+
+        def enqueue(r, replica, preempted):
+            seen.setdefault(r.rid, replica)
+            orig(r, replica, preempted)
+        pol._enqueue = enqueue
+        res = Simulator(pol, COST, 2, 400, 16, token_content=True).run(alternating_batch())
+        longs = {seen[rec.request_id] for rec in res.records if rec.output_len == 300}
+        return res.end_s, longs
+
+    fcfs_end, fcfs_longs = run(QueueDiscipline("fcfs"))
+    assert fcfs_longs == {0}                          # KV-load dispatch: all on replica 0
+    ltr = QueueDiscipline("ltr")
+    run(ltr)                                          # learn the two prompts
+    ltr_end, ltr_longs = run(ltr)
+    assert ltr_longs == {0, 1}
+    assert ltr_end < 0.75 * fcfs_end, (ltr_end, fcfs_end)

@@ -55,6 +55,8 @@ class ReplicaRequest(CacheFields):
     placement: dict[int, int] = field(default_factory=dict)
     qkey: tuple = ()
     prompt_id: int | None = None        # queues.prompt_id of its prompt (predictor)
+    predicted: float = 0.0              # predicted output tokens (ltr dispatch)
+    predicted_on: int | None = None     # the replica that work was counted on
 
 
 class BlockMirror:

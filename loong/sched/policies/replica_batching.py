@@ -81,6 +81,7 @@ class ReplicaPolicy:
         self.used = self.mirror.used          # blocks in use per instance (never rebound)
         self.waiting = [deque() for _ in self.replicas]
         self._queued_blocks = [0] * len(self.replicas)   # prompt blocks waiting per replica
+        self._predicted = [0.0] * len(self.replicas)     # predicted output work (ltr dispatch)
         self.running: list[dict[str, ReplicaRequest]] = [{} for _ in self.replicas]
         self.reqs: dict[str, ReplicaRequest] = {}
         self.in_flight: dict[str, int] = {}      # request -> tokens of its planned chunk
@@ -105,9 +106,21 @@ class ReplicaPolicy:
         takers = [i for i, role in enumerate(self.roles) if role != "decode"]
         if self.cfg.dispatch == "round-robin":
             target = takers[r.seq % len(takers)]
+        elif self.queue.kind == "ltr":
+            target = self._least_predicted(r, takers)
         else:
             target = self._least_loaded(r, "prefill", self._cached_blocks(r, takers))
         self._enqueue(r, target, preempted=False)
+
+    def _least_predicted(self, r: ReplicaRequest, takers: list[int]) -> int:
+        """LPT dispatch (the ltr queue): the replica with the least predicted output work
+        (tokens still to generate, per instance) dispatched to it and not finished, so the
+        long samples of a rollout batch spread over replicas instead of meeting on one."""
+        r.predicted = self.queue.predictor.predict(r.prompt_len, r.prompt_id)
+        target = min(takers, key=lambda i: (self._predicted[i] / len(self.replicas[i]), i))
+        self._predicted[target] += r.predicted
+        r.predicted_on = target
+        return target
 
     def _cached_blocks(self, r: ReplicaRequest, takers: list[int]) -> dict[int, int]:
         """Per replica, the blocks of r's prompt it holds cached (replicas of one instance)."""
@@ -129,6 +142,8 @@ class ReplicaPolicy:
             self._dequeue(r)
         self.queue.predictor.observe(r.prompt_len, len(r.tokens) - r.prompt_len,
                                            r.prompt_id)
+        if r.predicted_on is not None:
+            self._predicted[r.predicted_on] -= r.predicted
         if r.placement and not self.cache.drop(r):
             self._releases.append(rid)
 
