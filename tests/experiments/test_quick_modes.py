@@ -62,6 +62,8 @@ SCRIPTS = {
                    "max throughput (req/s", 180, "data"),
     "ring_prefill_bench": (lambda d: ["--json", str(d / "ring.json")], ["ring.json"],
                            "speedup", 240, None),
+    "rollout_sim": (lambda d: ["--json", str(d / "rollout_sim.json")], ["rollout_sim.json"],
+                    "LTR/FCFS", 120, "data"),
     "schedule_latency_bench": (lambda d: ["--json", str(d / "schedule.json")],
                                ["schedule.json"], "goal: median schedule()", 120, None),
     "serve_vs_sim": (lambda d: ["--json", str(d / "serve_vs_sim.json")],
