@@ -20,7 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 RESULTS = os.path.join(EXPERIMENTS, "results")
 # Modules of experiments/ that are imported by the scripts, not run.
-HELPERS = {"bench_common", "decode_peers"}   # decode_peers runs inside peer engines' venvs (decode_latency)
+HELPERS = {"bench_common", "decode_peers",   # decode_peers runs inside peer engines' venvs
+           "rl/policy_model"}                 # the GRPO trainer's model (rl/grpo.py)
+SUBDIRS = ("rl",)
 
 
 def _data_dir():
@@ -64,6 +66,9 @@ SCRIPTS = {
                            "speedup", 240, None),
     "rollout_sim": (lambda d: ["--json", str(d / "rollout_sim.json")], ["rollout_sim.json"],
                     "LTR/FCFS", 120, "data"),
+    # Two 1-instance servers and a trainer, 3 GRPO steps each (sync, streamed).
+    "rl/grpo": (lambda d: ["--out", str(d / "rl")], ["rl/grpo.json"],
+                "streamed / sync throughput", 240, None),
     "schedule_latency_bench": (lambda d: ["--json", str(d / "schedule.json")],
                                ["schedule.json"], "goal: median schedule()", 120, None),
     "serve_vs_sim": (lambda d: ["--json", str(d / "serve_vs_sim.json")],
@@ -117,6 +122,9 @@ def _run(argv: list[str], timeout_s: float) -> tuple[int, str, str, float]:
 
 def test_every_script_is_listed():
     found = {f[:-3] for f in os.listdir(EXPERIMENTS) if f.endswith(".py")}
+    for sub in SUBDIRS:                       # experiments in their own folders
+        found |= {f"{sub}/{f[:-3]}" for f in os.listdir(os.path.join(EXPERIMENTS, sub))
+                  if f.endswith(".py")}
     assert HELPERS <= found, f"helpers {sorted(HELPERS - found)} are gone from experiments/"
     scripts = found - HELPERS
     assert scripts == set(SCRIPTS), (
