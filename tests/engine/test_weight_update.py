@@ -181,3 +181,26 @@ def test_distributed_update_arguments_are_checked(tiny_loaded, tiny_path):
     with pytest.raises(ClusterError, match="init_weight_update_group"):
         llm.update_weights_from_distributed(["model.norm.weight"], ["float32"], [(64,)])
     assert llm.weight_version == 0
+
+
+def test_sampled_token_logprobs_are_transformers_log_softmax(tiny_loaded, tiny_path, changed):
+    """Raw logprobs of sampled tokens (temperature and penalties on) equal the log-softmax of
+    transformers' logits at those positions, also after a weight update."""
+    llm = LLM(tiny_path, loaded=tiny_loaded, dtype="float32")
+    params = SamplingParams(max_tokens=10, temperature=1.3, repetition_penalty=1.4, seed=11,
+                            logprobs=2, ignore_eos=True)
+    for model in (hf_model(tiny_path), changed):
+        if model is changed:
+            llm.update_weights(changed.state_dict())
+        for prompt in PROMPTS:
+            out = llm.generate(prompt, params)[0]
+            ids = torch.tensor([prompt + out.token_ids])
+            with torch.no_grad():
+                lp = model(ids).logits[0].float().log_softmax(-1)
+            n = len(prompt)
+            want = [float(lp[n - 1 + t, tok]) for t, tok in enumerate(out.token_ids)]
+            got = [chosen for chosen, _ in out.logprobs]
+            assert got == pytest.approx(want, abs=2e-4)
+            for t, (_, top) in enumerate(out.logprobs):      # top-2 of the model's own
+                vals, idx = lp[n - 1 + t].topk(2)
+                assert [i for i, _ in top] == idx.tolist()
