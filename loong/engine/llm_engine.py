@@ -31,7 +31,8 @@ from loong.engine.outputs import RequestMetrics, RequestOutput
 from loong.engine.policy_choice import cache_namespace, make_policy, policy_name
 from loong.engine.request_state import RequestState, SampleGroup, append_token
 from loong.engine.stop_checker import StopStringChecker
-from loong.engine.weight_updates import named_weights
+from loong.engine.weight_updates import (check_distributed_update, check_group_args,
+                                         named_weights)
 from loong.errors import InvalidRequestError
 from loong.model.loader import LoadedModel, load_model_files
 from loong.model.weight_names import check_weight_update
@@ -448,14 +449,7 @@ class LLMEngine:
         the trainer is rank 0 and hosts the store at host:port; instance i is rank
         rank_offset + i). Blocks until all members joined (the trainer's `WeightSender`
         must be starting meanwhile)."""
-        n = len(self.executor.live)
-        if not isinstance(world_size, int) or world_size < 2:
-            raise InvalidRequestError("world_size", f"must be an int >= 2, got {world_size!r}")
-        if not isinstance(rank_offset, int) or rank_offset < 1 or rank_offset + n > world_size:
-            raise InvalidRequestError("rank_offset", f"{n} instance(s) from rank {rank_offset} "
-                                      f"do not fit a group of {world_size} (rank 0 is the trainer)")
-        if not isinstance(port, int) or not 0 < port < 65536:
-            raise InvalidRequestError("port", f"must be a TCP port, got {port!r}")
+        check_group_args(port, world_size, rank_offset, len(self.executor.live))
         self.executor.join_weight_group(host, port, world_size, rank_offset, float(timeout_s))
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list[str],
@@ -464,18 +458,8 @@ class LLMEngine:
         order (names as in Hugging Face checkpoints, torch dtype names, shapes), and load
         them in place on every instance; checked first like `update_weights`. Returns the
         new weight version."""
-        from loong.weight_sync import dtype_from_name
-        names, dtypes, shapes = list(names), list(dtypes), [tuple(s) for s in shapes]
-        if not len(names) == len(dtypes) == len(shapes) or not names:
-            raise InvalidRequestError("names", f"names, dtypes and shapes must be non-empty "
-                                      f"lists of one length (got {len(names)}, {len(dtypes)}, "
-                                      f"{len(shapes)})")
-        for dt in dtypes:
-            try:
-                dtype_from_name(dt)
-            except ValueError as e:
-                raise InvalidRequestError("dtypes", str(e).split(": ", 1)[-1]) from None
-        check_weight_update(self.model_config, zip(names, map(_Shaped, shapes)), "names")
+        names, dtypes, shapes = check_distributed_update(self.model_config, names, dtypes,
+                                                         shapes)
         self._finish_groups()
         self.executor.receive_weights(names, dtypes, shapes)
         return self._weights_changed()
@@ -543,13 +527,6 @@ class LLMEngine:
         ex = getattr(self, "executor", None)
         if ex is not None and ex.broken != "shut down":
             ex.shutdown()
-
-
-class _Shaped:
-    """A shape standing for a tensor not here yet (checked before a broadcast)."""
-
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.shape = tuple(shape)
 
 
 def _build_executor(config: EngineConfig, loaded: LoadedModel):
