@@ -314,7 +314,6 @@ def main(argv=None) -> int:
     bw = read_bandwidth_gbs()
     results = {"machine": bc.machine_info(), "read_gbs": bw, "runs": a.runs,
                "output_len": a.output_len}
-    import torch
     weight_bytes = sum(t.numel() for t in loaded.weights.values()) * 2
     floor = weight_bytes / (bw * 1e9)
     results.update(weight_bytes_bf16=weight_bytes, floor_tpot_s=floor)
@@ -333,7 +332,6 @@ def main(argv=None) -> int:
     if "peers" in sections:
         results["peers"] = peers_section(a, loaded, b1, batched)
     bc.write_json(a.json, results)
-    del torch
     return 0
 
 
