@@ -94,6 +94,9 @@ class LLMEngine:
         self.last_result: ClusterStepResult | None = None
         self.last_plan: ClusterStepPlan | None = None
         self.weight_version = 0          # weight updates applied so far
+        # Outputs updated between steps (groups finished before a weight update); the next
+        # step() returns them, so callers that watch step() miss no token or finish.
+        self._carried: list[RequestOutput] = []
 
     # ----- requests ------------------------------------------------------------------
     @property
@@ -226,6 +229,9 @@ class LLMEngine:
         """Run one iteration; returns the outputs of requests that got a token or finished."""
         outcome = self._run_plans()
         updated = self._process(outcome) if outcome is not None else []
+        if self._carried:           # outputs of groups that ended between steps
+            updated = self._carried + [o for o in updated if o not in self._carried]
+            self._carried = []
         self.housekeeping()
         return updated
 
@@ -467,7 +473,8 @@ class LLMEngine:
     def _finish_groups(self) -> None:
         """Let groups of the last step that still run end (weights change between steps)."""
         while self.executor.groups_running:
-            self._process(self._apply_results(self.executor.wait_groups(), StepOutcome()))
+            self._carried += self._process(self._apply_results(self.executor.wait_groups(),
+                                                               StepOutcome()))
 
     def _weights_changed(self) -> int:
         """After an update: a new version; cached prefixes dropped and never matched again."""

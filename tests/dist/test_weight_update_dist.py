@@ -38,3 +38,20 @@ def test_cluster_update_over_torch_distributed(tiny_loaded, tiny_path):
         assert push_over_distributed(llm, changed, 2) == 1
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
         assert_clean(llm)
+
+
+def test_as_completed_across_an_update_on_a_cluster_yields_every_completion(tiny_loaded,
+                                                                            tiny_path):
+    """Groups still running when weights change end first; their outputs reach the next
+    step(), so the iterator misses none."""
+    changed = perturb(hf_model(tiny_path), seed=3)
+    with start_cluster(tiny_loaded, tiny_path, instances=2, kv_capacity_tokens=128,
+                       block_size=4) as llm:
+        params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
+                  for m in (2, 30, 30)]
+        it = llm.as_completed(PROMPTS, params)
+        first = next(it)
+        llm.update_weights(changed.state_dict())
+        rest = list(it)
+        assert sorted(i for i, _ in [first, *rest]) == [0, 1, 2]
+        assert_clean(llm)
