@@ -115,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--out", default="profile.json", help="raw samples (JSON)")
     prof.add_argument("--preset-out", default=None, help="fitted CostModel JSON (for --preset / load_cost_model)")
     prof.add_argument("--refit", default=None, metavar="PROFILE_JSON",
-                      help="fit from a raw profile written earlier instead of measuring")
+                      help="fit from a raw profile written earlier instead of measuring (its "
+                           "serving calibration too, when it has one)")
+    prof.add_argument("--serving", action="store_true",
+                      help="then calibrate the simulator against a real `loong serve` on "
+                           "--instances (Poisson runs of short requests, about a minute): "
+                           "the cost model's serving overhead (loong/sim/calibrate.py)")
     return parser
 
 
@@ -154,11 +159,40 @@ def cmd_profile(args: argparse.Namespace) -> int:
     print(summary_table(cm))
     for line in fit_warnings(cm):
         print(line, file=sys.stderr)
+    if args.serving:
+        raw["serving"] = _probe_serving(args, cm, raw)
+        with open(args.refit or args.out, "w", encoding="utf-8") as f:
+            json.dump(raw, f, indent=1)
+    if raw.get("serving"):
+        from loong.sim.calibrate import fit_serving_overhead
+        overhead, report = fit_serving_overhead(cm, raw["serving"])
+        cm = dataclasses.replace(cm, serving=overhead)
+        print(f"serving overhead: {overhead.a_ms:.2f} ms per group step + "
+              f"{overhead.b_ms_per_row:.3f} ms per sequence, x(1 + "
+              f"{overhead.parallel_slowdown:.3f} per other busy instance); mean |relative "
+              f"error| of the simulated runs {report['error_before']} -> {report['error_after']}")
     if args.preset_out:
         with open(args.preset_out, "w", encoding="utf-8") as f:
             f.write(cm.to_json() + "\n")
         print(f"cost model -> {args.preset_out}")
     return 0
+
+
+def _probe_serving(args: argparse.Namespace, cm, raw: dict) -> dict:
+    """Measure a real server with the cost model `cm` just fitted (`serving_probe`), set up
+    as the profile `raw` was (instances, threads per instance, device, dtype)."""
+    import os
+    import tempfile
+
+    from loong.tools.serving_probe import QUICK_POINTS, DEFAULT_POINTS, measure_serving
+    with tempfile.TemporaryDirectory(prefix="loong-profile-") as d:
+        path = os.path.join(d, "cost_model.json")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(cm.to_json())
+        return measure_serving(raw["instances"], cm.tokens_per_instance, model=args.model,
+                               dtype=raw["dtype"], device=raw["device"], cost_model=path,
+                               points=QUICK_POINTS if args.quick else DEFAULT_POINTS,
+                               threads=raw["threads_per_instance"])
 
 
 def cmd_sim(args: argparse.Namespace) -> int:

@@ -3,7 +3,9 @@
 Owns: `CostModel` (LoongServe's prefill form T_g = A_g + B_g * sum(l) + C_g * sum(l^2) per
 group size g; a decode step T = a + b * (largest mini-batch) + c * (most context tokens one
 member reads), one shared fit plus optional per-decode-group-size fits; migration time from
-bandwidth), fitting those forms from profile samples by
+bandwidth), what serving adds to each group's step beyond the executor's time
+(`ServingOverhead`, calibrated against a real server by `loong.sim.calibrate`; only the
+simulator's clock charges it), fitting those forms from profile samples by
 relative-error least squares (`fit_prefill`, `fit_decode`, with the mean relative error on
 held-out points), JSON round trips, and the presets (`PRESETS`; their derivations are in
 `loong/sched/presets/*.md`).
@@ -40,6 +42,33 @@ class DecodeCoeffs:
 
 
 @dataclass(frozen=True)
+class ServingOverhead:
+    """Time a served group step costs beyond the executor's (the manager's scheduling and
+    output processing, the server's streaming threads, sharing the cores with the
+    instances): `a_ms` per group step plus `b_ms_per_row` per sequence in the group.
+    Measured, not derived: `loong profile --serving` fits it so that simulating small
+    fixed workloads matches a real server's latencies (`loong.sim.calibrate`). Zero: the
+    executor's times alone (the presets from published figures).
+
+    `parallel_slowdown`: the executor's time grows by this share for every other instance
+    busy when the group starts. The profile measures one group at a time; where the
+    instances, the manager and the server share few cores (a CPU machine), groups running
+    side by side slow each other down. Near zero where the host has cores to spare."""
+    a_ms: float = 0.0
+    b_ms_per_row: float = 0.0
+    parallel_slowdown: float = 0.0
+    note: str = ""
+
+    def time_ms(self, rows: int) -> float:
+        return self.a_ms + self.b_ms_per_row * rows
+
+    def served_ms(self, executor_ms: float, rows: int, others_busy: int) -> float:
+        """A served group step: the executor's time, slowed by the instances already busy
+        beside it, plus the per-step overhead."""
+        return executor_ms * (1.0 + self.parallel_slowdown * others_busy) + self.time_ms(rows)
+
+
+@dataclass(frozen=True)
 class CostModel:
     name: str
     prefill: dict[int, PrefillCoeffs]          # group size -> coefficients
@@ -56,6 +85,8 @@ class CostModel:
     # Decode fitted per decode group size (instances in the group: masters and shard
     # holders); `decode` stays the fit over all sizes. See `decode_coeffs`.
     decode_by_group: dict[int, DecodeCoeffs] = field(default_factory=dict)
+    # Charged by the simulator on every group step it runs (not by the policy's plans).
+    serving: ServingOverhead = ServingOverhead()
 
     # ----- predictions ---------------------------------------------------------------
     def prefill_coeffs(self, g: int) -> PrefillCoeffs:
@@ -140,6 +171,11 @@ class CostModel:
             return dec.time_ms(d, ctx)
         return pre.time_ms(sum_n + d, sum_sq) + dec.c_ms_per_context_token * ctx
 
+    def served_ms(self, executor_ms: float, rows: int, others_busy: int = 0) -> float:
+        """A served group step of `rows` sequences whose executor time is `executor_ms`,
+        started while `others_busy` other instances run (see `ServingOverhead`)."""
+        return self.serving.served_ms(executor_ms, rows, others_busy)
+
     def migration_ms(self, tokens: int) -> float:
         return tokens * self.kv_bytes_per_token / self.migration_bytes_per_s * 1e3
 
@@ -162,7 +198,9 @@ class CostModel:
                        {int(k): DecodeCoeffs(**v) for k, v in d.get("tp_decode", {}).items()},
                        # absent in presets written before per-group decode fits
                        {int(k): DecodeCoeffs(**v)
-                        for k, v in d.get("decode_by_group", {}).items()})
+                        for k, v in d.get("decode_by_group", {}).items()},
+                       # absent in presets written before serving calibration
+                       ServingOverhead(**d.get("serving", {})))
         except (KeyError, TypeError) as e:
             raise ValueError(f"cost model JSON is missing or has a bad field: {e}") from e
 
@@ -294,9 +332,11 @@ def get_preset(name: str) -> CostModel:
     raise ValueError(f"unknown cost-model preset {name!r}; known: {preset_names()}")
 
 
-def load_cost_model(name_or_path: str) -> CostModel:
+def load_cost_model(name_or_path: "str | CostModel") -> CostModel:
     """A preset name (built in or a JSON file in loong/sched/presets/), or a path to a JSON
-    file written by `CostModel.to_json`."""
+    file written by `CostModel.to_json`; a `CostModel` is returned as it is."""
+    if isinstance(name_or_path, CostModel):
+        return name_or_path
     if name_or_path in preset_names():
         return get_preset(name_or_path)
     try:

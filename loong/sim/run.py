@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from loong.sched.cost_model import load_cost_model
+from loong.sched.cost_model import CostModel, load_cost_model
 from loong.sched.metrics import PAPER_SLOS, summarize
 from loong.sched.policies.registry import (POLICY_NAMES, REPLICA_POLICY_NAMES, PolicySpec,
                                            build_policy)
@@ -72,7 +72,7 @@ def sim_policy_spec(policy: str, instances: int, blocks_per_instance: int, block
 
 def run_simulation(workload: str, policy: str = "elastic", instances: int = 4,
                    rate: float | None = 1.0, requests: int | None = 500, seed: int = 0,
-                   preset: str = "a800-lwm7b-tp2", data_dir: str | None = None,
+                   preset: "str | CostModel" = "a800-lwm7b-tp2", data_dir: str | None = None,
                    arrival: str = "poisson", cv: float = 1.0, block_size: int = 16,
                    max_num_seqs: int = 1024, queue: str = "fcfs",
                    replica_size: int | None = None, token_budget: int | None = None,
@@ -84,7 +84,8 @@ def run_simulation(workload: str, policy: str = "elastic", instances: int = 4,
     per-request `RequestRecord`s (not JSON), for readouts the summary lacks.
     `prefix_caching`: the policy caches and shares full KV blocks; prompts then carry token
     ids standing for their content (shared prefixes from a trace's hash_ids, e.g.
-    Mooncake's; otherwise nothing is shared)."""
+    Mooncake's; otherwise nothing is shared). `preset`: a preset name, a cost-model JSON
+    path or a `CostModel`."""
     if policy not in POLICY_NAMES:
         raise ValueError(f"policy: {policy!r} is not one of {sorted(POLICY_NAMES)}")
     if instances < 1:
@@ -127,7 +128,8 @@ def run_simulation(workload: str, policy: str = "elastic", instances: int = 4,
     slo = PAPER_SLOS.get(base) or (PAPER_SLOS["mixed"] if base == "zipf" else None)
     metrics = summarize(res.records, slo)
     return {"config": {"workload": workload, "policy": policy, "instances": instances,
-                       "rate": rate, "requests": n, "seed": seed, "preset": preset,
+                       "rate": rate, "requests": n, "seed": seed,
+                       "preset": preset if isinstance(preset, str) else cost.name,
                        "arrival": arrival, "cv": cv, "block_size": block_size, "queue": queue,
                        "replica_size": getattr(getattr(pol, "cfg", None), "replica_size", None),
                        "token_budget": getattr(getattr(pol, "cfg", None), "token_budget", None),

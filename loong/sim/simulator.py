@@ -98,7 +98,14 @@ class Simulator:
             self.stats["migrations"] += 1
         return extra
 
-    def _duration_s(self, g: PrefillGroupPlan | DecodeGroupPlan | BatchGroupPlan) -> float:
+    def _duration_s(self, g: PrefillGroupPlan | DecodeGroupPlan | BatchGroupPlan,
+                    others_busy: int = 0) -> float:
+        """The group's step: the executor's time (the cost model's forms) with what serving
+        adds (`CostModel.served_ms`: none unless calibrated), `others_busy` instances
+        running other groups as it starts."""
+        return self.cost.served_ms(self._executor_s(g) * 1e3, len(g.items), others_busy) / 1e3
+
+    def _executor_s(self, g: PrefillGroupPlan | DecodeGroupPlan | BatchGroupPlan) -> float:
         if isinstance(g, BatchGroupPlan):
             # One-token items are decodes (their context is `start`); longer ones chunks.
             chunks = [(it.start, len(it.token_ids)) for it in g.items if len(it.token_ids) > 1]
@@ -170,7 +177,8 @@ class Simulator:
                         st = states[it.request_id]
                         if st.first_scheduled_s is None:
                             st.first_scheduled_s = now
-                    dt = self._duration_s(g) + max((extra.pop(i, 0.0) for i in g.members), default=0.0)
+                    others = len(busy.difference(g.members))
+                    dt = self._duration_s(g, others) + max((extra.pop(i, 0.0) for i in g.members), default=0.0)
                     busy.update(g.members)
                     heapq.heappush(events, (now + dt, next(seq), g, plan.step, tuple(g.members)))
                     self._count(g, dt)
