@@ -12,8 +12,10 @@ for every engine: generating `n` tokens minus generating 1 from the same prompts
             step = the step's fixed cost; native layer loop vs the eager Python loop
             (LOONG_EAGER_DECODE=1), 1 and 2 instances; on 2, the control plane's share (step
             time minus the busiest instance's compute, from the instances' counters).
-  batched   batch 32 and 64 (64-token prompts): decode GFLOP/s (2 x parameters x rows, plus
-            attention) as a share of the bf16 matmul limit measured in the same run.
+  batched   batch 32 and 64 (64-token prompts): the step by difference (as for the peers),
+            and a pure decode step (every row decoding, timed per engine step): its GFLOP/s
+            (2 x parameters x rows, plus attention) as a share of the bf16 matmul limit
+            measured right before it, per run.
   peers     the batch-1 and batched workloads through vLLM's CPU build (`--vllm-python`, its
             own venv; the model exported as a bf16 Hugging Face directory) and llama.cpp
             (`--llamacpp-python`, llama-cpp-python on the embedded Q4_1 GGUF: 4.5-bit weights,
@@ -216,23 +218,63 @@ def step_flops(cfg, rows: int, context: int) -> float:
     return rows * (2.0 * params + attn)
 
 
-def batched_section(a, loaded, limit_gflops: float) -> dict:
+def pure_decode_steps(llm, prompts: list[list[int]], n: int) -> list[float]:
+    """Wall time of each engine step in which every prompt's row decodes (prefills done,
+    nothing finished yet): `n` steps at most. The by-difference time of `step_times` also
+    counts the steps where the last prompt chunks run beside the first decodes."""
+    from loong import SamplingParams
+    eng = llm.engine
+    sp = SamplingParams(max_tokens=n + 8, temperature=0.0, ignore_eos=True)
+    for p in prompts:
+        eng.add_request(p, sp)
+
+    def all_decoding(plan) -> bool:
+        items = [it for g in plan.groups() for it in g.items] if plan is not None else []
+        return len(items) == len(prompts) and all(
+            len(getattr(it, "token_ids", (0,))) == 1 and not getattr(it, "extend", ())
+            for it in items)
+
+    times: list[float] = []
+    while eng.has_unfinished():
+        t0 = time.perf_counter()
+        outs = eng.step()
+        dt = time.perf_counter() - t0
+        if len(times) < n and all_decoding(eng.last_plan) and not any(o.finished for o in outs):
+            times.append(dt)
+    return times
+
+
+def batched_section(a, loaded) -> dict:
+    """Per run: the bf16 matmul limit, then the batch's decode steps, so each share is
+    taken against the limit of its own moment (this machine's limit drifts by 2x)."""
     from loong import LLM
     out = {}
     vocab = loaded.config.vocab_size
     with LLM(loaded=loaded, dtype="bfloat16", enable_prefix_caching=False,
-             kv_capacity_tokens=max(a.batches) * (a.batch_prompt_len + a.output_len + 16),
+             kv_capacity_tokens=max(a.batches) * (a.batch_prompt_len + a.output_len + 32),
              max_num_seqs=max(a.batches)) as llm:
         r = LoongRunner(llm)
         for b in a.batches:
             prompts = [prompt_ids(a.batch_prompt_len, vocab, s) for s in range(b)]
             ts = step_times(r, prompts, a.output_len, a.runs)
             flops = step_flops(loaded.config, b, a.batch_prompt_len + a.output_len // 2)
+            limits, steps, shares = [], [], []
+            for _ in range(a.runs):
+                lim = bc.matmul_limit(n=1024 if a.quick else 2048,
+                                      reps=3 if a.quick else 5)["median_gflops"]
+                st = med(pure_decode_steps(llm, prompts, a.output_len))
+                limits.append(lim)
+                steps.append(st)
+                shares.append(flops / st / 1e9 / lim)
             gf = ratio(flops, med(ts)) / 1e9
-            out[str(b)] = {"step_s": ts, "gflops": gf, "share_of_limit": gf / limit_gflops}
-            print(f"batch {b}: {med(ts) * 1e3:.1f} ms per step, {ratio(b, med(ts)):.0f} tokens/s, "
-                  f"{gf:.0f} GFLOP/s = {gf / limit_gflops:.0%} of the bf16 matmul limit "
-                  f"({limit_gflops:.0f})", flush=True)
+            out[str(b)] = {"step_s": ts, "gflops": gf, "limit_gflops": limits,
+                           "pure_step_s": steps, "pure_share_of_limit": shares,
+                           "share_of_limit": med(shares)}
+            print(f"batch {b}: {med(ts) * 1e3:.1f} ms per step by difference (as the peers), "
+                  f"{ratio(b, med(ts)):.0f} tokens/s; a pure decode step {med(steps) * 1e3:.1f} "
+                  f"ms, {flops / med(steps) / 1e9:.0f} GFLOP/s = {med(shares):.0%} of the bf16 "
+                  f"matmul limit measured before it (median of {[round(x) for x in limits]}; "
+                  f"per run {[f'{x:.0%}' for x in shares]})", flush=True)
     return out
 
 
@@ -326,9 +368,9 @@ def main(argv=None) -> int:
         results["fixed"] = fixed_section(a, loaded)
     batched = {}
     if "batched" in sections:
-        limit = bc.matmul_limit(n=1024 if q else 2048, reps=3 if q else 9)["median_gflops"]
-        results["matmul_limit_gflops"] = limit
-        batched = results["batched"] = batched_section(a, loaded, limit)
+        batched = results["batched"] = batched_section(a, loaded)
+        results["matmul_limit_gflops"] = med([x for v in batched.values()
+                                              for x in v["limit_gflops"]])
     if "peers" in sections:
         results["peers"] = peers_section(a, loaded, b1, batched)
     bc.write_json(a.json, results)
