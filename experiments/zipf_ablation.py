@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import loong.sim.run as sim_run  # noqa: E402
 from loong.sched.cost_model import CostModel, load_cost_model  # noqa: E402
+from loong.sched.fig12_slo import TARGET, attainment, describe  # noqa: E402
 from loong.sched.metrics import RequestRecord, rate_at_attainment, summarize  # noqa: E402
 from loong.sim.workloads import default_data_dir  # noqa: E402
 from rate_sweep import parse_names, span_requests, sweep  # noqa: E402
@@ -78,38 +79,6 @@ RATES = {
     "zipf-1.2": [0.6, 0.9, 1.2, 1.5, 1.8, 2.1, 2.4, 2.6, 2.8, 3.0, 3.2, 3.4, 3.6, 4.0],
     "zipf-1.4": [2, 3, 4, 5, 6, 7, 8, 9, 10],
 }
-# The SLO of Figure 12.
-TTFT_FACTOR = 25.0          # x the predicted single-request prefill time ...
-TTFT_FLOOR_S = 15.0         # ... but at least this
-SLO_GROUP = 4               # that prediction is at SP4 (4 TP2 instances)
-TPOT_S = 0.050
-TARGET = 0.9
-
-
-def ttft_limit_s(cost: CostModel, prompt_len: int) -> float:
-    """Figure 12's TTFT limit for a prompt: max(25 x predicted SP4 prefill, 15 s)."""
-    return max(TTFT_FACTOR * cost.prefill_ms(SLO_GROUP, [prompt_len]) / 1e3, TTFT_FLOOR_S)
-
-
-def attains(record: RequestRecord, cost: CostModel) -> tuple[bool, bool]:
-    """(TTFT within its limit, TPOT <= 50 ms) for one request; a request with one output
-    token has no TPOT and meets that limit (as `SLO.attains`)."""
-    tpot = record.tpot
-    return (record.ttft <= ttft_limit_s(cost, record.prompt_len),
-            tpot is None or tpot <= TPOT_S)
-
-
-def attainment(records: list[RequestRecord], cost: CostModel) -> dict:
-    """Share of requests meeting both limits, and of those meeting each one."""
-    if not records:
-        raise ValueError("records must be non-empty")
-    flags = [attains(r, cost) for r in records]
-    n = len(flags)
-    return {"attainment": sum(t and p for t, p in flags) / n,
-            "ttft_ok": sum(t for t, _ in flags) / n,
-            "tpot_ok": sum(p for _, p in flags) / n}
-
-
 @lru_cache(maxsize=None)
 def _cost() -> CostModel:
     return load_cost_model(PRESET)
@@ -313,8 +282,7 @@ def main(argv=None) -> int:
                                     "dispatch": "round-robin" if rr else "least-loaded"
                                     if p == "vllm" else None}
                                 for v, (p, k, rr) in VARIANTS.items() if v in variants},
-                   "slo": {"ttft": f"max({TTFT_FACTOR:g} x prefill_ms({SLO_GROUP}, [prompt]), "
-                                   f"{TTFT_FLOOR_S:g} s)", "tpot_s": TPOT_S, "target": TARGET},
+                   "slo": describe(),
                    "started_utc": started, "code_sha256": code,
                    "wall_s": elapsed, "points": points, "rate_at_90": cross,
                    "paper_rate_at_90": PAPER_RATE}, f, indent=1)
