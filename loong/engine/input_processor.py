@@ -177,3 +177,18 @@ def _short(value: object, limit: int = 40) -> str:
     """A value for an error message, cut so a hostile one cannot flood it."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_kv_fit(n: int, max_tokens: int, max_prompt: int, max_total: int) -> None:
+    """Raise InvalidRequestError when a prompt of n tokens does not fit the KV one prefill
+    group holds (`max_prompt`), or with `max_tokens` more the KV of the instances
+    (`max_total`)."""
+    if n > max_prompt:
+        raise InvalidRequestError("prompt", f"{n} tokens do not fit the KV of one prefill "
+                                  f"group ({max_prompt} tokens); add instances, raise "
+                                  f"kv_capacity_tokens or prefill_group_size")
+    if n + max_tokens - 1 > max_total:
+        raise InvalidRequestError(
+            "max_tokens", f"prompt ({n} tokens) + max_tokens ({max_tokens}) needs more KV "
+            f"than the instances hold ({max_total} tokens); lower max_tokens, add "
+            f"instances or raise kv_capacity_tokens")

@@ -15,48 +15,43 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections import Counter
-from dataclasses import replace
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 
 from loong.cluster.errors import ClusterReset
 from loong.config import EngineConfig
-from loong.engine.detokenizer import IncrementalDetokenizer
-from loong.engine.input_processor import (ModelLimits, PreparedRequest, check_request_id,
-                                          prepare_request)
-from loong.engine.outputs import RequestMetrics, RequestOutput
+from loong.engine.input_processor import (ModelLimits, PreparedRequest, check_kv_fit,
+                                          check_request_id, prepare_request)
+from loong.engine.outputs import RequestOutput
 from loong.engine.policy_choice import cache_namespace, make_policy, policy_name
-from loong.engine.request_state import RequestState, SampleGroup, append_token
-from loong.engine.stop_checker import StopStringChecker
+from loong.engine.request_state import (RequestState, SampleGroup, append_token,
+                                        new_request_state)
+from loong.engine.requeue import requeue_after_reset
+from loong.engine.step_accounting import StepAccounting
 from loong.engine.weight_updates import (check_distributed_update, check_group_args,
                                          named_weights)
 from loong.errors import InvalidRequestError
 from loong.model.loader import LoadedModel, load_model_files
 from loong.model.weight_names import check_weight_update
 from loong.sampling_params import SamplingParams, derive_seed
-from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult, InstanceCounters
+from loong.sched.cluster_plan import ClusterStepPlan, ClusterStepResult
 from loong.worker.build import build_instance, resolve_device, resolve_dtype
 
 CLUSTER_KEY_ENV = "LOONG_CLUSTER_KEY"
-# A request in this many failed steps that no single request could be blamed for is
-# ended with finish_reason "error" instead of being started over again.
-MAX_STRIKES = 2
 log = logging.getLogger("loong.engine")
 
 
 @dataclass
 class StepOutcome:
     """What one step did, as the request front end needs it."""
-
     scheduled: list[str] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict = field(default_factory=dict)
-    # Requests dropped after a reset (they no longer fit the instances left).
-    aborted: list[str] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)   # no longer fit after a reset
     # request_id -> why: requests whose own execution failed (they end with "error").
     failed: dict[str, str] = field(default_factory=dict)
 
@@ -76,7 +71,6 @@ class LLMEngine:
         self._groups: dict[str, SampleGroup] = {}     # requests with n > 1
         self._groups_done: dict[str, RequestOutput] = {}   # ended this step (reported once)
         self._ids = itertools.count()
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "max_blocks_used": 0}
         self.executor = _build_executor(config, loaded)
         ex = self.executor
         ex.recover = config.recover_lost_instances
@@ -86,9 +80,11 @@ class LLMEngine:
         self.past_policy_stats: list[dict] = []      # of policies replaced after a reset
         self._past_cache: Counter = Counter()          # their prefix-cache counters
         self.lost_instances: list[int] = []
-        self.counters = {r: InstanceCounters() for r in ex.live}
-        # Free KV blocks per instance as the instances last reported them.
-        self.instance_free_blocks = {r: ex.blocks_per_instance for r in ex.live}
+        self.accounting = StepAccounting(ex.live, ex.blocks_per_instance)
+        # The same dicts, read by serving gauges and benchmarks (updated in place).
+        self.stats = self.accounting.stats
+        self.counters = self.accounting.counters
+        self.instance_free_blocks = self.accounting.free_blocks   # as last reported
         self.want_logits = False          # tests: keep each request's prefill logits in .logits
         self.logits: dict = {}
         self.last_result: ClusterStepResult | None = None
@@ -120,16 +116,8 @@ class LLMEngine:
         return max(0, min(self.max_model_len - n, self.policy.max_request_tokens() - n + 1))
 
     def _check_lengths(self, n: int, max_tokens: int) -> None:
-        max_prompt, max_total = self.policy.max_prompt_tokens(), self.policy.max_request_tokens()
-        if n > max_prompt:
-            raise InvalidRequestError("prompt", f"{n} tokens do not fit the KV of one "
-                                      f"prefill group ({max_prompt} tokens); add instances, "
-                                      f"raise kv_capacity_tokens or prefill_group_size")
-        if n + max_tokens - 1 > max_total:
-            raise InvalidRequestError(
-                "max_tokens", f"prompt ({n} tokens) + max_tokens ({max_tokens}) "
-                f"needs more KV than the instances hold ({max_total} tokens); lower "
-                f"max_tokens, add instances or raise kv_capacity_tokens")
+        check_kv_fit(n, max_tokens, self.policy.max_prompt_tokens(),
+                     self.policy.max_request_tokens())
 
     def add_request(self, prompt: str | list[int] | PreparedRequest,
                     params: SamplingParams | None = None, request_id: str | None = None) -> str:
@@ -145,14 +133,17 @@ class LLMEngine:
         ids, params = prep.ids, prep.params
         self.check_fits(ids, params)
         if params.n == 1:
-            self._start(request_id, self._new_state(request_id, 0, prep, params))
+            self._start(request_id, new_request_state(request_id, 0, prep.text, ids, params,
+                                                      self.tokenizer, self.weight_version))
             return request_id
         # n completions: completion 0 first; with prefix caching the others start once its
         # prompt KV is cached, so it is computed once and shared.
         group = SampleGroup(request_id, [], live=params.n)
         for i in range(params.n):
             seed = None if params.seed is None else derive_seed(params.seed, i)
-            state = self._new_state(request_id, i, prep, replace(params, n=1, seed=seed))
+            state = new_request_state(request_id, i, prep.text, ids,
+                                      replace(params, n=1, seed=seed), self.tokenizer,
+                                      self.weight_version)
             state.group = group
             group.outputs.append(state.output)
             key = f"{request_id}#{i}"
@@ -165,18 +156,6 @@ class LLMEngine:
         group.outputs[0].outputs = group.outputs
         self._groups[request_id] = group
         return request_id
-
-    def _new_state(self, request_id: str, index: int, prep: PreparedRequest,
-                   params: SamplingParams) -> RequestState:
-        out = RequestOutput(request_id, prep.text, list(prep.ids),
-                            metrics=RequestMetrics(time.perf_counter()),
-                            logprobs=[] if params.logprobs is not None else None, index=index,
-                            weight_version_start=self.weight_version,
-                            weight_version=self.weight_version)
-        return RequestState(
-            params, out, IncrementalDetokenizer(self.tokenizer, prep.ids,
-                                                params.skip_special_tokens),
-            StopStringChecker(params.stop, params.include_stop_str_in_output))
 
     def _start(self, key: str, state: RequestState) -> None:
         """Hand a request (or one completion, by its internal key) to the policy."""
@@ -292,7 +271,7 @@ class LLMEngine:
                 outcome.scheduled += rids
                 outcome.preempted += plan.preempted
                 self.last_plan = plan
-                self._account_plan(plan)
+                self.accounting.plan(plan, sum(self.policy.used))
                 if not overlap:
                     result = ex.execute(plan, self._states)
                     return self._apply_results([(result, rids)], outcome)
@@ -329,7 +308,7 @@ class LLMEngine:
                     outcome.sampled[rid] = tok
                     if rid in result.logprobs:
                         outcome.logprobs[rid] = result.logprobs[rid]
-            self._account_result(result)
+            self.accounting.result(result, self.executor.live)
             for rid, row in result.logits.items():
                 self.logits.setdefault(rid, row)      # the prefill's (first sampled) row
             self.last_result = result
@@ -340,7 +319,7 @@ class LLMEngine:
         policy over them, and every request in flight queued again to be prefilled over
         its prompt and the tokens generated so far. Requests that no longer fit end with
         finish_reason "abort" (stop_reason "instance lost"); a suspect of a failed step
-        that was in MAX_STRIKES of them ends with "error"."""
+        that was in `requeue.MAX_STRIKES` of them ends with "error"."""
         live = self.executor.recover_after_loss()
         self.lost_instances.extend(lost.ranks)
         log.warning("%s (%s); going on with %s, re-prefilling %d request(s)",
@@ -349,29 +328,11 @@ class LLMEngine:
         self._retire_policy()
         self.policy = make_policy(self.config, self.policy_name, len(live),
                                   self.executor.blocks_per_instance)
-        for r in lost.ranks:
-            self.instance_free_blocks[r] = 0
-        for r in live:
-            self.instance_free_blocks[r] = self.executor.blocks_per_instance
+        self.accounting.reset(lost.ranks, live, self.executor.blocks_per_instance)
         outcome = StepOutcome()
-        for rid in lost.suspects:
-            state = self._states.get(rid)
-            if state is not None:
-                state.strikes += 1
-                if state.strikes >= MAX_STRIKES:
-                    outcome.failed[rid] = (f"{state.strikes} steps with this request failed "
-                                           f"(last: {str(lost).splitlines()[0]})")
-        for rid, state in self._states.items():
-            if rid in outcome.failed or state.held:
-                continue
-            tokens = list(state.prompt_token_ids) + list(state.output_token_ids)
-            left = max(1, state.params.max_tokens - len(state.output_token_ids))
-            try:
-                self._check_lengths(len(tokens), left)
-            except InvalidRequestError:
-                outcome.aborted.append(rid)
-                continue
-            self.policy.add(rid, tokens, state.params.cache_salt)
+        outcome.failed, outcome.aborted = requeue_after_reset(
+            self._states, lost.suspects, str(lost).splitlines()[0], self._check_lengths,
+            self.policy.add)
         return outcome
 
     def _mark_scheduled(self, rids: list[str]) -> None:
@@ -404,24 +365,6 @@ class LLMEngine:
             if group.live == 0:
                 del self._groups[group.request_id]
                 self._groups_done[group.request_id] = group.outputs[0]
-
-    # ----- accounting ----------------------------------------------------------------
-    def _account_plan(self, plan: ClusterStepPlan) -> None:
-        s = self.stats
-        s["steps"] += 1
-        s["prefill_tokens"] += sum(len(it.token_ids) for g in plan.prefills for it in g.items)
-        s["decode_tokens"] += sum(len(g.items) for g in plan.decodes)
-        for g in plan.batches:          # replica iterations: decode rows vs prompt chunks
-            for it in g.items:
-                s["decode_tokens" if it.is_decode else "prefill_tokens"] += len(it.token_ids)
-        s["max_blocks_used"] = max(s["max_blocks_used"], sum(self.policy.used))
-
-    def _account_result(self, result: ClusterStepResult) -> None:
-        live = self.executor.live
-        for v, c in result.counters.items():
-            self.counters[live[v]].add(c)
-        for v, free in result.free_blocks.items():
-            self.instance_free_blocks[live[v]] = free
 
     # ----- between steps -------------------------------------------------------------
     def housekeeping(self) -> None:
@@ -489,7 +432,7 @@ class LLMEngine:
         if not plan.is_empty:
             result = self.executor.execute(plan, self._states)
             self.policy.update(result)
-            self._account_result(result)
+            self.accounting.result(result, self.executor.live)
 
     def set_policy(self, name: str):
         """Run another policy from now on (only while idle: nothing waits, runs or is

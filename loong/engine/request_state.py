@@ -1,6 +1,6 @@
 """The manager's one record of a request in flight, and turning its new tokens into output.
 
-Owns: `SampleGroup` (the n completions of one request: their outputs by index, which of
+Owns: `new_request_state` (the record of a request just admitted), `SampleGroup` (the n completions of one request: their outputs by index, which of
 them still wait to start), `RequestState` (sampling params, the `RequestOutput` being built, which holds the
 prompt and the output token ids: the only copy on the manager side, read by the executors
 for the instances' sampling state and by recovery to prefill again; the incremental
@@ -13,8 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import time
+
 from loong.engine.detokenizer import IncrementalDetokenizer
-from loong.engine.outputs import RequestOutput
+from loong.engine.outputs import RequestMetrics, RequestOutput
 from loong.engine.stop_checker import StopStringChecker, check_stop_reason
 from loong.sampling_params import SamplingParams
 
@@ -46,6 +48,19 @@ class RequestState:
     @property
     def output_token_ids(self) -> Sequence[int]:
         return self.output.token_ids
+
+
+def new_request_state(request_id: str, index: int, text: str | None, prompt_ids: Sequence[int],
+                      params: SamplingParams, tokenizer, weight_version: int) -> RequestState:
+    """The record of a request (or of completion `index` of one) admitted now, before its
+    first token, under weights of `weight_version`."""
+    out = RequestOutput(request_id, text, list(prompt_ids),
+                        metrics=RequestMetrics(time.perf_counter()),
+                        logprobs=[] if params.logprobs is not None else None, index=index,
+                        weight_version_start=weight_version, weight_version=weight_version)
+    return RequestState(params, out,
+                        IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens),
+                        StopStringChecker(params.stop, params.include_stop_str_in_output))
 
 
 def append_token(state: RequestState, token: int, logprobs, now: float,
