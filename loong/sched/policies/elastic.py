@@ -91,7 +91,12 @@ class ElasticPolicy(ESPPolicyBase):
         if not maintenance_only and free:
             # Prompts with a cached prefix: an extend each (some wait for their holders).
             g = len(free)
-            busy = busy | st.admit_cached(busy, lambda r, hit: self._sharing_pays(r, hit, g))
+            # An extend runs in this step's decode group: with decoders, it may at most
+            # double that step (`_sharing_pays`); the last decode step predicts this one.
+            dec = self.decoder.ready(busy)
+            step_ms = max(self._decode_ms, self.cost.decode_ms(len(dec), 0)) if dec else None
+            busy = busy | st.admit_cached(
+                busy, lambda r, hit: self._sharing_pays(r, hit, g, step_ms))
             free = [i for i in free if i not in busy]
             held = set(busy)
             ready = self.decoder.ready(held)          # running order
@@ -113,11 +118,21 @@ class ElasticPolicy(ESPPolicyBase):
                 ps[k] = ps.get(k, 0) + 1
         return st.emit(prefills, decodes, preempted)
 
-    def _sharing_pays(self, r: ESPRequest, hit: int, g: int) -> bool:
+    def _sharing_pays(self, r: ESPRequest, hit: int, g: int, step_ms: float | None = None
+                      ) -> bool:
         """Computing r's prompt past its `hit` cached tokens as one extend on one instance
-        is predicted no slower than a ring prefill of all of it on the g free instances."""
+        is predicted no slower than a ring prefill of all of it on the g free instances,
+        and, where decoders run (`step_ms`: the decode step's predicted time), adds no more
+        than that step's time to it. The extend runs inside the decode group, so every
+        decoding request waits for it: its work beyond the prefill form's fixed cost (the
+        step pays its own) may at most double the step. A longer one would hold every
+        decoder's next token as long as a prefill (the TPOT SLO); the prompt then
+        prefills like any other, where the dispatcher's stall rule applies."""
         n = len(r.tokens)
-        return self.cost.extend_ms([(hit, n - hit)]) <= self.cost.prefill_ms(max(1, g), [n])
+        t_ext = self.cost.extend_ms([(hit, n - hit)])
+        if t_ext > self.cost.prefill_ms(max(1, g), [n]):
+            return False
+        return step_ms is None or t_ext - self.cost.prefill_coeffs(1).a_ms <= step_ms
 
     def _pause_for(self, prefills: list[PrefillGroupPlan], held: set[int],
                    by_seq: list[ESPRequest]) -> list[ESPRequest]:
