@@ -3,8 +3,10 @@
 `loong generate --prompt TEXT [--max-tokens N] [--instances N]` runs the offline engine
 (on N instance processes with the ESP data plane when N > 1); several
 `--prompt`s or a `--prompts-file` (one prompt per line) make a batch with a progress bar.
-`loong profile --instances N --out profile.json --preset-out preset.json [--quick]` measures
-local instances and fits a cost-model preset (loong/tools/profiler.py).
+`loong profile --instances N --out profile.json --preset-out preset.json [--quick] [--serving]`
+measures local instances and fits a cost-model preset (loong/tools/profiler.py); --serving
+then calibrates the simulator's serving overhead against a real server
+(loong/tools/serving_probe.py, loong/sim/calibrate.py).
 `loong serve [--instances N] [--port P] ...` runs the gRPC server (loong/serve/serve_main.py);
 `loong client generate|info|stats|health|abort` talks to one (loong/client/cli.py);
 `loong instance --manager HOST:PORT` joins a manager under torchrun.
