@@ -21,7 +21,8 @@ from grpc_reflection.v1alpha import reflection
 
 from loong.errors import InvalidRequestError
 from loong.sampling_params import SamplingParams
-from loong.serve.engine_loop import Delta, EngineLoop, Rejected, Submission
+from loong.serve.engine_loop import EngineLoop
+from loong.serve.submission import Delta, Rejected, Submission
 from loong.serve.proto_decode import Undecodable, tolerant
 from loong.v1 import loong_pb2, loong_pb2_grpc
 

@@ -20,7 +20,8 @@ from typing import Any, Awaitable, Callable
 from fastapi import FastAPI, Request
 
 from loong.errors import InvalidRequestError
-from loong.serve.engine_loop import EngineLoop, Rejected
+from loong.serve.engine_loop import EngineLoop
+from loong.serve.submission import Rejected
 from loong.serve.openai_protocol import ApiError, invalid
 
 _REJECTED_STATUS = {"draining": 503, "unavailable": 503}

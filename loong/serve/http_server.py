@@ -28,7 +28,8 @@ from fastapi.responses import (FileResponse, JSONResponse, PlainTextResponse, Re
 
 from loong.engine.input_processor import check_messages, check_prompt_ids, render_chat
 from loong.errors import InvalidRequestError
-from loong.serve.engine_loop import Delta, EngineLoop, Rejected
+from loong.serve.engine_loop import EngineLoop
+from loong.serve.submission import Delta, Rejected
 from loong.serve.http_rollout import add_rollout_routes
 from loong.serve.metrics_http import health_body
 from loong.serve.openai_protocol import (ApiError, ApiRequest, Choice, ChunkWriter, invalid,

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from loong.errors import InvalidRequestError
 from loong.sampling_params import MAX_LOGPROBS, SamplingParams
-from loong.serve.engine_loop import Delta, Submission
+from loong.serve.submission import Delta, Submission
 
 MAX_PROMPTS = 128               # prompts in one /v1/completions body
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions

@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from loong.sampling_params import SamplingParams
-from loong.serve.engine_loop import EngineLoop, Rejected, Submission, warm_up
+from loong.serve.engine_loop import EngineLoop, warm_up
+from loong.serve.submission import Rejected, Submission
 from loong.serve.server_stats import ServerStats
 from tests.serve.conftest import make_engine, request_kv, wait_until
 

@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from loong.sampling_params import SamplingParams
-from loong.serve.engine_loop import EngineLoop, Rejected, Submission
+from loong.serve.engine_loop import EngineLoop
+from loong.serve.submission import Rejected, Submission
 from loong.serve.server_stats import ServerStats
 from tests.serve.conftest import make_engine, request_kv, wait_until
 from tests.serve.test_engine_loop import held, ids, run_to_end
