@@ -4,15 +4,15 @@ predicts what a real server measured.
 The profile times the executor alone (`loong profile`); a served step also pays the
 manager's scheduling and output work, the server's streaming threads and whatever shares
 the cores. `loong.tools.serving_probe` measures small fixed workloads on a real server
-(bursts of equal requests at a few concurrencies) and records each run as sent: the
+(equal requests as Poisson traffic at a few rates) and records each run as sent: the
 requests (lengths, send times) and the measured mean TPOT and E2E. Here each run is
 replayed in the simulator with the same policy, and the overhead (a per group step, b per
 sequence in the group, all >= 0) is chosen to minimise the squared relative errors of
 mean TPOT and mean E2E over all runs (Gauss-Newton on a numerical Jacobian; the simulator
 is close to linear in them). On several instances a third parameter is fitted: the
 share by which a group's step slows for every other instance busy beside it
-(`ServingOverhead.parallel_slowdown`). The runs used to fit are not the workload used to judge
-the fit: `experiments/serve_vs_sim.py` replays ShareGPT-like Poisson traffic.
+(`ServingOverhead.parallel_slowdown`). The runs used to fit are not the workload used to
+judge the fit: `experiments/serve_vs_sim.py` replays ShareGPT-like Poisson traffic.
 
 Pure Python + numpy (no torch).
 """
