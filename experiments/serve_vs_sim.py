@@ -38,6 +38,7 @@ from bench_common import loadavg, metric_value  # noqa: E402
 from loong.tools.bench import parse_bench_args, run_bench  # noqa: E402
 from loong.sched.cost_model import load_cost_model  # noqa: E402
 from loong.tools.server_process import ServerProcess  # noqa: E402
+from loong.tools.serving_probe import serve_args  # noqa: E402
 from loong.sim.run import run_simulation  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
@@ -147,9 +148,8 @@ def run_one(a: argparse.Namespace, n: int, kv: int, run: int = 0) -> dict:
     policy, kw = sim_policy(a, n)
     # The server runs the policy that is simulated (a 1-instance server would otherwise run
     # --policy too: any policy runs on any number of instances).
-    serve = ["--instances", str(n), "--dtype", a.dtype, "--policy", policy,
-             "--kv-capacity-tokens", str(kv), "--max-num-batched-tokens",
-             str(a.max_num_batched_tokens), "--max-num-seqs", str(a.max_num_seqs), *a.serve_arg]
+    serve = [*serve_args(n, policy, kv, dtype=a.dtype, max_num_seqs=a.max_num_seqs,
+                         max_num_batched_tokens=a.max_num_batched_tokens), *a.serve_arg]
     t0 = time.time()
     load0 = loadavg()
     env = {"OMP_NUM_THREADS": str(a.threads)} if a.threads else None

@@ -33,19 +33,18 @@ DEFAULT_POINTS = (ProbePoint(0.5, 6, 128, 48), ProbePoint(2.0, 12, 128, 48),
 QUICK_POINTS = (ProbePoint(1.0, 3, 64, 16), ProbePoint(4.0, 6, 64, 16))
 
 
-def serve_args(instances: int, policy: str, kv_capacity_tokens: int, *, model: str | None,
-               dtype: str, device: str, cost_model: str | None, max_num_seqs: int,
-               max_num_batched_tokens: int) -> list[str]:
-    """`loong serve` arguments of a probed (or compared) server."""
-    args = ["--instances", str(instances), "--dtype", dtype, "--device", device,
-            "--policy", policy,
+def serve_args(instances: int, policy: str, kv_capacity_tokens: int, *, dtype: str,
+               max_num_seqs: int, max_num_batched_tokens: int, model: str | None = None,
+               device: str | None = None, cost_model: str | None = None) -> list[str]:
+    """`loong serve` arguments of a server the simulator is compared with (this probe,
+    `experiments/serve_vs_sim.py`); None leaves the server's default."""
+    args = ["--instances", str(instances), "--dtype", dtype, "--policy", policy,
             "--kv-capacity-tokens", str(kv_capacity_tokens),
             "--max-num-batched-tokens", str(max_num_batched_tokens),
             "--max-num-seqs", str(max_num_seqs)]
-    if model:
-        args += ["--model", model]
-    if cost_model:
-        args += ["--cost-model", cost_model]
+    for flag, value in (("--model", model), ("--device", device), ("--cost-model", cost_model)):
+        if value:
+            args += [flag, value]
     return args
 
 
