@@ -93,7 +93,7 @@ class ElasticPolicy(ESPPolicyBase):
             g = len(free)
             # An extend runs in this step's decode group: with decoders, it may at most
             # double that step (`_sharing_pays`); the last decode step predicts this one.
-            dec = self.decoder.ready(busy)
+            dec = self.decoder.ready(busy) if st.cache.enabled and st.waiting else ()
             step_ms = max(self._decode_ms, self.cost.decode_ms(len(dec), 0)) if dec else None
             busy = busy | st.admit_cached(
                 busy, lambda r, hit: self._sharing_pays(r, hit, g, step_ms))
