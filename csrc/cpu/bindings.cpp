@@ -27,7 +27,7 @@ at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w,
 bool linear_small_supported();
 at::Tensor decoder_layers(at::Tensor h, at::Tensor residual, const at::Tensor& cos,
                           const at::Tensor& sin, const std::vector<at::Tensor>& layer_weights,
-                          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
+                          const std::vector<at::Tensor>& packed_weights, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
                           const py::object& attn, const at::Tensor& kv, const at::Tensor& slots,
                           const at::Tensor& tables, const at::Tensor& lens, double scale);
 }  // namespace loong
@@ -75,11 +75,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_small_supported", &loong::linear_small_supported,
         "whether linear_small runs in this build (AVX512_BF16)");
   m.def("decoder_layers", &loong::decoder_layers,
-        "decoder_layers(h, residual, cos, sin, layer_weights, num_heads, num_kv_heads, head_dim, "
-        "eps, attn, kv, slots, tables, lens, scale) -> h: every decoder layer of a decode step "
+        "decoder_layers(h, residual, cos, sin, layer_weights, packed_weights, num_heads, "
+        "num_kv_heads, head_dim, eps, attn, kv, slots, tables, lens, scale) -> h: every decoder layer of a decode step "
         "(attn None: paged decode over kv; else attn(layer, q, k, v) -> out, called with the GIL)",
         py::arg("h"), py::arg("residual"), py::arg("cos"), py::arg("sin"),
-        py::arg("layer_weights"), py::arg("num_heads"), py::arg("num_kv_heads"),
+        py::arg("layer_weights"), py::arg("packed_weights"), py::arg("num_heads"), py::arg("num_kv_heads"),
         py::arg("head_dim"), py::arg("eps"), py::arg("attn"), py::arg("kv"), py::arg("slots"),
         py::arg("tables"), py::arg("lens"), py::arg("scale"),
         py::call_guard<py::gil_scoped_release>());

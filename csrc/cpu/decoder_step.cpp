@@ -21,7 +21,10 @@
 // The same structure is what a CUDA graph captures per batch-size bucket on a GPU: one call
 // per step whose inputs (rows, slots, tables, lens) change while the op sequence does not.
 //
-// Weights: `layer_weights` holds kPerLayer tensors per layer in this order: qkv [Q+2KV, H],
+// Weights: `packed_weights` is empty or parallel to `layer_weights`: oneDNN-packed copies of
+// the projections (loong/ops/packed_weights.py) that steps of more than 8 bf16 rows use, as
+// loong.ops.linear does, and empty dense tensors elsewhere.
+// `layer_weights` holds kPerLayer tensors per layer in this order: qkv [Q+2KV, H],
 // qkv_bias [Q+2KV] or empty, o_proj [H, Q], o_bias [H] or empty, post_norm [H], gate_up [2I, H],
 // down [H, I], next_norm [H] (the next layer's input norm, or the final norm). Python checks
 // that the inputs suit the kernels (loong/ops/__init__.py decoder_layers), as it does for each
@@ -50,11 +53,32 @@ namespace {
 constexpr size_t kPerLayer = 8;
 constexpr int64_t kSkinnyMaxRows = 8;   // = loong.ops.SKINNY_MAX_ROWS
 
-// loong.ops.linear's dispatch, in C++ (the same kernel for the same inputs).
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+// oneDNN's linear on a weight it packed ahead (torch.ops.mkldnn._linear_pointwise, what
+// loong.ops.packed_weights.linear_packed calls).
+at::Tensor linear_pointwise(const at::Tensor& x, const at::Tensor& packed,
+                            const c10::optional<at::Tensor>& bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                            c10::string_view, c10::List<c10::optional<at::Scalar>>,
+                            c10::optional<c10::string_view>)>();
+  return op.call(x, packed, bias, "none", c10::List<c10::optional<at::Scalar>>(),
+                 c10::optional<c10::string_view>(""));
+}
+
+// loong.ops.linear's dispatch, in C++ (the same kernel for the same inputs). `packed` is the
+// weight's oneDNN-packed copy for steps of more than kSkinnyMaxRows bf16 rows, or an empty
+// dense tensor where there is none.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                  const at::Tensor& packed) {
   const bool has_bias = b.defined() && b.numel() > 0;
   const c10::optional<at::Tensor> bias = has_bias ? c10::optional<at::Tensor>(b) : c10::nullopt;
   const int64_t m = x.size(0);
+  if (m > kSkinnyMaxRows && packed.defined() && packed.is_mkldnn() &&
+      x.scalar_type() == at::kBFloat16) {
+    return linear_pointwise(x, packed, bias);
+  }
   if (x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && m >= 1 &&
       m <= kSkinnyMaxRows && (x.stride(1) == 1 || x.size(1) <= 1) && w.is_contiguous() &&
       (!has_bias || (b.scalar_type() == at::kBFloat16 && b.is_contiguous())) &&
@@ -68,13 +92,17 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)
 
 at::Tensor decoder_layers(at::Tensor h, at::Tensor residual, const at::Tensor& cos,
                           const at::Tensor& sin, const std::vector<at::Tensor>& layer_weights,
+                          const std::vector<at::Tensor>& packed_weights,
                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
                           const py::object& attn, const at::Tensor& kv, const at::Tensor& slots,
                           const at::Tensor& tables, const at::Tensor& lens, double scale) {
   TORCH_CHECK(layer_weights.size() % kPerLayer == 0, "decoder_layers: ", kPerLayer,
               " weights per layer expected, got ", layer_weights.size());
   TORCH_CHECK(h.dim() == 2 && residual.sizes() == h.sizes(), "decoder_layers: h and residual [T, H]");
+  TORCH_CHECK(packed_weights.empty() || packed_weights.size() == layer_weights.size(),
+              "decoder_layers: packed_weights empty or one per layer weight");
   const int64_t layers = static_cast<int64_t>(layer_weights.size() / kPerLayer);
+  const at::Tensor none;
   const bool paged = attn.is_none();
   if (paged) {
     TORCH_CHECK(kv.dim() == 6 && kv.size(0) == layers && kv.size(1) == 2 && kv.is_contiguous(),
@@ -87,7 +115,9 @@ at::Tensor decoder_layers(at::Tensor h, at::Tensor residual, const at::Tensor& c
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* w = layer_weights.data() + l * kPerLayer;
-    at::Tensor qkv = linear(h, w[0], w[1]);
+    const at::Tensor* p = packed_weights.empty() ? nullptr : packed_weights.data() + l * kPerLayer;
+    auto pw = [p, &none](int i) -> const at::Tensor& { return p ? p[i] : none; };
+    at::Tensor qkv = linear(h, w[0], w[1], pw(0));
     rotary_(qkv.narrow(1, 0, q_size + kv_size).view({t, -1, head_dim}), cos, sin);
     at::Tensor q = qkv.narrow(1, 0, q_size).view({t, num_heads, head_dim});
     at::Tensor k = qkv.narrow(1, q_size, kv_size).view({t, num_kv_heads, head_dim});
@@ -103,9 +133,9 @@ at::Tensor decoder_layers(at::Tensor h, at::Tensor residual, const at::Tensor& c
       py::gil_scoped_acquire gil;
       o = attn(l, q, k, v).cast<at::Tensor>();
     }
-    o = linear(o.reshape({t, q_size}), w[2], w[3]);
+    o = linear(o.reshape({t, q_size}), w[2], w[3], pw(2));
     h = add_rms_norm(o, residual, w[4], eps);
-    at::Tensor mlp = linear(silu_mul(linear(h, w[5], at::Tensor())), w[6], at::Tensor());
+    at::Tensor mlp = linear(silu_mul(linear(h, w[5], at::Tensor(), pw(5))), w[6], at::Tensor(), pw(6));
     h = add_rms_norm(mlp, residual, w[7], eps);
   }
   return h;

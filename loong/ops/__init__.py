@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from loong.ops import build
+from loong.ops import packed_weights
 from loong.ops import torch_attention as ta
 from loong.ops import torch_elementwise as te
 from loong.ops import torch_kv as tk
@@ -290,8 +291,17 @@ _skinny_ok: tuple = (None, False)     # (module asked, whether its build has the
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """`F.linear(x, weight, bias)`; x `[M, K]`. The C++ kernel runs for CPU bfloat16 x, weight
     (contiguous) and bias with 1 <= M <= SKINNY_MAX_ROWS and x's last dim contiguous; it sums
-    in fp32 in its own order, so results agree with F.linear to about one bf16 rounding."""
+    in fp32 in its own order, so results agree with F.linear to about one bf16 rounding.
+    More rows of bf16 run oneDNN on the weight's packed copy (`packed_weights`: the same
+    GEMM as F.linear without reordering the weight on every call)."""
     global _skinny_ok
+    if (x.dim() == 2 and x.shape[0] > SKINNY_MAX_ROWS and x.dtype == torch.bfloat16
+            and x.device.type == "cpu"
+            and (bias is None or (bias.dtype == torch.bfloat16 and bias.device.type == "cpu"))):
+        wp = packed_weights.packed(weight)
+        if wp is not None:
+            return packed_weights.linear_packed(x, wp, bias)
+        return F.linear(x, weight, bias)
     ext = _get()
     if (ext is None or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16
             or x.dim() != 2 or not 1 <= x.shape[0] <= SKINNY_MAX_ROWS
@@ -362,13 +372,33 @@ def decoder_layers(h: Tensor, residual: Tensor, cos: Tensor, sin: Tensor,
     biases. Call only where `decoder_layers_supported` and `decoder_layer_weights_ok` hold."""
     ext = _get()
     empty = h.new_empty(0)
+    packed = _packed_projections(layer_weights, empty) if h.shape[0] > SKINNY_MAX_ROWS else []
     if attn.callback is not None:
-        return ext.decoder_layers(h, residual, cos, sin, list(layer_weights), num_heads,
+        return ext.decoder_layers(h, residual, cos, sin, list(layer_weights), packed, num_heads,
                                   num_kv_heads, head_dim, float(eps), attn.callback, empty,
                                   empty, empty, empty, float(attn.scale))
-    return ext.decoder_layers(h, residual, cos, sin, list(layer_weights), num_heads, num_kv_heads,
-                              head_dim, float(eps), None, attn.kv, attn.slots,
+    return ext.decoder_layers(h, residual, cos, sin, list(layer_weights), packed, num_heads,
+                              num_kv_heads, head_dim, float(eps), None, attn.kv, attn.slots,
                               attn.tables, attn.lens, float(attn.scale))
+
+
+# Positions of the projections among a layer's 8 `decoder_layers` weights (qkv, o_proj,
+# gate_up, down): the ones `linear` would run on a packed copy.
+_PROJECTIONS = (0, 2, 5, 6)
+
+
+def _packed_projections(layer_weights: Sequence[Tensor], empty: Tensor) -> list:
+    """`decoder_layers`' packed_weights: each projection's packed copy (or `empty` where it has
+    none), `empty` for the other weights; [] when nothing is packed."""
+    out = [empty] * len(layer_weights)
+    any_packed = False
+    for base in range(0, len(layer_weights), 8):
+        for i in _PROJECTIONS:
+            wp = packed_weights.packed(layer_weights[base + i])
+            if wp is not None:
+                out[base + i] = wp
+                any_packed = True
+    return out if any_packed else []
 
 
 # KV block pack / unpack (csrc/cpu/kv_pack.cpp): one memcpy per (layer, k/v, slot) row. The

@@ -145,19 +145,27 @@ def test_plain_function_attention_is_eager():
 
 
 @needs_ext
-def test_in_place_weight_updates_are_seen():
-    model = _model(torch.float32, layers=2)
-    cache, items, tables = _step(model, 1)
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 1), (torch.bfloat16, 9)])
+def test_in_place_weight_updates_are_seen(dtype, rows, monkeypatch):
+    """bf16 at 9 rows runs the projections on packed weight copies (loong.ops.packed_weights):
+    an update in place must re-pack them, so the result equals a run that never packs."""
+    model = _model(dtype, layers=2)
+    cache, items, tables = _step(model, rows)
     kv0 = cache.kv.clone()
     before = _forward(model, cache, items, tables, native=True)
     with torch.no_grad():
         model.layers[1].down.mul_(2.0)
+        model.hf_weight_slots()["model.layers.0.mlp.up_proj.weight"].mul_(-1.0)
     cache.kv.copy_(kv0)
     after = _forward(model, cache, items, tables, native=True)
     cache.kv.copy_(kv0)
     eager = _forward(model, cache, items, tables, native=False)
+    monkeypatch.setenv("LOONG_PACK_WEIGHTS", "0")
+    cache.kv.copy_(kv0)
+    unpacked = _forward(model, cache, items, tables, native=True)
     assert not torch.equal(before, after)
     assert torch.equal(after, eager)
+    assert torch.equal(after, unpacked)
 
 
 class _NoPeersComm:

@@ -1,0 +1,131 @@
+"""oneDNN-packed copies of bf16 weights for the projections of batched steps.
+
+Why: `F.linear` with a plain [N, K] bf16 weight makes oneDNN reorder the weight into its
+blocked layout on every call. At 9-64 rows (a batched decode step) that reorder is a read and
+a write of the whole weight per call, comparable to the GEMM itself: SmolLM2's projections
+reach 200-380 GFLOP/s that way and 290-430 GFLOP/s with the weight reordered once
+(`torch.ops.mkldnn._reorder_linear_weight`, then `torch.ops.mkldnn._linear_pointwise`, the
+pair torch's inductor uses when it freezes a CPU model); on the LM head at 32 rows 1.5x. The
+result is the same kernel's (bitwise what `F.linear` gives on the bf16 shapes tested in
+tests/unit/test_packed_weights.py).
+
+Owns: `packed(weight)` -> the packed copy or None, `linear_packed(x, packed, bias)`, the cache
+(one packed copy per weight tensor, keyed by the tensor's identity and dropped with it,
+rebuilt when the tensor's version counter moves: an in-place weight update through the
+parameter or any view of it re-packs on the next call), `enabled()` and the memory budget.
+
+The packed copy costs the weight's size again. Limits: `LOONG_PACK_WEIGHTS=0` turns packing
+off; `LOONG_PACK_WEIGHTS_MAX_GB` (default 4) caps the bytes held packed (weights past the cap
+run `F.linear`: a large bf16 model on a CPU does not silently double its memory). Only
+contiguous 2-D CPU bf16 tensors that track versions (not inference-mode tensors) are packed.
+Batch 1-8 steps never come here (`loong.ops.linear` runs the skinny kernel on the plain
+weight), so single-stream decode pays nothing.
+
+Must not import: any loong module (torch and the standard library only).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Dict, Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+__all__ = ["enabled", "packed", "linear_packed", "held_bytes", "clear", "budget_bytes"]
+
+_lock = threading.RLock()   # re-entrant: a weight's death may call _forget under it
+# id(weight) -> (weakref to the weight, its version when packed, the packed copy)
+_cache: Dict[int, Tuple[weakref.ref, int, Tensor]] = {}
+_held = 0
+_supported: Optional[bool] = None     # whether this torch can pack (probed once)
+
+
+def enabled() -> bool:
+    """Packing is on unless LOONG_PACK_WEIGHTS=0 (read on every call: tests toggle it)."""
+    return os.environ.get("LOONG_PACK_WEIGHTS", "1") != "0"
+
+
+def budget_bytes() -> int:
+    """Most bytes held packed (LOONG_PACK_WEIGHTS_MAX_GB, default 4 GiB; bad values -> 4)."""
+    try:
+        gb = float(os.environ.get("LOONG_PACK_WEIGHTS_MAX_GB", "4"))
+    except ValueError:
+        gb = 4.0
+    return int(max(gb, 0.0) * (1 << 30))
+
+
+def held_bytes() -> int:
+    """Bytes of weights held packed now."""
+    return _held
+
+
+def clear() -> None:
+    """Drop every packed copy (they are rebuilt on demand)."""
+    global _held
+    with _lock:
+        _cache.clear()
+        _held = 0
+
+
+def _probe() -> bool:
+    """Whether torch has the oneDNN ops and they run here (once per process)."""
+    global _supported
+    if _supported is None:
+        try:
+            w = torch.ones(16, 32, dtype=torch.bfloat16)
+            wp = torch.ops.mkldnn._reorder_linear_weight(w, 64)
+            y = torch.ops.mkldnn._linear_pointwise(torch.ones(9, 32, dtype=torch.bfloat16), wp,
+                                                    None, "none", [], "")
+            _supported = bool(y.shape == (9, 16) and torch.all(y == 32).item())
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _supported = False
+    return _supported
+
+
+def _forget(key: int) -> None:
+    global _held
+    with _lock:
+        entry = _cache.pop(key, None)
+        if entry is not None:
+            _held -= entry[2].numel() * 2
+
+
+def packed(weight: Tensor) -> Optional[Tensor]:
+    """The packed copy of `weight` (made on the first call, remade after an in-place update),
+    or None where it is not packed (packing off or unsupported, not a contiguous 2-D CPU bf16
+    tensor with a version counter, or the budget is spent)."""
+    global _held
+    if (weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.device.type != "cpu"
+            or not weight.is_contiguous() or weight.is_mkldnn or not enabled()):
+        return None
+    try:
+        version = weight._version
+    except RuntimeError:               # an inference-mode tensor: no version counter
+        return None
+    key = id(weight)
+    entry = _cache.get(key)
+    if entry is not None and entry[0]() is weight:
+        if entry[1] == version:
+            return entry[2]
+        _forget(key)                    # updated in place since it was packed
+    elif entry is not None:             # the id of a dead tensor, reused
+        _forget(key)
+    if not _probe():
+        return None
+    size = weight.numel() * 2
+    if _held + size > budget_bytes():
+        return None
+    with torch.no_grad():
+        copy = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+    with _lock:
+        _cache[key] = (weakref.ref(weight, lambda _r, k=key: _forget(k)), version, copy)
+        _held += size
+    return copy
+
+
+def linear_packed(x: Tensor, weight_packed: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x [M, K] bf16 times a packed weight (+ bias bf16) -> [M, N] bf16."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight_packed, bias, "none", [], "")

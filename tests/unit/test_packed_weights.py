@@ -1,0 +1,117 @@
+"""oneDNN-packed weights (loong.ops.packed_weights) behind `loong.ops.linear` for more than
+SKINNY_MAX_ROWS bf16 rows: the same results as F.linear on the plain weight, one packed copy
+per weight, re-packed after an in-place update (through the parameter or a view of it),
+dropped with the weight, and never made where it is off, over budget or not applicable."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loong import ops
+from loong.ops import packed_weights as pw
+
+needs_pack = pytest.mark.skipif(not pw._probe(), reason="this torch cannot pack oneDNN weights")
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(monkeypatch):
+    monkeypatch.delenv("LOONG_PACK_WEIGHTS", raising=False)
+    monkeypatch.delenv("LOONG_PACK_WEIGHTS_MAX_GB", raising=False)
+    pw.clear()
+    yield
+    pw.clear()
+
+
+def _w(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g).to(torch.bfloat16)
+
+
+@needs_pack
+@pytest.mark.parametrize("m", [9, 33, 64, 200])
+@pytest.mark.parametrize("n,k", [(96, 64), (160, 96), (1000, 72)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_f_linear(m, n, k, bias):
+    w = _w(n, k)
+    b = _w(1, n, seed=1)[0] if bias else None
+    x = _w(m, k, seed=2)
+    got = ops.linear(x, w, b)
+    assert pw.packed(w) is not None
+    want = F.linear(x, w, b)
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    assert torch.equal(got, want)                  # the same oneDNN GEMM, weight pre-reordered
+    assert torch.allclose(got.float(), ref, rtol=2e-2, atol=5e-2)
+
+
+@needs_pack
+def test_strided_rows_and_one_copy_per_weight():
+    w = _w(128, 64)
+    x = _w(20, 200)[:, 10:74]                      # last dim contiguous, rows strided
+    y1 = ops.linear(x, w)
+    first = pw.packed(w)
+    y2 = ops.linear(x.contiguous(), w)
+    assert pw.packed(w) is first                   # cached, not re-packed
+    assert torch.equal(y1, y2)
+    assert pw.held_bytes() == w.numel() * 2
+
+
+@needs_pack
+def test_in_place_update_through_a_view_repacks():
+    """The stale-copy bug this guards against: a weight updated in place (RL weight sync
+    copies into views of fused parameters) must not keep answering with the old values."""
+    w = torch.nn.Parameter(_w(64, 32), requires_grad=False)
+    x = _w(16, 32, seed=3)
+    before = ops.linear(x, w)
+    with torch.no_grad():
+        w[10:20].mul_(-3.0)                         # through a view: the version is shared
+    after = ops.linear(x, w)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, ops.linear(x, w.detach().clone()))
+    assert torch.allclose(after.float(), F.linear(x, w).float(), rtol=1e-2, atol=1e-2)
+    assert pw.held_bytes() == w.numel() * 2        # the old copy went (and the dead clone's)
+
+
+@needs_pack
+def test_a_dead_weight_gives_its_memory_back():
+    w = _w(256, 64)
+    ops.linear(_w(12, 64), w)
+    assert pw.held_bytes() == w.numel() * 2
+    del w
+    gc.collect()
+    assert pw.held_bytes() == 0
+
+
+def test_not_packed_where_off_over_budget_or_not_applicable(monkeypatch):
+    x = _w(12, 64)
+    w = _w(32, 64)
+    monkeypatch.setenv("LOONG_PACK_WEIGHTS", "0")
+    assert pw.packed(w) is None
+    assert torch.equal(ops.linear(x, w), F.linear(x, w))
+    monkeypatch.setenv("LOONG_PACK_WEIGHTS", "1")
+    monkeypatch.setenv("LOONG_PACK_WEIGHTS_MAX_GB", "0")
+    assert pw.packed(w) is None
+    assert torch.equal(ops.linear(x, w), F.linear(x, w))
+    monkeypatch.setenv("LOONG_PACK_WEIGHTS_MAX_GB", "not a number")
+    assert pw.budget_bytes() == 4 << 30
+    monkeypatch.delenv("LOONG_PACK_WEIGHTS_MAX_GB")
+    assert pw.packed(w.float()) is None                        # fp32: F.linear
+    assert pw.packed(_w(64, 32).t()) is None                   # not contiguous
+    assert pw.packed(torch.zeros(4, dtype=torch.bfloat16)) is None
+    with torch.inference_mode():
+        inf = _w(32, 64)
+    assert pw.packed(inf) is None                              # no version counter
+    assert torch.equal(ops.linear(x, inf), F.linear(x, inf))
+    assert pw.held_bytes() == 0
+
+
+@needs_pack
+def test_few_rows_never_pack():
+    """Steps of 1-8 rows run the skinny kernel (or F.linear) on the plain weight."""
+    w = _w(64, 32)
+    for m in range(1, ops.SKINNY_MAX_ROWS + 1):
+        ops.linear(_w(m, 32), w)
+    assert pw.held_bytes() == 0
