@@ -9,7 +9,10 @@ for every engine: generating `n` tokens minus generating 1 from the same prompts
   batch1    SmolLM2 bf16, one stream, at 64 and 2048 context tokens: 1 instance; 2 instances
             at 64 (the control plane and multi-master decode).
   fixed     a random 30-layer model with hidden size 64 (arithmetic nearly nil): ms per decode
-            step = the step's fixed cost; native layer loop vs the eager Python loop
+            step = the step's fixed cost; `--fixed-heads` 2 heads of size 32 by default (the
+            smallest head size the SIMD attention kernels take; 4 heads of size 16 would time
+            the scalar fallback attention, about 8 us of arithmetic per layer that no real
+            model runs); native layer loop vs the eager Python loop
             (LOONG_EAGER_DECODE=1), 1 and 2 instances; on 2, the control plane's share (step
             time minus the busiest instance's compute, from the instances' counters).
   batched   batch 32 and 64 (64-token prompts): the step by difference (as for the peers),
@@ -166,7 +169,10 @@ def batch1_section(a, loaded) -> dict:
 def fixed_section(a, loaded) -> dict:
     from loong import LLM
     from loong.model.random_weights import random_model
-    tiny = random_model(loaded, num_layers=30, hidden_size=64)
+    tiny = random_model(loaded, num_layers=30, hidden_size=64, num_heads=a.fixed_heads,
+                        num_kv_heads=max(1, a.fixed_heads // 2))
+    print(f"fixed-cost model: 30 layers, hidden 64, {a.fixed_heads} heads of size "
+          f"{64 // a.fixed_heads}", flush=True)
     out = {}
     prompt = [prompt_ids(64, tiny.config.vocab_size)]
     for n in a.instances:
@@ -334,6 +340,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-prompt-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=None, help="default 64 (quick 8)")
     p.add_argument("--fixed-tokens", type=int, default=None, help="default 128 (quick 8)")
+    p.add_argument("--fixed-heads", type=int, default=2,
+                   help="attention heads of the fixed-cost model (hidden 64; default 2: size 32)")
     p.add_argument("--runs", type=int, default=None, help="default 3 (quick 1)")
     p.add_argument("--threads", type=int, default=2, help="threads of the peer engines")
     p.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON)

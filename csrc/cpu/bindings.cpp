@@ -25,9 +25,11 @@ void kv_unpack_(at::Tensor kv, const at::Tensor& slots, const at::Tensor& packed
 at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w,
                         const c10::optional<at::Tensor>& bias);
 bool linear_small_supported();
+at::Tensor argmax_rows(const at::Tensor& x);
 at::Tensor decoder_layers(at::Tensor h, at::Tensor residual, const at::Tensor& cos,
                           const at::Tensor& sin, const std::vector<at::Tensor>& layer_weights,
-                          const std::vector<at::Tensor>& packed_weights, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
+                          const std::vector<at::Tensor>& packed_weights, int64_t num_heads,
+                          int64_t num_kv_heads, int64_t head_dim, double eps,
                           const py::object& attn, const at::Tensor& kv, const at::Tensor& slots,
                           const at::Tensor& tables, const at::Tensor& lens, double scale);
 }  // namespace loong
@@ -74,6 +76,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w"), py::arg("bias"), py::call_guard<py::gil_scoped_release>());
   m.def("linear_small_supported", &loong::linear_small_supported,
         "whether linear_small runs in this build (AVX512_BF16)");
+  m.def("argmax_rows", &loong::argmax_rows,
+        "argmax_rows(x [B, V] fp32) -> int64 [B]: x.argmax(-1) (ties lowest, NaN first)",
+        py::arg("x"), py::call_guard<py::gil_scoped_release>());
   m.def("decoder_layers", &loong::decoder_layers,
         "decoder_layers(h, residual, cos, sin, layer_weights, packed_weights, num_heads, "
         "num_kv_heads, head_dim, eps, attn, kv, slots, tables, lens, scale) -> h: every decoder layer of a decode step "

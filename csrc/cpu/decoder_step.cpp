@@ -32,6 +32,7 @@
 
 #include <torch/extension.h>
 
+#include <cstring>
 #include <vector>
 
 namespace loong {
@@ -113,6 +114,23 @@ at::Tensor decoder_layers(at::Tensor h, at::Tensor residual, const at::Tensor& c
   }
   const int64_t t = h.size(0);
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  // Direct k/v writes (below) need int64 slots inside the cache, a cache of h's dtype whose
+  // slot rows are Hkv * D contiguous elements; otherwise index_copy_ writes (and checks).
+  at::Tensor slots64;
+  const int64_t* slot_ptr = nullptr;
+  bool direct_kv_write = false;
+  const int64_t elem = h.element_size();
+  if (paged && slots.scalar_type() == at::kLong && kv.scalar_type() == h.scalar_type() &&
+      kv.size(4) == num_kv_heads && kv.size(5) == head_dim) {
+    slots64 = slots.contiguous();
+    slot_ptr = slots64.data_ptr<int64_t>();
+    const int64_t capacity = kv.size(2) * kv.size(3);
+    direct_kv_write = true;
+    for (int64_t i = 0; i < t; ++i) {
+      TORCH_CHECK(slot_ptr[i] >= 0 && slot_ptr[i] < capacity, "decoder_layers: slot ",
+                  slot_ptr[i], " outside the cache of ", capacity, " slots");
+    }
+  }
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* w = layer_weights.data() + l * kPerLayer;
     const at::Tensor* p = packed_weights.empty() ? nullptr : packed_weights.data() + l * kPerLayer;
@@ -126,8 +144,23 @@ at::Tensor decoder_layers(at::Tensor h, at::Tensor residual, const at::Tensor& c
     if (paged) {
       at::Tensor k_cache = kv.select(0, l).select(0, 0);
       at::Tensor v_cache = kv.select(0, l).select(0, 1);
-      k_cache.view({-1, num_kv_heads, head_dim}).index_copy_(0, slots, k);
-      v_cache.view({-1, num_kv_heads, head_dim}).index_copy_(0, slots, v);
+      if (direct_kv_write && qkv.is_contiguous()) {
+        // The new token's k and v rows, copied straight into their slots: what index_copy_
+        // does, without its dispatch and TensorIterator set-up on every layer (slots were
+        // checked against the cache once, above).
+        char* k_dst = static_cast<char*>(k_cache.data_ptr());
+        char* v_dst = static_cast<char*>(v_cache.data_ptr());
+        const char* src = static_cast<const char*>(qkv.data_ptr());
+        const int64_t row_bytes = kv_size * elem, src_stride = qkv.size(1) * elem;
+        for (int64_t i = 0; i < t; ++i) {
+          const char* row = src + i * src_stride + q_size * elem;
+          std::memcpy(k_dst + slot_ptr[i] * row_bytes, row, row_bytes);
+          std::memcpy(v_dst + slot_ptr[i] * row_bytes, row + row_bytes, row_bytes);
+        }
+      } else {
+        k_cache.view({-1, num_kv_heads, head_dim}).index_copy_(0, slots, k);
+        v_cache.view({-1, num_kv_heads, head_dim}).index_copy_(0, slots, v);
+      }
       o = paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)[0];
     } else {
       py::gil_scoped_acquire gil;

@@ -55,7 +55,7 @@ Tensor = torch.Tensor
 
 __all__ = ["csrc_available", "paged_decode_attention", "lse_merge", "causal_attention",
            "full_attention", "prefill_kernel_supports", "rms_norm", "add_rms_norm", "rotary_",
-           "silu_mul", "rms_norm_torch", "linear", "SKINNY_MAX_ROWS", "NativeAttention",
+           "silu_mul", "rms_norm_torch", "linear", "argmax_rows", "SKINNY_MAX_ROWS", "NativeAttention",
            "decoder_layers", "decoder_layers_supported", "decoder_layer_weights_ok", "kv_pack", "kv_unpack_", "build_info", "load_error",
            "EXTENSION_NAME", "EXTRA_CFLAGS", "EXTRA_LDFLAGS", "extension_sources"]
 
@@ -315,6 +315,17 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     if not _skinny_ok[1]:
         return F.linear(x, weight, bias)
     return ext.linear_small(x, weight, bias)
+
+
+def argmax_rows(x: Tensor) -> Tensor:
+    """`x.argmax(dim=-1)` for logits x `[B, V]` (int64 `[B]`; ties -> lowest index, a row with
+    NaN -> its first NaN). The C++ kernel runs for CPU float32 rows with a contiguous last dim
+    and V >= 1 (16 lanes at a time: ~10x torch's reduction on a vocabulary row)."""
+    ext = _get()
+    if (ext is None or x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu"
+            or x.shape[1] < 1 or x.stride(1) != 1):
+        return x.argmax(dim=-1)
+    return ext.argmax_rows(x)
 
 
 # The decoder layers of one decode step in one native call (csrc/cpu/decoder_step.cpp): the same

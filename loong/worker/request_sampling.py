@@ -15,7 +15,7 @@ import torch
 
 from loong.sampling_params import SamplingParams
 from loong.worker import faults
-from loong.worker.sampler import Sampler, SamplingBatch
+from loong.worker.sampler import Sampler, SamplingBatch, plain_greedy
 
 
 @dataclass
@@ -61,11 +61,15 @@ def _sample_batch(sampler: Sampler, logits: torch.Tensor, reqs: list[RunnerReque
                   eos_token_ids: tuple[int, ...]) -> list[SampledRow]:
     for req in reqs:
         faults.check("sample", req.prompt_token_ids, "sampling")
-    batch = SamplingBatch.from_params(
-        [r.params for r in reqs], prompt_token_ids=[r.prompt_token_ids for r in reqs],
-        output_token_ids=[r.output_token_ids for r in reqs], eos_token_ids=eos_token_ids,
-        device=logits.device)
-    out = sampler(logits, batch)
+    params = [r.params for r in reqs]
+    outs = [r.output_token_ids for r in reqs]
+    if plain_greedy(params, outs):
+        out = sampler.greedy(logits)
+    else:
+        batch = SamplingBatch.from_params(
+            params, prompt_token_ids=[r.prompt_token_ids for r in reqs], output_token_ids=outs,
+            eos_token_ids=eos_token_ids, device=logits.device)
+        out = sampler(logits, batch)
     rows = []
     for i, req in enumerate(reqs):
         lp = None

@@ -1,10 +1,11 @@
 """Batched sampling: fp32 logits `[B, V]` -> one next token per row (plus logprobs).
 
 Owns: `SamplingBatch` (the per-step, per-row sampling inputs, built with
-`SamplingBatch.from_params`), `Sampler` (the batched pipeline) and `SamplerOutput`.
+`SamplingBatch.from_params`), `Sampler` (the batched pipeline), `SamplerOutput` and
+`plain_greedy` (whether rows may skip the batch and take the hot path).
 Used once per engine step by the instance that computes the new tokens (the master).
 Must not import: the scheduler (`loong.sched`), the engine, RPC or model code. Imports
-torch and `loong.sampling_params` only.
+torch, `loong.sampling_params` and `loong.ops` (the native row-wise argmax) only.
 
 Pipeline (row-wise; rows whose knob is "off" pass through each stage bit-exactly; logprobs
 are taken before step 1):
@@ -37,6 +38,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from loong import ops
 from loong.sampling_params import GREEDY_EPS, SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -294,6 +296,15 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
+def plain_greedy(params: Sequence[SamplingParams],
+                 output_token_ids: Sequence[Sequence[int]]) -> bool:
+    """Whether `Sampler.forward` takes its hot path for these rows whatever else the batch
+    holds: every row greedy, without penalties or logprobs, past its min_tokens (so nothing
+    is masked). Callers may then call `Sampler.greedy` and skip `SamplingBatch.from_params`."""
+    return all(p.is_greedy() and p.logprobs is None and not p.has_penalties()
+               and len(out) >= p.min_tokens for p, out in zip(params, output_token_ids))
+
+
 class Sampler:
     """Stateless apart from the shared generator used by unseeded rows."""
 
@@ -302,6 +313,12 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         return self.forward(logits, batch)
+
+    def greedy(self, logits: torch.Tensor) -> SamplerOutput:
+        """The hot path alone: every row's argmax, no logprobs (for rows where `plain_greedy`
+        holds, without building a SamplingBatch)."""
+        b = logits.shape[0]
+        return SamplerOutput(ops.argmax_rows(logits).tolist(), [None] * b, [None] * b)
 
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != batch.batch_size:
@@ -312,7 +329,7 @@ class Sampler:
         want_lp = batch.max_num_logprobs >= 0
         # Hot path: pure greedy decoding.
         if batch.all_greedy and not (batch.do_penalties or batch.do_masks or want_lp):
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), no_lp, list(no_lp))
+            return self.greedy(logits)
 
         logits = logits.to(torch.float32, copy=True)
         # Raw logprobs: the model's own distribution, before penalties and temperature.
@@ -325,11 +342,11 @@ class Sampler:
                 logits.view(-1)[idx] = float("-inf")
 
         if batch.all_greedy:
-            tokens = logits.argmax(dim=-1)
+            tokens = ops.argmax_rows(logits)
         else:
             tokens = self._sample(logits, batch)
             if batch.any_greedy:
-                tokens = torch.where(batch.is_greedy, logits.argmax(dim=-1), tokens)
+                tokens = torch.where(batch.is_greedy, ops.argmax_rows(logits), tokens)
         token_list = tokens.tolist()
         if logprobs is None:
             return SamplerOutput(token_list, no_lp, list(no_lp))
@@ -355,7 +372,7 @@ class Sampler:
             if g is not None:
                 u[i].uniform_(generator=g)
         gumbel = u.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_().log_()
-        return logits.sub_(gumbel).argmax(dim=-1)
+        return ops.argmax_rows(logits.sub_(gumbel))
 
     @staticmethod
     def _gather_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor,

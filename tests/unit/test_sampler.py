@@ -8,7 +8,7 @@ import torch
 
 from loong.sampling_params import SamplingParams
 from loong.worker.sampler import (Sampler, SamplingBatch, apply_min_p, apply_penalties,
-                                  apply_top_k_top_p, make_generator)
+                                  apply_top_k_top_p, make_generator, plain_greedy)
 
 N_DRAWS = 20000
 
@@ -47,6 +47,34 @@ def test_greedy_fast_path_is_argmax_with_lowest_tie():
     assert out.token_ids == logits.argmax(-1).tolist()
     assert out.token_ids[3] == 10
     assert out.logprobs == [None] * 7 and out.top_logprobs == [None] * 7
+
+
+@pytest.mark.parametrize("params,outs,plain", [
+    ([SamplingParams(temperature=0.0)] * 3, [[], [1], [1, 2]], True),
+    ([SamplingParams(temperature=0.0, top_k=3, top_p=0.2, seed=5)], [[]], True),
+    ([SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[7])], [[1, 2]], True),
+    ([SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[7])], [[1]], False),
+    ([SamplingParams(temperature=0.0), SamplingParams(temperature=0.5)], [[], []], False),
+    ([SamplingParams(temperature=0.0, logprobs=0)], [[]], False),
+    ([SamplingParams(temperature=0.0, repetition_penalty=1.3)], [[4]], False),
+    ([SamplingParams(temperature=0.0, presence_penalty=0.5)], [[4]], False),
+])
+def test_plain_greedy_is_exactly_when_the_hot_path_applies(params, outs, plain):
+    """Callers skip building the batch where `plain_greedy` holds: it must hold only where
+    the full pipeline gives the same tokens and no logprobs."""
+    assert plain_greedy(params, outs) is plain
+    logits = torch.randn(len(params), 50, generator=torch.Generator().manual_seed(3))
+    logits[:, 7] = logits[:, 4] = 50.0              # stop id 7 ties with id 4 at the top
+    batch = SamplingBatch.from_params(params, output_token_ids=outs, prompt_token_ids=outs,
+                                      eos_token_ids=(9,))
+    if plain:
+        full = _sampler()(logits, batch)
+        fast = Sampler().greedy(logits)
+        assert fast.token_ids == full.token_ids == logits.argmax(-1).tolist()
+        assert fast.logprobs == full.logprobs == [None] * len(params)
+    else:
+        assert (not batch.all_greedy or batch.do_penalties or batch.do_masks
+                or batch.max_num_logprobs >= 0)
 
 
 def test_greedy_rows_in_mixed_batch_are_argmax():
