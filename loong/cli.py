@@ -25,6 +25,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--weight-dtype", default="auto", choices=["auto", "q8_0"],
+                   help="q8_0: projections rounded to 8-bit blocks, streamed by small-batch "
+                        "decode steps (CPU; faster single-stream decode)")
     g.add_argument("--kv-capacity-tokens", type=int, default=None, help="KV cache size in tokens")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -238,7 +241,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
                             ignore_eos=args.ignore_eos)
     t0 = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_capacity_tokens=args.kv_capacity_tokens,
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, weight_dtype=args.weight_dtype,
+              kv_capacity_tokens=args.kv_capacity_tokens,
               block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
               max_num_seqs=args.max_num_seqs, instances=args.instances,
               decode_masters=args.decode_masters, prefill_group_size=args.prefill_group_size)

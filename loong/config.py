@@ -12,6 +12,7 @@ from loong.errors import InvalidRequestError
 from loong.sched.policies.names import POLICY_NAMES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+WEIGHT_DTYPES = ("auto", "q8_0")
 CLUSTER_POLICIES = (None, *POLICY_NAMES)     # None: the engine's default policy
 
 
@@ -57,6 +58,11 @@ class EngineConfig:
     dtype: str = "auto"
     # "cpu", "cuda", "cuda:N" or "auto" (CUDA when present).
     device: str = "auto"
+    # Projection weights: "auto" (as dtype) or "q8_0" (CPU: each projection rounded once to
+    # Q8_0, 8-bit blocks of 32 with an fp32 scale, which decode steps of 1-8 rows stream at
+    # 1.125 bytes per weight; see loong/ops/quantized_weights.py and its accuracy in
+    # experiments/q8_accuracy.md).
+    weight_dtype: str = "auto"
     # Tokens per KV block.
     block_size: int = 16
     # KV capacity in tokens; None = from kv_memory_bytes.
@@ -116,6 +122,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise InvalidRequestError("dtype", f"{self.dtype!r} is not one of {DTYPES}")
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise InvalidRequestError("weight_dtype", f"{self.weight_dtype!r} is not one of "
+                                      f"{WEIGHT_DTYPES}")
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

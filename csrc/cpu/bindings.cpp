@@ -26,9 +26,14 @@ at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w,
                         const c10::optional<at::Tensor>& bias);
 bool linear_small_supported();
 at::Tensor argmax_rows(const at::Tensor& x);
+at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& bias);
+bool linear_q8_supported();
 at::Tensor decoder_layers(at::Tensor h, at::Tensor residual, const at::Tensor& cos,
                           const at::Tensor& sin, const std::vector<at::Tensor>& layer_weights,
-                          const std::vector<at::Tensor>& packed_weights, int64_t num_heads,
+                          const std::vector<at::Tensor>& packed_weights,
+                          const std::vector<at::Tensor>& q8_weights,
+                          const std::vector<at::Tensor>& q8_scales, int64_t num_heads,
                           int64_t num_kv_heads, int64_t head_dim, double eps,
                           const py::object& attn, const at::Tensor& kv, const at::Tensor& slots,
                           const at::Tensor& tables, const at::Tensor& lens, double scale);
@@ -76,15 +81,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w"), py::arg("bias"), py::call_guard<py::gil_scoped_release>());
   m.def("linear_small_supported", &loong::linear_small_supported,
         "whether linear_small runs in this build (AVX512_BF16)");
+  m.def("linear_q8", &loong::linear_q8,
+        "linear_q8(x [M<=8, K] bf16, qs [N, K] int8, scales [N, K/32] f32, bias [N] or None) "
+        "-> x W^T + b with W = bf16(scales * qs) [M, N]",
+        py::arg("x"), py::arg("qs"), py::arg("scales"), py::arg("bias"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("linear_q8_supported", &loong::linear_q8_supported,
+        "whether linear_q8 runs in this build (AVX512_BF16)");
   m.def("argmax_rows", &loong::argmax_rows,
         "argmax_rows(x [B, V] fp32) -> int64 [B]: x.argmax(-1) (ties lowest, NaN first)",
         py::arg("x"), py::call_guard<py::gil_scoped_release>());
   m.def("decoder_layers", &loong::decoder_layers,
-        "decoder_layers(h, residual, cos, sin, layer_weights, packed_weights, num_heads, "
+        "decoder_layers(h, residual, cos, sin, layer_weights, packed_weights, q8_weights, "
+        "q8_scales, num_heads, "
         "num_kv_heads, head_dim, eps, attn, kv, slots, tables, lens, scale) -> h: every decoder layer of a decode step "
         "(attn None: paged decode over kv; else attn(layer, q, k, v) -> out, called with the GIL)",
         py::arg("h"), py::arg("residual"), py::arg("cos"), py::arg("sin"),
-        py::arg("layer_weights"), py::arg("packed_weights"), py::arg("num_heads"), py::arg("num_kv_heads"),
+        py::arg("layer_weights"), py::arg("packed_weights"), py::arg("q8_weights"),
+        py::arg("q8_scales"), py::arg("num_heads"), py::arg("num_kv_heads"),
         py::arg("head_dim"), py::arg("eps"), py::arg("attn"), py::arg("kv"), py::arg("slots"),
         py::arg("tables"), py::arg("lens"), py::arg("scale"),
         py::call_guard<py::gil_scoped_release>());

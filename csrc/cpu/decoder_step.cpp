@@ -23,7 +23,8 @@
 //
 // Weights: `packed_weights` is empty or parallel to `layer_weights`: oneDNN-packed copies of
 // the projections (loong/ops/packed_weights.py) that steps of more than 8 bf16 rows use, as
-// loong.ops.linear does, and empty dense tensors elsewhere.
+// loong.ops.linear does, and empty dense tensors elsewhere. `q8_weights` / `q8_scales` likewise:
+// the projections' Q8_0 blocks (loong/ops/quantized_weights.py) for steps of 1-8 bf16 rows.
 // `layer_weights` holds kPerLayer tensors per layer in this order: qkv [Q+2KV, H],
 // qkv_bias [Q+2KV] or empty, o_proj [H, Q], o_bias [H] or empty, post_norm [H], gate_up [2I, H],
 // down [H, I], next_norm [H] (the next layer's input norm, or the final norm). Python checks
@@ -40,6 +41,9 @@ namespace loong {
 at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w,
                         const c10::optional<at::Tensor>& bias);
 bool linear_small_supported();
+at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& bias);
+bool linear_q8_supported();
 at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tensor& weight,
                         double eps);
 void rotary_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin);
@@ -71,14 +75,21 @@ at::Tensor linear_pointwise(const at::Tensor& x, const at::Tensor& packed,
 // loong.ops.linear's dispatch, in C++ (the same kernel for the same inputs). `packed` is the
 // weight's oneDNN-packed copy for steps of more than kSkinnyMaxRows bf16 rows, or an empty
 // dense tensor where there is none.
+// `qs` / `scales`: the weight's Q8_0 blocks for steps of 1 to kSkinnyMaxRows bf16 rows, or empty.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                  const at::Tensor& packed) {
+                  const at::Tensor& packed, const at::Tensor& qs, const at::Tensor& scales) {
   const bool has_bias = b.defined() && b.numel() > 0;
   const c10::optional<at::Tensor> bias = has_bias ? c10::optional<at::Tensor>(b) : c10::nullopt;
   const int64_t m = x.size(0);
   if (m > kSkinnyMaxRows && packed.defined() && packed.is_mkldnn() &&
       x.scalar_type() == at::kBFloat16) {
     return linear_pointwise(x, packed, bias);
+  }
+  if (m >= 1 && m <= kSkinnyMaxRows && qs.defined() && qs.numel() > 0 &&
+      x.scalar_type() == at::kBFloat16 && (x.stride(1) == 1 || x.size(1) <= 1) &&
+      (!has_bias || (b.scalar_type() == at::kBFloat16 && b.is_contiguous())) &&
+      linear_q8_supported()) {
+    return linear_q8(x, qs, scales, bias);
   }
   if (x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && m >= 1 &&
       m <= kSkinnyMaxRows && (x.stride(1) == 1 || x.size(1) <= 1) && w.is_contiguous() &&
@@ -94,7 +105,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
 at::Tensor decoder_layers(at::Tensor h, at::Tensor residual, const at::Tensor& cos,
                           const at::Tensor& sin, const std::vector<at::Tensor>& layer_weights,
                           const std::vector<at::Tensor>& packed_weights,
-                          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
+                          const std::vector<at::Tensor>& q8_weights,
+                          const std::vector<at::Tensor>& q8_scales, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
                           const py::object& attn, const at::Tensor& kv, const at::Tensor& slots,
                           const at::Tensor& tables, const at::Tensor& lens, double scale) {
   TORCH_CHECK(layer_weights.size() % kPerLayer == 0, "decoder_layers: ", kPerLayer,
@@ -102,6 +114,10 @@ at::Tensor decoder_layers(at::Tensor h, at::Tensor residual, const at::Tensor& c
   TORCH_CHECK(h.dim() == 2 && residual.sizes() == h.sizes(), "decoder_layers: h and residual [T, H]");
   TORCH_CHECK(packed_weights.empty() || packed_weights.size() == layer_weights.size(),
               "decoder_layers: packed_weights empty or one per layer weight");
+  TORCH_CHECK((q8_weights.empty() && q8_scales.empty()) ||
+                  (q8_weights.size() == layer_weights.size() &&
+                   q8_scales.size() == layer_weights.size()),
+              "decoder_layers: q8_weights / q8_scales empty or one per layer weight");
   const int64_t layers = static_cast<int64_t>(layer_weights.size() / kPerLayer);
   const at::Tensor none;
   const bool paged = attn.is_none();
@@ -134,8 +150,13 @@ at::Tensor decoder_layers(at::Tensor h, at::Tensor residual, const at::Tensor& c
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* w = layer_weights.data() + l * kPerLayer;
     const at::Tensor* p = packed_weights.empty() ? nullptr : packed_weights.data() + l * kPerLayer;
-    auto pw = [p, &none](int i) -> const at::Tensor& { return p ? p[i] : none; };
-    at::Tensor qkv = linear(h, w[0], w[1], pw(0));
+    const at::Tensor* qw = q8_weights.empty() ? nullptr : q8_weights.data() + l * kPerLayer;
+    const at::Tensor* qsc = q8_scales.empty() ? nullptr : q8_scales.data() + l * kPerLayer;
+    // Projection i with its other forms (packed copy, Q8_0 blocks and scales), where given.
+    auto proj = [&](const at::Tensor& x, int i, const at::Tensor& bias) {
+      return linear(x, w[i], bias, p ? p[i] : none, qw ? qw[i] : none, qsc ? qsc[i] : none);
+    };
+    at::Tensor qkv = proj(h, 0, w[1]);
     rotary_(qkv.narrow(1, 0, q_size + kv_size).view({t, -1, head_dim}), cos, sin);
     at::Tensor q = qkv.narrow(1, 0, q_size).view({t, num_heads, head_dim});
     at::Tensor k = qkv.narrow(1, q_size, kv_size).view({t, num_kv_heads, head_dim});
@@ -166,9 +187,9 @@ at::Tensor decoder_layers(at::Tensor h, at::Tensor residual, const at::Tensor& c
       py::gil_scoped_acquire gil;
       o = attn(l, q, k, v).cast<at::Tensor>();
     }
-    o = linear(o.reshape({t, q_size}), w[2], w[3], pw(2));
+    o = proj(o.reshape({t, q_size}), 2, w[3]);
     h = add_rms_norm(o, residual, w[4], eps);
-    at::Tensor mlp = linear(silu_mul(linear(h, w[5], at::Tensor(), pw(5))), w[6], at::Tensor(), pw(6));
+    at::Tensor mlp = proj(silu_mul(proj(h, 5, none)), 6, none);
     h = add_rms_norm(mlp, residual, w[7], eps);
   }
   return h;

@@ -50,7 +50,7 @@ def _build(setup, loaded, rank: int):
     return build_instance(model_cfg, weights, device=cfg.device, dtype=cfg.dtype,
                           block_size=cfg.block_size, kv_capacity_tokens=cfg.kv_capacity_tokens,
                           kv_memory_bytes=cfg.kv_memory_bytes, max_model_len=cfg.max_model_len,
-                          instances=cfg.instances, rank=rank)
+                          instances=cfg.instances, rank=rank, weight_dtype=cfg.weight_dtype)
 
 
 def run_instance(address, authkey: bytes, rank: int, world_size: int, load=None) -> None:

@@ -34,6 +34,7 @@ class InstanceSpec:
     max_model_len: int | None = None
     seed: int = 0
     instances: int = 1                # the cluster's size (the default KV share)
+    weight_dtype: str = "auto"        # "auto" (= dtype) or "q8_0"
 
     @classmethod
     def from_config(cls, config) -> "InstanceSpec":

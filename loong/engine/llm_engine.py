@@ -495,5 +495,6 @@ def _build_executor(config: EngineConfig, loaded: LoadedModel):
                            dtype=config.dtype, block_size=config.block_size,
                            kv_capacity_tokens=config.kv_capacity_tokens,
                            kv_memory_bytes=config.kv_memory_bytes,
-                           max_model_len=config.max_model_len, instances=1)
+                           max_model_len=config.max_model_len, instances=1,
+                           weight_dtype=config.weight_dtype)
     return LocalExecutor(parts, config.data_plane_timeout_s)

@@ -9,6 +9,8 @@ Decode steps run the layer loop natively (`loong.ops.decoder_layers`, the same k
 same order, bitwise the same result) when the attention callable offers a native form
 (`attn.native_decode()` -> `loong.ops.NativeAttention`, opaque here) and the kernels take the
 inputs; `LlamaModel.native_decode = False` (or LOONG_EAGER_DECODE=1) keeps the Python loop.
+`quantize_q8_0` rounds the projections to Q8_0 and keeps their 8-bit blocks, which decode steps
+of 1-8 rows stream (weight_dtype="q8_0").
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loong import ops
+from loong.ops import quantized_weights
 from loong.errors import InvalidRequestError, ModelLoadError
 from loong.model.config import ModelConfig
 from loong.model.weight_names import EMBED, LM_HEAD, check_weight_update, hf_weight_shapes
@@ -82,6 +85,7 @@ class LlamaModel(nn.Module):
         self.to(device)
         self.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings, dtype, device)
         self.native_decode = os.environ.get("LOONG_EAGER_DECODE", "") != "1"
+        self.weight_format = "auto"          # "q8_0" after quantize_q8_0()
         self._native_weights: list[torch.Tensor] | None = None
         self._native_weights_ok = False
 
@@ -129,6 +133,30 @@ class LlamaModel(nn.Module):
             self._native_weights_ok = ops.decoder_layer_weights_ok(out, self.dtype)
         return self._native_weights
 
+    def projections(self) -> list[torch.Tensor]:
+        """The matrices a token multiplies: every layer's qkv, o_proj, gate_up and down, and
+        the LM head (the embedding, for a tied model)."""
+        head = self.embed if self.lm_head is None else self.lm_head
+        return [w for layer in self.layers
+                for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)] + [head]
+
+    @torch.no_grad()
+    def quantize_q8_0(self) -> int:
+        """Round every projection to Q8_0 in place and keep its 8-bit blocks beside it
+        (`loong.ops.quantized_weights`): decode steps of 1-8 rows then stream the blocks.
+        Later in-place weight updates through `update_hf_weights` are rounded again. Returns
+        how many matrices were rounded now (those whose width is not a multiple of 32 stay
+        as they are)."""
+        self.weight_format = "q8_0"
+        return self._requantize()
+
+    def _requantize(self) -> int:
+        n = 0
+        for w in self.projections():
+            if quantized_weights.q8_form(w) is None and quantized_weights.quantize_(w):
+                n += 1
+        return n
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab] for the selected hidden rows [N, hidden]."""
         head = self.embed if self.lm_head is None else self.lm_head
@@ -170,6 +198,8 @@ class LlamaModel(nn.Module):
         slots = self.hf_weight_slots()
         for name, value in pairs:
             slots[name].copy_(value.to(device=self.device, dtype=self.dtype))
+        if self.weight_format == "q8_0":
+            self._requantize()          # the matrices just written (their forms went stale)
         return len(pairs)
 
     @torch.no_grad()

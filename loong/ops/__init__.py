@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from loong.ops import build
-from loong.ops import packed_weights
+from loong.ops import packed_weights, quantized_weights
 from loong.ops import torch_attention as ta
 from loong.ops import torch_elementwise as te
 from loong.ops import torch_kv as tk
@@ -303,6 +303,10 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
             return packed_weights.linear_packed(x, wp, bias)
         return F.linear(x, weight, bias)
     ext = _get()
+    if quantized_weights.active() and x.dtype == torch.bfloat16:
+        form = quantized_weights.q8_form(weight)
+        if form is not None and x.dim() == 2 and 1 <= x.shape[0] <= SKINNY_MAX_ROWS:
+            return _linear_q8(ext, x, form, bias)
     if (ext is None or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16
             or x.dim() != 2 or not 1 <= x.shape[0] <= SKINNY_MAX_ROWS
             or x.device.type != "cpu" or weight.device.type != "cpu"
@@ -326,6 +330,24 @@ def argmax_rows(x: Tensor) -> Tensor:
             or x.shape[1] < 1 or x.stride(1) != 1):
         return x.argmax(dim=-1)
     return ext.argmax_rows(x)
+
+
+def _linear_q8(ext, x: Tensor, form, bias: Optional[Tensor]) -> Tensor:
+    """x (1-8 bf16 rows) times a Q8_0 weight: the kernel where it runs, else torch on the same
+    decoded values."""
+    global _q8_ok
+    qs, scales = form
+    if (ext is not None and x.device.type == "cpu" and (x.stride(1) == 1 or x.shape[1] <= 1)
+            and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous()
+                                  and bias.device.type == "cpu"))):
+        if _q8_ok[0] is not ext:
+            _q8_ok = (ext, bool(ext.linear_q8_supported()))
+        if _q8_ok[1]:
+            return ext.linear_q8(x, qs, scales, bias)
+    return quantized_weights.linear_q8_torch(x, qs, scales, bias)
+
+
+_q8_ok: tuple = (None, False)     # (module asked, whether its build has the Q8_0 kernel)
 
 
 # The decoder layers of one decode step in one native call (csrc/cpu/decoder_step.cpp): the same
@@ -383,14 +405,18 @@ def decoder_layers(h: Tensor, residual: Tensor, cos: Tensor, sin: Tensor,
     biases. Call only where `decoder_layers_supported` and `decoder_layer_weights_ok` hold."""
     ext = _get()
     empty = h.new_empty(0)
-    packed = _packed_projections(layer_weights, empty) if h.shape[0] > SKINNY_MAX_ROWS else []
+    packed, qs, scales = [], [], []
+    if h.shape[0] > SKINNY_MAX_ROWS:
+        packed = _packed_projections(layer_weights, empty)
+    elif quantized_weights.active() and h.dtype == torch.bfloat16:
+        qs, scales = _q8_projections(layer_weights, empty)
     if attn.callback is not None:
-        return ext.decoder_layers(h, residual, cos, sin, list(layer_weights), packed, num_heads,
-                                  num_kv_heads, head_dim, float(eps), attn.callback, empty,
-                                  empty, empty, empty, float(attn.scale))
-    return ext.decoder_layers(h, residual, cos, sin, list(layer_weights), packed, num_heads,
-                              num_kv_heads, head_dim, float(eps), None, attn.kv, attn.slots,
-                              attn.tables, attn.lens, float(attn.scale))
+        return ext.decoder_layers(h, residual, cos, sin, list(layer_weights), packed, qs, scales,
+                                  num_heads, num_kv_heads, head_dim, float(eps), attn.callback,
+                                  empty, empty, empty, empty, float(attn.scale))
+    return ext.decoder_layers(h, residual, cos, sin, list(layer_weights), packed, qs, scales,
+                              num_heads, num_kv_heads, head_dim, float(eps), None, attn.kv,
+                              attn.slots, attn.tables, attn.lens, float(attn.scale))
 
 
 # Positions of the projections among a layer's 8 `decoder_layers` weights (qkv, o_proj,
@@ -410,6 +436,21 @@ def _packed_projections(layer_weights: Sequence[Tensor], empty: Tensor) -> list:
                 out[base + i] = wp
                 any_packed = True
     return out if any_packed else []
+
+
+def _q8_projections(layer_weights: Sequence[Tensor], empty: Tensor) -> tuple:
+    """`decoder_layers`' q8_weights and q8_scales: each projection's Q8_0 blocks and scales
+    (`empty` where it has none, and for the other weights); ([], []) when none has any."""
+    qs = [empty] * len(layer_weights)
+    scales = [empty] * len(layer_weights)
+    found = False
+    for base in range(0, len(layer_weights), 8):
+        for i in _PROJECTIONS:
+            form = quantized_weights.q8_form(layer_weights[base + i])
+            if form is not None:
+                qs[base + i], scales[base + i] = form
+                found = True
+    return (qs, scales) if found else ([], [])
 
 
 # KV block pack / unpack (csrc/cpu/kv_pack.cpp): one memcpy per (layer, k/v, slot) row. The

@@ -33,7 +33,7 @@ EXTRA_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 EXTRA_LDFLAGS = ["-fopenmp"]
 SOURCE_FILES = ("paged_attention.cpp", "lse_merge.cpp", "prefill_attention.cpp",
                 "fused_elementwise.cpp", "kv_pack.cpp", "skinny_linear.cpp",
-                "decoder_step.cpp", "argmax.cpp", "bindings.cpp")
+                "decoder_step.cpp", "argmax.cpp", "q8_linear.cpp", "bindings.cpp")
 # This file is <repo>/loong/ops/build.py; the sources are <repo>/csrc/cpu.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CSRC_DIR = os.path.join(_REPO_ROOT, "csrc", "cpu")

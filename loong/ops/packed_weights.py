@@ -9,10 +9,10 @@ pair torch's inductor uses when it freezes a CPU model); on the LM head at 32 ro
 result is the same kernel's (bitwise what `F.linear` gives on the bf16 shapes tested in
 tests/unit/test_packed_weights.py).
 
-Owns: `packed(weight)` -> the packed copy or None, `linear_packed(x, packed, bias)`, the cache
-(one packed copy per weight tensor, keyed by the tensor's identity and dropped with it,
-rebuilt when the tensor's version counter moves: an in-place weight update through the
-parameter or any view of it re-packs on the next call), `enabled()` and the memory budget.
+Owns: `packed(weight)` -> the packed copy or None, `linear_packed(x, packed, bias)`, the copies
+(a `weight_forms.WeightForms`: one per weight tensor, dropped with it, remade when the tensor's
+version counter moves: an in-place weight update through the parameter or any view of it
+re-packs on the next call), `enabled()` and the memory budget.
 
 The packed copy costs the weight's size again. Limits: `LOONG_PACK_WEIGHTS=0` turns packing
 off; `LOONG_PACK_WEIGHTS_MAX_GB` (default 4) caps the bytes held packed (weights past the cap
@@ -21,25 +21,22 @@ contiguous 2-D CPU bf16 tensors that track versions (not inference-mode tensors)
 Batch 1-8 steps never come here (`loong.ops.linear` runs the skinny kernel on the plain
 weight), so single-stream decode pays nothing.
 
-Must not import: any loong module (torch and the standard library only).
+Must not import: any loong module outside loong.ops.
 """
 from __future__ import annotations
 
 import os
-import threading
-import weakref
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 import torch
+
+from loong.ops.weight_forms import WeightForms, version_of
 
 Tensor = torch.Tensor
 
 __all__ = ["enabled", "packed", "linear_packed", "held_bytes", "clear", "budget_bytes"]
 
-_lock = threading.RLock()   # re-entrant: a weight's death may call _forget under it
-# id(weight) -> (weakref to the weight, its version when packed, the packed copy)
-_cache: Dict[int, Tuple[weakref.ref, int, Tensor]] = {}
-_held = 0
+_forms = WeightForms()
 _supported: Optional[bool] = None     # whether this torch can pack (probed once)
 
 
@@ -59,15 +56,12 @@ def budget_bytes() -> int:
 
 def held_bytes() -> int:
     """Bytes of weights held packed now."""
-    return _held
+    return _forms.held_bytes
 
 
 def clear() -> None:
     """Drop every packed copy (they are rebuilt on demand)."""
-    global _held
-    with _lock:
-        _cache.clear()
-        _held = 0
+    _forms.clear()
 
 
 def _probe() -> bool:
@@ -85,44 +79,24 @@ def _probe() -> bool:
     return _supported
 
 
-def _forget(key: int) -> None:
-    global _held
-    with _lock:
-        entry = _cache.pop(key, None)
-        if entry is not None:
-            _held -= entry[2].numel() * 2
-
-
 def packed(weight: Tensor) -> Optional[Tensor]:
     """The packed copy of `weight` (made on the first call, remade after an in-place update),
     or None where it is not packed (packing off or unsupported, not a contiguous 2-D CPU bf16
     tensor with a version counter, or the budget is spent)."""
-    global _held
     if (weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.device.type != "cpu"
             or not weight.is_contiguous() or weight.is_mkldnn or not enabled()):
         return None
-    try:
-        version = weight._version
-    except RuntimeError:               # an inference-mode tensor: no version counter
-        return None
-    key = id(weight)
-    entry = _cache.get(key)
-    if entry is not None and entry[0]() is weight:
-        if entry[1] == version:
-            return entry[2]
-        _forget(key)                    # updated in place since it was packed
-    elif entry is not None:             # the id of a dead tensor, reused
-        _forget(key)
-    if not _probe():
+    copy = _forms.get(weight)
+    if copy is not None:
+        return copy
+    if version_of(weight) is None or not _probe():
         return None
     size = weight.numel() * 2
-    if _held + size > budget_bytes():
+    if _forms.held_bytes + size > budget_bytes():
         return None
     with torch.no_grad():
         copy = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
-    with _lock:
-        _cache[key] = (weakref.ref(weight, lambda _r, k=key: _forget(k)), version, copy)
-        _held += size
+    _forms.put(weight, copy, size)
     return copy
 
 

@@ -88,6 +88,7 @@ def engine_config(args) -> EngineConfig:
     from loong.errors import InvalidRequestError
     n = args.instances
     kw = dict(model=args.model, dtype=args.dtype, device=args.device,
+              weight_dtype=args.weight_dtype,
               kv_capacity_tokens=args.kv_capacity_tokens, block_size=args.block_size,
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
               instances=n, decode_masters=args.decode_masters,

@@ -48,8 +48,10 @@ class InstanceParts:
 
 def build_instance(model_config, weights, *, device: str, dtype: str, block_size: int,
                    kv_capacity_tokens: int | None, kv_memory_bytes: int | None,
-                   max_model_len: int | None, instances: int, rank: int = 0) -> InstanceParts:
-    """Model replica (weights loaded, eval mode) and KV of one instance of `instances`.
+                   max_model_len: int | None, instances: int, rank: int = 0,
+                   weight_dtype: str = "auto") -> InstanceParts:
+    """Model replica (weights loaded, eval mode, projections rounded to Q8_0 when
+    weight_dtype is "q8_0") and KV of one instance of `instances`.
 
     KV: kv_capacity_tokens, else kv_memory_bytes, else 90% of free GPU memory on CUDA or
     an equal share of CPU_DEFAULT_KV_BYTES on CPU."""
@@ -57,9 +59,14 @@ def build_instance(model_config, weights, *, device: str, dtype: str, block_size
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", rank % torch.cuda.device_count())
     dt = resolve_dtype(dtype, dev)
+    if weight_dtype == "q8_0" and dev.type != "cpu":
+        raise InvalidRequestError("weight_dtype", "q8_0 weights run on CPU only; use "
+                                  "weight_dtype='auto' on CUDA")
     max_len = max_model_len or model_config.max_position_embeddings
     model = LlamaModel(model_config, dt, dev, max_positions=max_len)
     model.load_hf_weights(weights)
+    if weight_dtype == "q8_0":
+        model.quantize_q8_0()
     model.eval()
     if kv_capacity_tokens is None and kv_memory_bytes is None:
         if dev.type == "cuda":

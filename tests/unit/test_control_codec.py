@@ -53,6 +53,7 @@ MESSAGES = [
     Hello(3, 4, 12345),
     Setup(InstanceSpec(), "tcp://127.0.0.1:5555", 2, 120.0),
     Setup(InstanceSpec(model="/m/x.gguf", dtype="bfloat16", device="cuda:1", block_size=32,
+                       weight_dtype="q8_0",
                        kv_capacity_tokens=0, kv_memory_bytes=1 << 40, max_model_len=131072,
                        seed=-7, instances=8), "env://", 16, 0.5),
     Ready(1, 2912, 16, 1 << 33, True),

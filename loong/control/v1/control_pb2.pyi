@@ -47,7 +47,7 @@ class Hello(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class InstanceSpec(_message.Message):
-    __slots__ = ("model", "dtype", "device", "block_size", "kv_capacity_tokens", "kv_memory_bytes", "max_model_len", "seed", "instances")
+    __slots__ = ("model", "dtype", "device", "block_size", "kv_capacity_tokens", "kv_memory_bytes", "max_model_len", "seed", "instances", "weight_dtype")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class InstanceSpec(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     model: str
     dtype: str
     device: str
@@ -66,7 +67,8 @@ class InstanceSpec(_message.Message):
     max_model_len: int
     seed: int
     instances: int
-    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_memory_bytes: _Optional[int] = ..., max_model_len: _Optional[int] = ..., seed: _Optional[int] = ..., instances: _Optional[int] = ...) -> None: ...
+    weight_dtype: str
+    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_memory_bytes: _Optional[int] = ..., max_model_len: _Optional[int] = ..., seed: _Optional[int] = ..., instances: _Optional[int] = ..., weight_dtype: _Optional[str] = ...) -> None: ...
 
 class Setup(_message.Message):
     __slots__ = ("spec", "init_method", "num_threads", "data_plane_timeout_s")
