@@ -7,7 +7,8 @@ for every engine: generating `n` tokens minus generating 1 from the same prompts
             `loong.ops.linear` (the skinny kernel) vs `F.linear`, GB/s and the share of the
             read bandwidth measured here.
   batch1    SmolLM2 bf16, one stream, at 64 and 2048 context tokens: 1 instance; 2 instances
-            at 64 (the control plane and multi-master decode).
+            at 64 (the control plane and multi-master decode); then 1 instance with
+            weight_dtype="q8_0" (`--weight-dtypes`; accuracy: experiments/q8_accuracy.py).
   fixed     a random 30-layer model with hidden size 64 (arithmetic nearly nil): ms per decode
             step = the step's fixed cost; `--fixed-heads` 2 heads of size 32 by default (the
             smallest head size the SIMD attention kernels take; 4 heads of size 16 would time
@@ -122,25 +123,39 @@ def weights_section(loaded, runs: int, bw: float) -> dict:
     mats = [p for layer in model.layers for p in (layer.qkv, layer.o_proj, layer.gate_up,
                                                   layer.down)]
     mats.append(model.embed if model.lm_head is None else model.lm_head)
+    mats = [m.detach() for m in mats]
+    q8 = model.projections() if model.quantize_q8_0() else []   # rounded, blocks kept
     nbytes = sum(m.numel() * 2 for m in mats)
-    out = {"bytes": nbytes, "rows": {}}
+    q8_bytes = int(nbytes * 1.125 / 2)
+    out = {"bytes": nbytes, "q8_bytes": q8_bytes, "rows": {}}
     for rows in (1, 4, 8):
         xs = {k: torch.randn(rows, k).bfloat16() for k in {m.shape[1] for m in mats}}
-        res = {}
-        for name, fn in (("F.linear", F.linear), ("ops.linear", ops.linear)):
-            for m in mats:
+        res, secs = {}, {}
+        runs_ = (("F.linear", F.linear, mats, nbytes), ("ops.linear", ops.linear, mats, nbytes),
+                 ("q8_0", ops.linear, q8, q8_bytes))
+        for name, fn, ws, nb in runs_:
+            if not ws:
+                continue
+            for m in ws:
                 fn(xs[m.shape[1]], m)
             ts = []
             for _ in range(max(runs, 3)):
                 t0 = time.perf_counter()
-                for m in mats:
+                for m in ws:
                     fn(xs[m.shape[1]], m)
                 ts.append(time.perf_counter() - t0)
-            res[name] = nbytes / med(ts) / 1e9
+            res[name] = nb / med(ts) / 1e9
+            secs[name] = med(ts)
         out["rows"][str(rows)] = res
-        print(f"weights, {rows} row(s): skinny kernel {res['ops.linear']:.1f} GB/s "
-              f"({res['ops.linear'] / bw:.0%} of read bandwidth), F.linear "
-              f"{res['F.linear']:.1f} GB/s: {res['ops.linear'] / res['F.linear']:.2f}x", flush=True)
+        out["rows"][str(rows) + "_ms"] = {k: v * 1e3 for k, v in secs.items()}
+        line = (f"weights, {rows} row(s): skinny kernel {res['ops.linear']:.1f} GB/s "
+                f"({res['ops.linear'] / bw:.0%} of read bandwidth), F.linear "
+                f"{res['F.linear']:.1f} GB/s: {res['ops.linear'] / res['F.linear']:.2f}x")
+        if "q8_0" in res:
+            line += (f"; q8_0 kernel {res['q8_0']:.1f} GB/s of blocks ({res['q8_0'] / bw:.0%}), "
+                     f"{secs['q8_0'] * 1e3:.2f} ms vs {secs['ops.linear'] * 1e3:.2f} ms bf16: "
+                     f"{secs['ops.linear'] / secs['q8_0']:.2f}x")
+        print(line, flush=True)
     return out
 
 
@@ -160,6 +175,19 @@ def batch1_section(a, loaded) -> dict:
                 out[f"{n}x{c}"] = ts
                 print(f"batch 1, {n} instance(s), context {c}: {med(ts) * 1e3:.1f} ms per token "
                       f"({per_s(med(ts)):.1f} tokens/s) {[round(t * 1e3, 1) for t in ts]}", flush=True)
+    if "q8_0" in a.weight_dtypes and 1 in a.instances:
+        with LLM(loaded=loaded, dtype="bfloat16", weight_dtype="q8_0", instances=1,
+                 kv_capacity_tokens=max(a.contexts) + a.output_len + 64,
+                 enable_prefix_caching=False) as llm:
+            r = LoongRunner(llm)
+            for c in a.contexts:
+                ts = step_times(r, [prompt_ids(c, vocab)], a.output_len, a.runs)
+                out[f"1x{c}/q8_0"] = ts
+                base = out.get(f"1x{c}")
+                vs = f", {ratio(med(base), med(ts)):.2f}x bf16" if base else ""
+                print(f"batch 1, 1 instance, context {c}, q8_0 weights: {med(ts) * 1e3:.1f} ms "
+                      f"per token ({per_s(med(ts)):.1f} tokens/s){vs} "
+                      f"{[round(t * 1e3, 1) for t in ts]}", flush=True)
     if "1x%d" % a.contexts[0] in out and "2x%d" % a.contexts[0] in out:
         r = ratio(med(out["2x%d" % a.contexts[0]]), med(out["1x%d" % a.contexts[0]]))
         print(f"2 instances / 1 instance TPOT: {r:.2f}x")
@@ -340,6 +368,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-prompt-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=None, help="default 64 (quick 8)")
     p.add_argument("--fixed-tokens", type=int, default=None, help="default 128 (quick 8)")
+    p.add_argument("--weight-dtypes", default="auto,q8_0",
+                   help="batch-1 weight formats on 1 instance (auto = bf16; q8_0 as well)")
     p.add_argument("--fixed-heads", type=int, default=2,
                    help="attention heads of the fixed-cost model (hidden 64; default 2: size 32)")
     p.add_argument("--runs", type=int, default=None, help="default 3 (quick 1)")
@@ -356,6 +386,7 @@ def main(argv=None) -> int:
     a.fixed_tokens = a.fixed_tokens or (8 if q else 128)
     a.runs = a.runs or (1 if q else 3)
     a.instances = [int(x) for x in a.instances.split(",")]
+    a.weight_dtypes = a.weight_dtypes.split(",")
     sections = set(a.sections.split(","))
     if q:
         sections.discard("peers")

@@ -4,11 +4,14 @@ Owns: `csrc_available`, `paged_decode_attention`, `lse_merge`, `causal_attention
 `full_attention`, the decoder layer's fused elementwise ops (`rms_norm`, `add_rms_norm`,
 `rotary_`, `silu_mul`), the skinny linear of decode steps (`linear`), a decode step's decoder
 layers in one native call (`decoder_layers`, `NativeAttention`), KV block pack / unpack for migration (`kv_pack`, `kv_unpack_`),
+the greedy argmax of logits rows (`argmax_rows`),
 `build_info`, `load_error`, the loading state (tried once, thread-safe, one warning), and
 re-exports the build recipe (`EXTENSION_NAME`, `extension_sources`, `EXTRA_CFLAGS`,
 `EXTRA_LDFLAGS`) that a setup.py-time build can reuse. Submodules: `build` (the recipe, the
 cache key, loading), `torch_attention`, `torch_elementwise` and `torch_kv` (the torch
-implementations: fallbacks and parity baselines).
+implementations: fallbacks and parity baselines), `packed_weights` (oneDNN-packed copies for
+steps of more than SKINNY_MAX_ROWS bf16 rows), `quantized_weights` (Q8_0 blocks for steps of
+fewer) and `weight_forms` (what both keep per weight tensor, valid for one version).
 
 The extension `loong_cpu_ops` is compiled just in time with torch.utils.cpp_extension (ninja,
 the host C++ compiler, `-O3 -march=native -fopenmp`) on first use, once per machine: the build
