@@ -6,7 +6,8 @@ Two measurements on the same prompts (chat-templated instructions, fixed list be
                   (also relative to the spread of the bf16 logits), KL(bf16 || q8) of the
                   next-token distributions, and how often both models' argmax agree.
   free-running    both models generate `--tokens` greedy tokens through `LLM`: how many
-                  sequences are identical, and where the first differing token falls.
+                  sequences are identical, and where the first differing token falls
+                  (also for fp32 against bf16).
 The same comparison of bf16 against fp32 (the model's dtype itself) is printed as a yardstick:
 differences smaller than bf16's own from fp32 are below what the serving dtype already costs.
 
@@ -109,16 +110,20 @@ def main(argv=None) -> int:
     greedy = SamplingParams(max_tokens=n_tok, temperature=0.0, ignore_eos=True)
 
     gen = {}
-    for wd in ("auto", "q8_0"):
-        with LLM(loaded=loaded, dtype="bfloat16", weight_dtype=wd,
-                 enable_prefix_caching=False) as llm:
-            gen[wd] = [o.token_ids for o in llm.generate(ids, greedy)]
-    same = sum(x == y for x, y in zip(gen["auto"], gen["q8_0"]))
-    firsts = [first_difference(x, y) for x, y in zip(gen["auto"], gen["q8_0"])]
-    diverged = [f for f in firsts if f is not None]
-    print(f"free-running greedy, {len(prompts)} prompts x {n_tok} tokens: {same} identical; "
-          f"first differing token at {sorted(diverged)} (median "
-          f"{statistics.median(diverged) if diverged else '-'})", flush=True)
+    for key, dtype, wd in (("auto", "bfloat16", "auto"), ("q8_0", "bfloat16", "q8_0"),
+                           ("fp32", "float32", "auto")):
+        with LLM(loaded=loaded, dtype=dtype, weight_dtype=wd, enable_prefix_caching=False) as llm:
+            gen[key] = [o.token_ids for o in llm.generate(ids, greedy)]
+    free = {}
+    for name, (x_key, y_key) in (("q8_0 vs bf16", ("auto", "q8_0")),
+                                 ("bf16 vs fp32", ("fp32", "auto"))):
+        same = sum(x == y for x, y in zip(gen[x_key], gen[y_key]))
+        firsts = [first_difference(x, y) for x, y in zip(gen[x_key], gen[y_key])]
+        diverged = [f for f in firsts if f is not None]
+        free[name] = {"identical": same, "first_difference": firsts}
+        print(f"free-running greedy, {name}, {len(prompts)} prompts x {n_tok} tokens: {same} "
+              f"identical; first differing token at {sorted(diverged)} (median "
+              f"{statistics.median(diverged) if diverged else '-'})", flush=True)
 
     models = {"bf16": build(loaded, torch.bfloat16, False),
               "q8_0": build(loaded, torch.bfloat16, True),
@@ -148,8 +153,8 @@ def main(argv=None) -> int:
               f"{s['top1_agree']:>13.2%}")
     os.makedirs(os.path.dirname(a.json), exist_ok=True)
     with open(a.json, "w") as f:
-        json.dump({"prompts": len(prompts), "tokens": n_tok, "identical": same,
-                   "first_difference": firsts, "teacher_forced": summary,
+        json.dump({"prompts": len(prompts), "tokens": n_tok, "free_running": free,
+                   "teacher_forced": summary,
                    "per_prompt": rows}, f, indent=1)
     print(f"wrote {a.json}")
     return 0
