@@ -60,6 +60,8 @@ SCRIPTS = {
                                 "kern GF/s", 120, "csrc"),
     "prefix_cache_bench": (lambda d: ["--json", str(d / "prefix.json")], ["prefix.json"],
                            "n samples:", 240, None),
+    "q8_accuracy": (lambda d: ["--json", str(d / "q8.json")], ["q8.json"],
+                    "q8_0 vs bf16", 180, None),
     "rate_sweep": (lambda d: ["--out", str(d / "rate_sweep")], ["rate_sweep/rate_sweep.json"],
                    "max throughput (req/s", 180, "data"),
     "ring_prefill_bench": (lambda d: ["--json", str(d / "ring.json")], ["ring.json"],
