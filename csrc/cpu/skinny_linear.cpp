@@ -15,11 +15,11 @@
 //
 // Algorithm: W's rows are split over threads in contiguous ranges (at::parallel_for; one
 // thread below kParallelMinBytes of W, where the fork costs more than it saves). A task takes
-// kRowsW = 4 rows of W at a time and, for tiles of up to 4 rows of x, keeps 4 x 4 fp32
-// accumulators: each 32-element chunk of the 4 W rows is loaded once and multiplied into every
+// kRowsW rows of W at a time (1 by default, see below) and, for tiles of up to 4 rows of x, keeps
+// 4 x kRowsW fp32 accumulators: each 32-element chunk of the W rows is loaded once and multiplied into every
 // x row with _mm512_dpbf16_ps (pairs of bf16 products summed into 16 fp32 lanes). x rows live
-// in L1 (8 x K bf16); with more than 4 rows of x the same 4 W rows are reused from L1 by the
-// second tile. K's tail uses masked loads (zeros add nothing). Each 64-byte line of W is
+// in L1 (8 x K bf16); with more than 4 rows of x the same W rows are reused from L1 by the
+// second tile. K's tail uses masked loads (zeros add nothing). With kPrefetchAhead > 0 each line of W is
 // prefetched kPrefetchAhead elements before its load.
 
 #include <ATen/ATen.h>
@@ -38,13 +38,22 @@ namespace loong {
 namespace {
 
 constexpr int64_t kMaxRows = 8;                      // rows of x this kernel takes
-constexpr int64_t kRowsW = 4;                        // W rows per inner block
+// W rows per inner block. 1: each thread reads its range of W strictly in order, one stream
+// the hardware prefetcher follows at full speed. 4 rows at a time (the earlier default) make 4
+// short interleaved streams that need software prefetch and, on the 2-core EPYC VM measured in
+// Dec 2026, streamed SmolLM2's projections at 13-18 GB/s at one row against 24-25 GB/s with 1
+// row (the read bandwidth there: 25-35 GB/s). Tunable: -DLOONG_SKINNY_ROWS_W=N.
+#ifndef LOONG_SKINNY_ROWS_W
+#define LOONG_SKINNY_ROWS_W 1
+#endif
+constexpr int64_t kRowsW = LOONG_SKINNY_ROWS_W;      // W rows per inner block
 constexpr int64_t kParallelMinBytes = 512 * 1024;    // W smaller than this: one thread
-// Software prefetch distance, in W elements past the line being loaded (4.5 KiB). Without it
-// the hardware prefetcher leaves the stream at about half the read bandwidth (measured on the
-// 2-core EPYC dev machine: 22 -> 40-51 GB/s streaming SmolLM2's 270 MB of weights at M = 1).
-// A prefetch past W's end is harmless (prefetches do not fault).
-constexpr int64_t kPrefetchAhead = 2304;
+// Software prefetch distance in elements (-1: none, the default with sequential rows; it
+// helped the 4-row blocks, 2304 = one 4-row block of K = 576 ahead). -DLOONG_SKINNY_PREFETCH=N.
+#ifndef LOONG_SKINNY_PREFETCH
+#define LOONG_SKINNY_PREFETCH -1
+#endif
+constexpr int64_t kPrefetchAhead = LOONG_SKINNY_PREFETCH;
 
 #ifdef LOONG_SKINNY_BF16
 using bf16 = c10::BFloat16;
@@ -66,8 +75,9 @@ inline void block(const bf16* const* xs, const bf16* w, int64_t K, int64_t n0,
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
     __m512bh wv[R];
-    for (int r = 0; r < R; ++r)
-      _mm_prefetch(reinterpret_cast<const char*>(wr[r] + kPrefetchAhead + k), _MM_HINT_T0);
+    if (kPrefetchAhead > 0)
+      for (int r = 0; r < R; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(wr[r] + kPrefetchAhead + k), _MM_HINT_T0);
     for (int r = 0; r < R; ++r) wv[r] = load_bh(wr[r] + k);
     for (int m = 0; m < MT; ++m) {
       const __m512bh xv = load_bh(xs[m] + k);
