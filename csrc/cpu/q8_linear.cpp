@@ -12,14 +12,14 @@
 //   y = linear_small(x, W, bias) with W[n, k] = bf16(scales[n, k / 32] * qs[n, k]), bit for bit:
 //   each weight is decoded in registers exactly as torch computes W (fp32 product, rounded to
 //   nearest even), and the sums run in skinny_linear.cpp's order (32 elements per
-//   _mm512_dpbf16_ps into the same 4 x 4 accumulator tiles, the same final reduction). So a
+//   _mm512_dpbf16_ps into the same accumulator tiles, the same final reduction). So a
 //   Q8_0 model gives the same results at 1-8 rows whichever form a step reads.
 //   linear_q8_supported() is false in builds without AVX512_BF16 (torch runs then).
 //
-// Algorithm: as skinny_linear.cpp (W rows split over threads in contiguous ranges; 4 W rows x
-// tiles of up to 4 x rows); per 32-element block each W row's int8 values are widened to fp32,
+// Algorithm: as skinny_linear.cpp (W rows split over threads in contiguous ranges, read one row
+// at a time in order; tiles of up to 4 x rows); per 32-element block each W row's int8 values are widened to fp32,
 // multiplied by the block's scale and packed to bf16 (3 conversions and 2 multiplies per 32
-// weights), then multiplied into every x row. qs is prefetched 4 KiB ahead.
+// weights), then multiplied into every x row.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -38,9 +38,8 @@ namespace {
 
 constexpr int64_t kMaxRows = 8;                      // rows of x this kernel takes
 constexpr int64_t kBlock = 32;                       // weights per scale (Q8_0)
-constexpr int64_t kRowsW = 4;                        // W rows per inner block
+constexpr int64_t kRowsW = 1;    // W rows per inner block: one sequential stream (see skinny_linear.cpp)
 constexpr int64_t kParallelMinBytes = 256 * 1024;    // qs smaller than this: one thread
-constexpr int64_t kPrefetchAhead = 4096;             // bytes of qs ahead of the load
 
 #ifdef LOONG_Q8_BF16
 using bf16 = c10::BFloat16;
@@ -72,8 +71,6 @@ inline void block(const bf16* const* xs, const int8_t* qs, const float* scales, 
     const int64_t k = b * kBlock;
     __m512bh wv[R];
     for (int r = 0; r < R; ++r) {
-      if ((b & 1) == 0)
-        _mm_prefetch(reinterpret_cast<const char*>(qr[r] + k + kPrefetchAhead), _MM_HINT_T0);
       wv[r] = decode(qr[r] + k, _mm512_set1_ps(sr[r][b]));
     }
     for (int m = 0; m < MT; ++m) {
