@@ -13,31 +13,21 @@
 //   F.linear to about one bf16 rounding, not bit for bit), rounded to nearest even once.
 //   linear_small_supported() is false in builds without AVX512_BF16 (torch runs then).
 //
-// Algorithm: W's rows are split over threads in contiguous ranges (at::parallel_for; one
-// thread below kParallelMinBytes of W, where the fork costs more than it saves). A task takes
-// kRowsW rows of W at a time (1 by default, see below) and, for tiles of up to 4 rows of x, keeps
-// 4 x kRowsW fp32 accumulators: each 32-element chunk of the W rows is loaded once and multiplied into every
-// x row with _mm512_dpbf16_ps (pairs of bf16 products summed into 16 fp32 lanes). x rows live
-// in L1 (8 x K bf16); with more than 4 rows of x the same W rows are reused from L1 by the
-// second tile. K's tail uses masked loads (zeros add nothing). With kPrefetchAhead > 0 each line of W is
-// prefetched kPrefetchAhead elements before its load.
+// Algorithm (the tiles and the thread split are skinny_tiles.h's, shared with q8_linear.cpp):
+// W's rows are split over threads in contiguous ranges (at::parallel_for; one thread below
+// kParallelMinBytes of W, where the fork costs more than it saves). A task takes kRowsW rows of
+// W at a time (1 by default, see below) and, for tiles of up to 4 rows of x, keeps 4 x kRowsW
+// fp32 accumulators: each 32-element chunk of the W rows is loaded once and multiplied into
+// every x row with _mm512_dpbf16_ps (pairs of bf16 products summed into 16 fp32 lanes). x rows
+// live in L1 (8 x K bf16); with more than 4 rows of x the same W rows are reused from L1 by the
+// second tile. K's tail uses masked loads (zeros add nothing). With kPrefetchAhead > 0 each
+// line of W is prefetched kPrefetchAhead elements before its load.
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-
-#include <algorithm>
-#include <cstdint>
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define LOONG_SKINNY_BF16 1
-#endif
+#include "skinny_tiles.h"
 
 namespace loong {
 namespace {
 
-constexpr int64_t kMaxRows = 8;                      // rows of x this kernel takes
 // W rows per inner block. 1: each thread reads its range of W strictly in order, one stream
 // the hardware prefetcher follows at full speed. 4 rows at a time (the earlier default) make 4
 // short interleaved streams that need software prefetch and, on the 2-core EPYC VM measured in
@@ -55,79 +45,28 @@ constexpr int64_t kParallelMinBytes = 512 * 1024;    // W smaller than this: one
 #endif
 constexpr int64_t kPrefetchAhead = LOONG_SKINNY_PREFETCH;
 
-#ifdef LOONG_SKINNY_BF16
-using bf16 = c10::BFloat16;
+#ifdef LOONG_SKINNY_TILES_BF16
+using skinny::bf16;
 
-inline __m512bh load_bh(const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); }
-inline __m512bh load_bh(const bf16* p, __mmask32 m) {
-  return (__m512bh)_mm512_maskz_loadu_epi16(m, p);
-}
-
-// y[m][n0 + r] for r < R, m < MT: x rows xs[m] (K elements each), W rows w + (n0 + r) * K.
-template <int MT, int R>
-inline void block(const bf16* const* xs, const bf16* w, int64_t K, int64_t n0,
-                  const bf16* bias, bf16* const* ys) {
-  __m512 acc[MT][R];
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-  const bf16* wr[R];
-  for (int r = 0; r < R; ++r) wr[r] = w + (n0 + r) * K;
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    __m512bh wv[R];
+// W [N, K] bf16, row-major: the skinny_tiles.h `Rows` policy.
+struct Bf16Rows {
+  const bf16* w;
+  int64_t K;
+  __m512bh load(int64_t n, int64_t k) const { return skinny::load_bh(w + n * K + k); }
+  __m512bh load_tail(int64_t n, int64_t k, __mmask32 m) const {
+    return skinny::load_bh(w + n * K + k, m);
+  }
+  void prefetch(int64_t n, int64_t k) const {
     if (kPrefetchAhead > 0)
-      for (int r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(wr[r] + kPrefetchAhead + k), _MM_HINT_T0);
-    for (int r = 0; r < R; ++r) wv[r] = load_bh(wr[r] + k);
-    for (int m = 0; m < MT; ++m) {
-      const __m512bh xv = load_bh(xs[m] + k);
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
-    }
+      _mm_prefetch(reinterpret_cast<const char*>(w + n * K + k + kPrefetchAhead), _MM_HINT_T0);
   }
-  if (k < K) {
-    const __mmask32 mask = __mmask32((1ull << (K - k)) - 1ull);
-    __m512bh wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = load_bh(wr[r] + k, mask);
-    for (int m = 0; m < MT; ++m) {
-      const __m512bh xv = load_bh(xs[m] + k, mask);
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
-    }
-  }
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < R; ++r) {
-      float s = _mm512_reduce_add_ps(acc[m][r]);
-      if (bias != nullptr) s += static_cast<float>(bias[n0 + r]);
-      ys[m][n0 + r] = bf16(s);
-    }
-}
-
-// Rows [n_lo, n_hi) of W against x rows [m0, m0 + MT).
-template <int MT>
-void rows_range(const bf16* const* xs, const bf16* w, int64_t K, int64_t n_lo, int64_t n_hi,
-                const bf16* bias, bf16* const* ys) {
-  int64_t n = n_lo;
-  for (; n + kRowsW <= n_hi; n += kRowsW) block<MT, kRowsW>(xs, w, K, n, bias, ys);
-  for (; n < n_hi; ++n) block<MT, 1>(xs, w, K, n, bias, ys);
-}
-
-void run_rows(const bf16* const* xs, int64_t M, const bf16* w, int64_t K, int64_t n_lo,
-              int64_t n_hi, const bf16* bias, bf16* const* ys) {
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    const int64_t mt = std::min<int64_t>(4, M - m0);
-    switch (mt) {
-      case 1: rows_range<1>(xs + m0, w, K, n_lo, n_hi, bias, ys + m0); break;
-      case 2: rows_range<2>(xs + m0, w, K, n_lo, n_hi, bias, ys + m0); break;
-      case 3: rows_range<3>(xs + m0, w, K, n_lo, n_hi, bias, ys + m0); break;
-      default: rows_range<4>(xs + m0, w, K, n_lo, n_hi, bias, ys + m0); break;
-    }
-  }
-}
-#endif  // LOONG_SKINNY_BF16
+};
+#endif  // LOONG_SKINNY_TILES_BF16
 
 }  // namespace
 
 bool linear_small_supported() {
-#ifdef LOONG_SKINNY_BF16
+#ifdef LOONG_SKINNY_TILES_BF16
   return true;
 #else
   return false;
@@ -141,50 +80,15 @@ at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w,
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
               "linear_small: x and w must be bfloat16");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "linear_small: CPU tensors only");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t K = x.size(1), N = w.size(0);
   TORCH_CHECK(w.size(1) == K, "linear_small: x has K=", K, ", w has ", w.size(1));
-  TORCH_CHECK(M >= 1 && M <= kMaxRows, "linear_small: 1 to ", kMaxRows, " rows, got ", M);
-  TORCH_CHECK(x.stride(1) == 1 || K <= 1, "linear_small: x's last dim must be contiguous");
   TORCH_CHECK(w.is_contiguous(), "linear_small: w must be contiguous");
-  const at::Tensor* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    b = &bias.value();
-    TORCH_CHECK(b->scalar_type() == at::kBFloat16 && b->dim() == 1 && b->size(0) == N &&
-                    b->is_contiguous() && b->device().is_cpu(),
-                "linear_small: bias must be a contiguous bfloat16 [N]");
-  }
-  at::Tensor y = at::empty({M, N}, x.options());
-#ifdef LOONG_SKINNY_BF16
+  const at::Tensor* b = skinny::check_x_and_bias("linear_small", x, N, bias);
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+#ifdef LOONG_SKINNY_TILES_BF16
   if (N == 0) return y;
-  const bf16* xs[kMaxRows];
-  bf16* ys[kMaxRows];
-  for (int64_t m = 0; m < M; ++m) {
-    xs[m] = x.data_ptr<bf16>() + m * x.stride(0);
-    ys[m] = y.data_ptr<bf16>() + m * N;
-  }
-  const bf16* wp = w.data_ptr<bf16>();
-  const bf16* bp = b ? b->data_ptr<bf16>() : nullptr;
-  if (K == 0) {
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) ys[m][n] = bf16(bp ? static_cast<float>(bp[n]) : 0.0f);
-    return y;
-  }
-  const int64_t bytes = N * K * 2;
-  if (bytes < kParallelMinBytes || at::get_num_threads() == 1) {
-    run_rows(xs, M, wp, K, 0, N, bp, ys);
-  } else {
-    // One contiguous range per thread, in whole kRowsW blocks.
-    const int64_t nthr = at::get_num_threads();
-    const int64_t blocks = (N + kRowsW - 1) / kRowsW;
-    const int64_t per = (blocks + nthr - 1) / nthr;
-    at::parallel_for(0, nthr, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) {
-        const int64_t n_lo = std::min(N, t * per * kRowsW);
-        const int64_t n_hi = std::min(N, (t + 1) * per * kRowsW);
-        if (n_lo < n_hi) run_rows(xs, M, wp, K, n_lo, n_hi, bp, ys);
-      }
-    });
-  }
+  skinny::linear<kRowsW>(x, Bf16Rows{w.data_ptr<bf16>(), K}, N, N * K * 2, kParallelMinBytes, b,
+                         y);
 #endif
   return y;
 }

@@ -15,9 +15,9 @@ fewer) and `weight_forms` (what both keep per weight tensor, valid for one versi
 
 The extension `loong_cpu_ops` is compiled just in time with torch.utils.cpp_extension (ninja,
 the host C++ compiler, `-O3 -march=native -fopenmp`) on first use, once per machine: the build
-directory is `~/.cache/loong/torch_extensions/<key>` where the key hashes the sources, the
-torch and Python versions, the flags and the CPU's feature flags (a `-march=native` binary must
-never be reused on a CPU with fewer features). `LOONG_EXTENSIONS_DIR` replaces
+directory is `~/.cache/loong/torch_extensions/<key>` where the key hashes the sources and
+headers, the torch and Python versions, the flags and the CPU's feature flags (a
+`-march=native` binary must never be reused on a CPU with fewer features). `LOONG_EXTENSIONS_DIR` replaces
 `~/.cache/loong/torch_extensions`; `LOONG_CSRC_CFLAGS` appends compiler flags (part of the
 key). A module `loong._loong_cpu_ops` built ahead of time (e.g. by setup.py with the same
 sources) is preferred when present. The first build takes about a minute; later processes load
@@ -427,33 +427,37 @@ def decoder_layers(h: Tensor, residual: Tensor, cos: Tensor, sin: Tensor,
 _PROJECTIONS = (0, 2, 5, 6)
 
 
-def _packed_projections(layer_weights: Sequence[Tensor], empty: Tensor) -> list:
-    """`decoder_layers`' packed_weights: each projection's packed copy (or `empty` where it has
-    none), `empty` for the other weights; [] when nothing is packed."""
-    out = [empty] * len(layer_weights)
-    any_packed = False
+def _projection_forms(layer_weights: Sequence[Tensor], empty: Tensor, form_of) -> list | None:
+    """Per form tensor, one list for `decoder_layers`: each projection's tensor of the form
+    `form_of(weight)` gives (a tuple of tensors, or None where the weight has none), `empty`
+    there and for the other weights. None when no projection has the form."""
+    lists = None
     for base in range(0, len(layer_weights), 8):
         for i in _PROJECTIONS:
-            wp = packed_weights.packed(layer_weights[base + i])
-            if wp is not None:
-                out[base + i] = wp
-                any_packed = True
-    return out if any_packed else []
+            form = form_of(layer_weights[base + i])
+            if form is None:
+                continue
+            if lists is None:
+                lists = [[empty] * len(layer_weights) for _ in form]
+            for out, t in zip(lists, form):
+                out[base + i] = t
+    return lists
+
+
+def _packed_projections(layer_weights: Sequence[Tensor], empty: Tensor) -> list:
+    """`decoder_layers`' packed_weights (oneDNN-packed copies); [] when nothing is packed."""
+    def packed(w):
+        wp = packed_weights.packed(w)
+        return None if wp is None else (wp,)
+    lists = _projection_forms(layer_weights, empty, packed)
+    return lists[0] if lists else []
 
 
 def _q8_projections(layer_weights: Sequence[Tensor], empty: Tensor) -> tuple:
-    """`decoder_layers`' q8_weights and q8_scales: each projection's Q8_0 blocks and scales
-    (`empty` where it has none, and for the other weights); ([], []) when none has any."""
-    qs = [empty] * len(layer_weights)
-    scales = [empty] * len(layer_weights)
-    found = False
-    for base in range(0, len(layer_weights), 8):
-        for i in _PROJECTIONS:
-            form = quantized_weights.q8_form(layer_weights[base + i])
-            if form is not None:
-                qs[base + i], scales[base + i] = form
-                found = True
-    return (qs, scales) if found else ([], [])
+    """`decoder_layers`' q8_weights and q8_scales (Q8_0 blocks and their scales); ([], []) when
+    no projection has any."""
+    lists = _projection_forms(layer_weights, empty, quantized_weights.q8_form)
+    return (lists[0], lists[1]) if lists else ([], [])
 
 
 # KV block pack / unpack (csrc/cpu/kv_pack.cpp): one memcpy per (layer, k/v, slot) row. The

@@ -4,9 +4,9 @@ Owns: the build recipe a setup.py-time build can reuse (`EXTENSION_NAME`, `exten
 `EXTRA_CFLAGS`, `EXTRA_LDFLAGS`, `cflags`), the per-machine build cache (`build_dir`: its
 location and key), `csrc_disabled` (LOONG_DISABLE_CSRC) and `load_extension` (a prebuilt
 `loong._loong_cpu_ops` if importable, else a just-in-time build with torch.utils.cpp_extension).
-The cache is described in the `loong.ops` docstring; the key hashes each source's file name and
-contents, the torch and Python versions, the compiler and linker flags (LOONG_CSRC_CFLAGS
-included) and the CPU's model and feature flags.
+The cache is described in the `loong.ops` docstring; the key hashes each source's and header's
+file name and contents, the torch and Python versions, the compiler and linker flags
+(LOONG_CSRC_CFLAGS included) and the CPU's model and feature flags.
 
 Must not import: any loong module (the standard library and torch only); loading state (tried
 once, the error, the warning) belongs to `loong.ops`, not here.
@@ -23,8 +23,9 @@ from typing import List
 
 import torch
 
-__all__ = ["EXTENSION_NAME", "EXTRA_CFLAGS", "EXTRA_LDFLAGS", "SOURCE_FILES", "CSRC_DIR",
-           "extension_sources", "cflags", "build_dir", "csrc_disabled", "load_extension"]
+__all__ = ["EXTENSION_NAME", "EXTRA_CFLAGS", "EXTRA_LDFLAGS", "SOURCE_FILES", "HEADER_FILES",
+           "CSRC_DIR", "extension_sources", "extension_headers", "cflags", "build_dir",
+           "csrc_disabled", "load_extension"]
 
 log = logging.getLogger("loong.ops")
 
@@ -34,6 +35,8 @@ EXTRA_LDFLAGS = ["-fopenmp"]
 SOURCE_FILES = ("paged_attention.cpp", "lse_merge.cpp", "prefill_attention.cpp",
                 "fused_elementwise.cpp", "kv_pack.cpp", "skinny_linear.cpp",
                 "decoder_step.cpp", "argmax.cpp", "q8_linear.cpp", "bindings.cpp")
+# Headers the sources include (from csrc/cpu): part of the cache key, so a change to one rebuilds.
+HEADER_FILES = ("skinny_tiles.h",)
 # This file is <repo>/loong/ops/build.py; the sources are <repo>/csrc/cpu.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CSRC_DIR = os.path.join(_REPO_ROOT, "csrc", "cpu")
@@ -43,6 +46,11 @@ _PREBUILT = "loong._loong_cpu_ops"
 def extension_sources() -> List[str]:
     """Absolute paths of the C++ sources of `loong_cpu_ops`."""
     return [os.path.join(CSRC_DIR, f) for f in SOURCE_FILES]
+
+
+def extension_headers() -> List[str]:
+    """Absolute paths of the headers the sources of `loong_cpu_ops` include."""
+    return [os.path.join(CSRC_DIR, f) for f in HEADER_FILES]
 
 
 def _cpu_signature() -> str:
@@ -67,7 +75,7 @@ def build_dir(sources: List[str]) -> str:
     """The cache directory for a build of `sources` on this machine (see the module docstring
     for what the key covers); `LOONG_EXTENSIONS_DIR` replaces ~/.cache/loong/torch_extensions."""
     h = hashlib.sha256()
-    for path in sources:
+    for path in list(sources) + extension_headers():
         with open(path, "rb") as f:
             h.update(os.path.basename(path).encode() + b"\0" + f.read() + b"\0")
     h.update(f"torch={torch.__version__} python={sys.version_info[:2]} "
