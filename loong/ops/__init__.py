@@ -3,15 +3,16 @@
 Owns: `csrc_available`, `paged_decode_attention`, `lse_merge`, `causal_attention`,
 `full_attention`, the decoder layer's fused elementwise ops (`rms_norm`, `add_rms_norm`,
 `rotary_`, `silu_mul`), the skinny linear of decode steps (`linear`), a decode step's decoder
-layers in one native call (`decoder_layers`, `NativeAttention`), KV block pack / unpack for migration (`kv_pack`, `kv_unpack_`),
-the greedy argmax of logits rows (`argmax_rows`),
+layers in one native call (`decoder_layers`, `NativeAttention`), KV block pack / unpack for
+migration (`kv_pack`, `kv_unpack_`), the greedy argmax of logits rows (`argmax_rows`),
 `build_info`, `load_error`, the loading state (tried once, thread-safe, one warning), and
 re-exports the build recipe (`EXTENSION_NAME`, `extension_sources`, `EXTRA_CFLAGS`,
 `EXTRA_LDFLAGS`) that a setup.py-time build can reuse. Submodules: `build` (the recipe, the
 cache key, loading), `torch_attention`, `torch_elementwise` and `torch_kv` (the torch
 implementations: fallbacks and parity baselines), `packed_weights` (oneDNN-packed copies for
 steps of more than SKINNY_MAX_ROWS bf16 rows), `quantized_weights` (Q8_0 blocks for steps of
-fewer) and `weight_forms` (what both keep per weight tensor, valid for one version).
+fewer), `weight_forms` (what both keep per weight tensor, valid for one version) and
+`decoder_weights` (the lists of those forms `decoder_layers` hands the native step).
 
 The extension `loong_cpu_ops` is compiled just in time with torch.utils.cpp_extension (ninja,
 the host C++ compiler, `-O3 -march=native -fopenmp`) on first use, once per machine: the build
@@ -47,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from loong.ops import build
-from loong.ops import packed_weights, quantized_weights
+from loong.ops import decoder_weights, packed_weights, quantized_weights
 from loong.ops import torch_attention as ta
 from loong.ops import torch_elementwise as te
 from loong.ops import torch_kv as tk
@@ -410,9 +411,9 @@ def decoder_layers(h: Tensor, residual: Tensor, cos: Tensor, sin: Tensor,
     empty = h.new_empty(0)
     packed, qs, scales = [], [], []
     if h.shape[0] > SKINNY_MAX_ROWS:
-        packed = _packed_projections(layer_weights, empty)
+        packed = decoder_weights.packed_lists(layer_weights, empty)
     elif quantized_weights.active() and h.dtype == torch.bfloat16:
-        qs, scales = _q8_projections(layer_weights, empty)
+        qs, scales = decoder_weights.q8_lists(layer_weights, empty)
     if attn.callback is not None:
         return ext.decoder_layers(h, residual, cos, sin, list(layer_weights), packed, qs, scales,
                                   num_heads, num_kv_heads, head_dim, float(eps), attn.callback,
@@ -420,44 +421,6 @@ def decoder_layers(h: Tensor, residual: Tensor, cos: Tensor, sin: Tensor,
     return ext.decoder_layers(h, residual, cos, sin, list(layer_weights), packed, qs, scales,
                               num_heads, num_kv_heads, head_dim, float(eps), None, attn.kv,
                               attn.slots, attn.tables, attn.lens, float(attn.scale))
-
-
-# Positions of the projections among a layer's 8 `decoder_layers` weights (qkv, o_proj,
-# gate_up, down): the ones `linear` would run on a packed copy.
-_PROJECTIONS = (0, 2, 5, 6)
-
-
-def _projection_forms(layer_weights: Sequence[Tensor], empty: Tensor, form_of) -> list | None:
-    """Per form tensor, one list for `decoder_layers`: each projection's tensor of the form
-    `form_of(weight)` gives (a tuple of tensors, or None where the weight has none), `empty`
-    there and for the other weights. None when no projection has the form."""
-    lists = None
-    for base in range(0, len(layer_weights), 8):
-        for i in _PROJECTIONS:
-            form = form_of(layer_weights[base + i])
-            if form is None:
-                continue
-            if lists is None:
-                lists = [[empty] * len(layer_weights) for _ in form]
-            for out, t in zip(lists, form):
-                out[base + i] = t
-    return lists
-
-
-def _packed_projections(layer_weights: Sequence[Tensor], empty: Tensor) -> list:
-    """`decoder_layers`' packed_weights (oneDNN-packed copies); [] when nothing is packed."""
-    def packed(w):
-        wp = packed_weights.packed(w)
-        return None if wp is None else (wp,)
-    lists = _projection_forms(layer_weights, empty, packed)
-    return lists[0] if lists else []
-
-
-def _q8_projections(layer_weights: Sequence[Tensor], empty: Tensor) -> tuple:
-    """`decoder_layers`' q8_weights and q8_scales (Q8_0 blocks and their scales); ([], []) when
-    no projection has any."""
-    lists = _projection_forms(layer_weights, empty, quantized_weights.q8_form)
-    return (lists[0], lists[1]) if lists else ([], [])
 
 
 # KV block pack / unpack (csrc/cpu/kv_pack.cpp): one memcpy per (layer, k/v, slot) row. The
