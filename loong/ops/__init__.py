@@ -18,11 +18,11 @@ The extension `loong_cpu_ops` is compiled just in time with torch.utils.cpp_exte
 the host C++ compiler, `-O3 -march=native -fopenmp`) on first use, once per machine: the build
 directory is `~/.cache/loong/torch_extensions/<key>` where the key hashes the sources and
 headers, the torch and Python versions, the flags and the CPU's feature flags (a
-`-march=native` binary must never be reused on a CPU with fewer features). `LOONG_EXTENSIONS_DIR` replaces
-`~/.cache/loong/torch_extensions`; `LOONG_CSRC_CFLAGS` appends compiler flags (part of the
-key). A module `loong._loong_cpu_ops` built ahead of time (e.g. by setup.py with the same
-sources) is preferred when present. The first build takes about a minute; later processes load
-the cached library in well under a second.
+`-march=native` binary must never be reused on a CPU with fewer features).
+`LOONG_EXTENSIONS_DIR` replaces `~/.cache/loong/torch_extensions`; `LOONG_CSRC_CFLAGS` appends
+compiler flags (part of the key). A module `loong._loong_cpu_ops` built ahead of time (e.g. by
+setup.py with the same sources) is preferred when present. The first build takes about a
+minute; later processes load the cached library in well under a second.
 
 Fallbacks: with `LOONG_DISABLE_CSRC=1`, or if the build fails (no compiler, no ninja, sources
 not shipped), every function here runs the torch implementation in this package
