@@ -16,8 +16,9 @@
 // rows live in L1. Threads: one contiguous range of whole R-row blocks per thread, so each
 // thread reads W as one sequential stream (see skinny_linear.cpp for why one row at a time).
 //
-// Included by translation units compiled with AVX512_BF16 only (guard with
-// LOONG_SKINNY_TILES_BF16, defined below when the ISA is there).
+// The templates exist only where LOONG_SKINNY_TILES_BF16 is defined (below: the build has
+// AVX512_BF16); the constants and the argument checks exist in every build, so an including
+// file guards its kernel code with that macro and reports "unsupported" otherwise.
 #pragma once
 
 #include <ATen/ATen.h>
