@@ -20,7 +20,7 @@ PIECES = [("He", [10]), ("llo", [11, 12]), (" world", [13])]
 
 class FakeLoong(loong_pb2_grpc.LoongServicer):
     """Records requests and metadata; streams PIECES; prompt "slow" sends one delta, then
-    waits for the client to cancel."""
+    waits up to 10 s for the client to cancel (cancel_seen)."""
 
     def __init__(self):
         self.reset()
@@ -43,13 +43,24 @@ class FakeLoong(loong_pb2_grpc.LoongServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p: must be in (0, 1]")
         rid = request.request_id or "req-1"
         if request.prompt == "slow":
-            context.add_callback(self.callback_ran.set)
+            waited_out = threading.Event()
+
+            def on_end():
+                # gRPC may never resume this generator after the yield when the client
+                # cancels while the delta is in flight, so the cancel is judged here, when
+                # the call ends: neither by the handler's own return nor by the deadline.
+                left = context.time_remaining()
+                if not waited_out.is_set() and (left is None or left > 1):
+                    self.cancel_seen.set()
+                self.callback_ran.set()
+
+            context.add_callback(on_end)
             yield loong_pb2.GenerateResponse(request_id=rid, text="x", token_ids=[1])
             end = time.monotonic() + 10
             while context.is_active() and time.monotonic() < end:
                 time.sleep(0.01)
-            if not context.is_active():
-                self.cancel_seen.set()
+            if context.is_active():
+                waited_out.set()
             return
         for i, (text, ids) in enumerate(PIECES):
             r = loong_pb2.GenerateResponse(request_id=rid, text=text, token_ids=ids)
