@@ -29,6 +29,11 @@ at::Tensor argmax_rows(const at::Tensor& x);
 at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& bias);
 bool linear_q8_supported();
+at::Tensor vnni_pack(const at::Tensor& w);
+int64_t vnni_packed_numel(int64_t N, int64_t K);
+at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& packed, int64_t N,
+                       const c10::optional<at::Tensor>& bias);
+bool linear_vnni_supported();
 at::Tensor decoder_layers(at::Tensor h, at::Tensor residual, const at::Tensor& cos,
                           const at::Tensor& sin, const std::vector<at::Tensor>& layer_weights,
                           const std::vector<at::Tensor>& packed_weights,
@@ -88,6 +93,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("linear_q8_supported", &loong::linear_q8_supported,
         "whether linear_q8 runs in this build (AVX512_BF16)");
+  m.def("vnni_pack", &loong::vnni_pack,
+        "vnni_pack(w [N, K] bf16) -> the flat packed copy linear_vnni takes (pairs of K, "
+        "panels of 48 columns; see csrc/cpu/vnni_linear.cpp)",
+        py::arg("w"), py::call_guard<py::gil_scoped_release>());
+  m.def("vnni_packed_numel", &loong::vnni_packed_numel,
+        "vnni_packed_numel(N, K) -> elements of vnni_pack's result for a [N, K] weight",
+        py::arg("n"), py::arg("k"));
+  m.def("linear_vnni", &loong::linear_vnni,
+        "linear_vnni(x [M, K] bf16, packed, n, bias [N] or None) -> x W^T + b [M, N]",
+        py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("bias"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("linear_vnni_supported", &loong::linear_vnni_supported,
+        "whether linear_vnni runs in this build (AVX512_BF16)");
   m.def("argmax_rows", &loong::argmax_rows,
         "argmax_rows(x [B, V] fp32) -> int64 [B]: x.argmax(-1) (ties lowest, NaN first)",
         py::arg("x"), py::call_guard<py::gil_scoped_release>());

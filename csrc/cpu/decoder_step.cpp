@@ -7,7 +7,8 @@
 // same inputs, so its results are bitwise identical to the eager path's:
 //
 //   for each layer l:
-//     qkv = linear(h, Wqkv_l, bqkv_l)                 (linear_small for 1-8 bf16 rows, else at::linear)
+//     qkv = linear(h, Wqkv_l, bqkv_l)                 (linear_small for 1-8 bf16 rows, linear_vnni on
+//                                                      a packed copy for more, else at::linear)
 //     rotary_(q and k heads of qkv, cos, sin)          in place
 //     out = attention(l, q, k, v)
 //     h = add_rms_norm(linear(out, Wo_l, bo_l), residual, post_norm_l)
@@ -21,8 +22,8 @@
 // The same structure is what a CUDA graph captures per batch-size bucket on a GPU: one call
 // per step whose inputs (rows, slots, tables, lens) change while the op sequence does not.
 //
-// Weights: `packed_weights` is empty or parallel to `layer_weights`: oneDNN-packed copies of
-// the projections (loong/ops/packed_weights.py) that steps of more than 8 bf16 rows use, as
+// Weights: `packed_weights` is empty or parallel to `layer_weights`: packed copies of the
+// projections (loong/ops/packed_weights.py) that steps of more than 8 bf16 rows use, as
 // loong.ops.linear does, and empty dense tensors elsewhere. `q8_weights` / `q8_scales` likewise:
 // the projections' Q8_0 blocks (loong/ops/quantized_weights.py) for steps of 1-8 bf16 rows.
 // `layer_weights` holds kPerLayer tensors per layer in this order: qkv [Q+2KV, H],
@@ -44,6 +45,8 @@ bool linear_small_supported();
 at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& bias);
 bool linear_q8_supported();
+at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& packed, int64_t N,
+                       const c10::optional<at::Tensor>& bias);
 at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tensor& weight,
                         double eps);
 void rotary_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin);
@@ -73,17 +76,20 @@ at::Tensor linear_pointwise(const at::Tensor& x, const at::Tensor& packed,
 }
 
 // loong.ops.linear's dispatch, in C++ (the same kernel for the same inputs). `packed` is the
-// weight's oneDNN-packed copy for steps of more than kSkinnyMaxRows bf16 rows, or an empty
-// dense tensor where there is none.
+// weight's packed copy for steps of more than kSkinnyMaxRows bf16 rows (vnni_pack's flat bf16
+// tensor where this build has linear_vnni, else oneDNN's opaque tensor), or an empty dense
+// tensor where there is none.
 // `qs` / `scales`: the weight's Q8_0 blocks for steps of 1 to kSkinnyMaxRows bf16 rows, or empty.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                   const at::Tensor& packed, const at::Tensor& qs, const at::Tensor& scales) {
   const bool has_bias = b.defined() && b.numel() > 0;
   const c10::optional<at::Tensor> bias = has_bias ? c10::optional<at::Tensor>(b) : c10::nullopt;
   const int64_t m = x.size(0);
-  if (m > kSkinnyMaxRows && packed.defined() && packed.is_mkldnn() &&
-      x.scalar_type() == at::kBFloat16) {
-    return linear_pointwise(x, packed, bias);
+  if (m > kSkinnyMaxRows && packed.defined() && x.scalar_type() == at::kBFloat16) {
+    if (packed.is_mkldnn()) return linear_pointwise(x, packed, bias);
+    if (packed.numel() > 0 && (x.stride(1) == 1 || x.size(1) <= 1) &&
+        (!has_bias || (b.scalar_type() == at::kBFloat16 && b.is_contiguous())))
+      return linear_vnni(x, packed, w.size(0), bias);
   }
   if (m >= 1 && m <= kSkinnyMaxRows && qs.defined() && qs.numel() > 0 &&
       x.scalar_type() == at::kBFloat16 && (x.stride(1) == 1 || x.size(1) <= 1) &&

@@ -2,14 +2,14 @@
 
 Owns: `csrc_available`, `paged_decode_attention`, `lse_merge`, `causal_attention`,
 `full_attention`, the decoder layer's fused elementwise ops (`rms_norm`, `add_rms_norm`,
-`rotary_`, `silu_mul`), the skinny linear of decode steps (`linear`), a decode step's decoder
+`rotary_`, `silu_mul`), the linear of decode steps (`linear`: skinny kernel, packed copies), a decode step's decoder
 layers in one native call (`decoder_layers`, `NativeAttention`), KV block pack / unpack for
 migration (`kv_pack`, `kv_unpack_`), the greedy argmax of logits rows (`argmax_rows`),
 `build_info`, `load_error`, the loading state (tried once, thread-safe, one warning), and
 re-exports the build recipe (`EXTENSION_NAME`, `extension_sources`, `EXTRA_CFLAGS`,
 `EXTRA_LDFLAGS`) that a setup.py-time build can reuse. Submodules: `build` (the recipe, the
 cache key, loading), `torch_attention`, `torch_elementwise` and `torch_kv` (the torch
-implementations: fallbacks and parity baselines), `packed_weights` (oneDNN-packed copies for
+implementations: fallbacks and parity baselines), `packed_weights` (packed copies for
 steps of more than SKINNY_MAX_ROWS bf16 rows), `quantized_weights` (Q8_0 blocks for steps of
 fewer), `weight_forms` (what both keep per weight tensor, valid for one version) and
 `decoder_weights` (the lists of those forms `decoder_layers` hands the native step).
@@ -286,8 +286,8 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 
 
 # Skinny linear (csrc/cpu/skinny_linear.cpp): y = x w^T + b for the 1-8 rows of a decode step
-# with bf16 weights, reading each weight row once. Larger batches (compute-bound, where oneDNN's
-# GEMM is near the machine's limit), other dtypes and devices run F.linear.
+# with bf16 weights, reading each weight row once. Larger bf16 batches run on packed weight
+# copies (packed_weights); other dtypes and devices run F.linear.
 SKINNY_MAX_ROWS = 8
 _skinny_ok: tuple = (None, False)     # (module asked, whether its build has the AVX512_BF16 path)
 
@@ -296,15 +296,18 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """`F.linear(x, weight, bias)`; x `[M, K]`. The C++ kernel runs for CPU bfloat16 x, weight
     (contiguous) and bias with 1 <= M <= SKINNY_MAX_ROWS and x's last dim contiguous; it sums
     in fp32 in its own order, so results agree with F.linear to about one bf16 rounding.
-    More rows of bf16 run oneDNN on the weight's packed copy (`packed_weights`: the same
-    GEMM as F.linear without reordering the weight on every call)."""
+    More rows of bf16 run on the weight's packed copy (`packed_weights`: our batched kernel,
+    csrc/cpu/vnni_linear.cpp, where the build has it, else oneDNN's GEMM without reordering
+    the weight on every call)."""
     global _skinny_ok
     if (x.dim() == 2 and x.shape[0] > SKINNY_MAX_ROWS and x.dtype == torch.bfloat16
             and x.device.type == "cpu"
             and (bias is None or (bias.dtype == torch.bfloat16 and bias.device.type == "cpu"))):
-        wp = packed_weights.packed(weight)
-        if wp is not None:
-            return packed_weights.linear_packed(x, wp, bias)
+        native = _get()
+        wp = packed_weights.packed(weight, native)
+        if wp is not None and (wp.is_mkldnn or ((x.stride(1) == 1 or x.shape[1] <= 1) and (
+                bias is None or bias.is_contiguous()))):
+            return packed_weights.linear_packed(x, wp, bias, weight.shape[0], native, weight)
         return F.linear(x, weight, bias)
     ext = _get()
     if quantized_weights.active() and x.dtype == torch.bfloat16:
@@ -411,7 +414,7 @@ def decoder_layers(h: Tensor, residual: Tensor, cos: Tensor, sin: Tensor,
     empty = h.new_empty(0)
     packed, qs, scales = [], [], []
     if h.shape[0] > SKINNY_MAX_ROWS:
-        packed = decoder_weights.packed_lists(layer_weights, empty)
+        packed = decoder_weights.packed_lists(layer_weights, empty, ext)
     elif quantized_weights.active() and h.dtype == torch.bfloat16:
         qs, scales = decoder_weights.q8_lists(layer_weights, empty)
     if attn.callback is not None:

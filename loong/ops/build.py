@@ -34,7 +34,8 @@ EXTRA_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 EXTRA_LDFLAGS = ["-fopenmp"]
 SOURCE_FILES = ("paged_attention.cpp", "lse_merge.cpp", "prefill_attention.cpp",
                 "fused_elementwise.cpp", "kv_pack.cpp", "skinny_linear.cpp",
-                "decoder_step.cpp", "argmax.cpp", "q8_linear.cpp", "bindings.cpp")
+                "decoder_step.cpp", "argmax.cpp", "q8_linear.cpp", "vnni_linear.cpp",
+                "bindings.cpp")
 # Headers the sources include (from csrc/cpu): part of the cache key, so a change to one rebuilds.
 HEADER_FILES = ("skinny_tiles.h",)
 # This file is <repo>/loong/ops/build.py; the sources are <repo>/csrc/cpu.

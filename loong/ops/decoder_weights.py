@@ -1,5 +1,5 @@
 """Which form of each projection weight the native decode step (`loong.ops.decoder_layers`,
-csrc/cpu/decoder_step.cpp) reads: the lists of oneDNN-packed copies or Q8_0 blocks it takes
+csrc/cpu/decoder_step.cpp) reads: the lists of packed copies or Q8_0 blocks it takes
 beside the plain weights.
 
 Owns: `PROJECTIONS` (the positions of the projections among a layer's 8 weights),
@@ -44,10 +44,12 @@ def _form_lists(layer_weights: Sequence[Tensor], empty: Tensor,
     return lists
 
 
-def packed_lists(layer_weights: Sequence[Tensor], empty: Tensor) -> list:
-    """`decoder_layers`' packed_weights (oneDNN-packed copies); [] when nothing is packed."""
+def packed_lists(layer_weights: Sequence[Tensor], empty: Tensor, native=None) -> list:
+    """`decoder_layers`' packed_weights (`packed_weights.packed(w, native)`: our layout where
+    `native`, the loaded native module, has the kernel, else oneDNN's); [] when nothing is
+    packed."""
     def packed(w: Tensor):
-        wp = packed_weights.packed(w)
+        wp = packed_weights.packed(w, native)
         return None if wp is None else (wp,)
     lists = _form_lists(layer_weights, empty, packed)
     return lists[0] if lists else []

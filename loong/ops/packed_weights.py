@@ -1,18 +1,26 @@
-"""oneDNN-packed copies of bf16 weights for the projections of batched steps.
+"""Packed copies of bf16 weights for the projections of batched steps (more than
+SKINNY_MAX_ROWS rows: batched decode and prefill).
 
 Why: `F.linear` with a plain [N, K] bf16 weight makes oneDNN reorder the weight into its
 blocked layout on every call. At 9-64 rows (a batched decode step) that reorder is a read and
-a write of the whole weight per call, comparable to the GEMM itself: SmolLM2's projections
-reach 200-380 GFLOP/s that way and 290-430 GFLOP/s with the weight reordered once
-(`torch.ops.mkldnn._reorder_linear_weight`, then `torch.ops.mkldnn._linear_pointwise`, the
-pair torch's inductor uses when it freezes a CPU model); on the LM head at 32 rows 1.5x. The
-result is the same kernel's (bitwise what `F.linear` gives on the bf16 shapes tested in
-tests/unit/test_packed_weights.py).
+a write of the whole weight per call, comparable to the GEMM itself. A copy packed once
+avoids it. Two kinds, one per process:
+- where the native kernels have `linear_vnni` (builds with AVX512_BF16): the copy is
+  `vnni_pack(weight)`, a flat bf16 tensor in pairs of K (csrc/cpu/vnni_linear.cpp), and the
+  product is our kernel: over a whole SmolLM2 decode step of 32-64 rows it ran 1.2-1.4x
+  oneDNN's packed GEMM on the Dec 2026 VM (weights streamed from DRAM, the next panel
+  prefetched while one computes), about equal at 256-2048 rows. Results agree with F.linear to
+  about one bf16 rounding (fp32 sums in another order).
+- otherwise oneDNN's own packed layout (`torch.ops.mkldnn._reorder_linear_weight`, then
+  `torch.ops.mkldnn._linear_pointwise`, the pair torch's inductor uses when it freezes a CPU
+  model): the same GEMM as F.linear, bitwise.
 
-Owns: `packed(weight)` -> the packed copy or None, `linear_packed(x, packed, bias)`, the copies
-(a `weight_forms.WeightForms`: one per weight tensor, dropped with it, remade when the tensor's
-version counter moves: an in-place weight update through the parameter or any view of it
-re-packs on the next call), `enabled()` and the memory budget.
+Owns: `packed(weight, native)` -> the packed copy or None, `linear_packed(x, packed, bias, n,
+native)`, the copies (a `weight_forms.WeightForms`: one per weight tensor, dropped with it,
+remade when the tensor's version counter moves: an in-place weight update through the
+parameter or any view of it re-packs on the next call), `enabled()` and the memory budget.
+`native` is the loaded native module or None (callers in loong.ops pass it: this module does
+not load it).
 
 The packed copy costs the weight's size again. Limits: `LOONG_PACK_WEIGHTS=0` turns packing
 off; `LOONG_PACK_WEIGHTS_MAX_GB` (default 4) caps the bytes held packed (weights past the cap
@@ -26,15 +34,17 @@ Must not import: any loong module outside loong.ops.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 
 from loong.ops.weight_forms import WeightForms, version_of
 
 Tensor = torch.Tensor
 
-__all__ = ["enabled", "packed", "linear_packed", "held_bytes", "clear", "budget_bytes"]
+__all__ = ["enabled", "packed", "linear_packed", "held_bytes", "clear", "budget_bytes",
+           "native_packs"]
 
 _forms = WeightForms()
 _supported: Optional[bool] = None     # whether this torch can pack (probed once)
@@ -79,27 +89,51 @@ def _probe() -> bool:
     return _supported
 
 
-def packed(weight: Tensor) -> Optional[Tensor]:
+_native_ok: tuple = (None, False)      # (module asked, whether it has linear_vnni)
+
+
+def native_packs(native: Any) -> bool:
+    """Whether `native` (the loaded native module, or None) packs for its own kernel."""
+    global _native_ok
+    if native is None:
+        return False
+    if _native_ok[0] is not native:
+        _native_ok = (native, bool(native.linear_vnni_supported()))
+    return _native_ok[1]
+
+
+def packed(weight: Tensor, native: Any = None) -> Optional[Tensor]:
     """The packed copy of `weight` (made on the first call, remade after an in-place update),
     or None where it is not packed (packing off or unsupported, not a contiguous 2-D CPU bf16
-    tensor with a version counter, or the budget is spent)."""
+    tensor with a version counter, or the budget is spent). `native`: the loaded native module
+    (its `vnni_pack` where it has the kernel) or None (oneDNN's layout)."""
     if (weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.device.type != "cpu"
             or not weight.is_contiguous() or weight.is_mkldnn or not enabled()):
         return None
     copy = _forms.get(weight)
     if copy is not None:
         return copy
-    if version_of(weight) is None or not _probe():
+    own = native_packs(native)
+    if version_of(weight) is None or not (own or _probe()):
         return None
     size = weight.numel() * 2
     if _forms.held_bytes + size > budget_bytes():
         return None
     with torch.no_grad():
-        copy = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
-    _forms.put(weight, copy, size)
+        copy = native.vnni_pack(weight) if own else torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+    _forms.put(weight, copy, copy.numel() * 2 if own else size)
     return copy
 
 
-def linear_packed(x: Tensor, weight_packed: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """x [M, K] bf16 times a packed weight (+ bias bf16) -> [M, N] bf16."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight_packed, bias, "none", [], "")
+def linear_packed(x: Tensor, weight_packed: Tensor, bias: Optional[Tensor], n: int,
+                  native: Any = None, weight: Optional[Tensor] = None) -> Tensor:
+    """x [M, K] bf16 (last dim contiguous) times a packed weight of n output rows (+ bias
+    bf16) -> [M, n] bf16. A copy of our layout without the native module to run it (the
+    extension disabled since) falls back to F.linear on `weight`."""
+    if weight_packed.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight_packed, bias, "none", [], "")
+    if native_packs(native):
+        return native.linear_vnni(x, weight_packed, n, bias)
+    if weight is None:
+        raise ValueError("linear_packed: a vnni-packed copy needs the native module or the weight")
+    return F.linear(x, weight, bias)

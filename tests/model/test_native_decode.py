@@ -148,7 +148,8 @@ def test_plain_function_attention_is_eager():
 @pytest.mark.parametrize("dtype,rows", [(torch.float32, 1), (torch.bfloat16, 9)])
 def test_in_place_weight_updates_are_seen(dtype, rows, monkeypatch):
     """bf16 at 9 rows runs the projections on packed weight copies (loong.ops.packed_weights):
-    an update in place must re-pack them, so the result equals a run that never packs."""
+    an update in place must re-pack them, so the result is a run that never packs (to the
+    rounding of the batched kernel)."""
     model = _model(dtype, layers=2)
     cache, items, tables = _step(model, rows)
     kv0 = cache.kv.clone()
@@ -163,9 +164,10 @@ def test_in_place_weight_updates_are_seen(dtype, rows, monkeypatch):
     monkeypatch.setenv("LOONG_PACK_WEIGHTS", "0")
     cache.kv.copy_(kv0)
     unpacked = _forward(model, cache, items, tables, native=True)
-    assert not torch.equal(before, after)
+    assert not torch.allclose(before.float(), after.float(), rtol=0.1, atol=0.1)
     assert torch.equal(after, eager)
-    assert torch.equal(after, unpacked)
+    # Unpacked runs F.linear: bitwise oneDNN's packed GEMM, one bf16 rounding from our kernel's.
+    assert torch.allclose(after.float(), unpacked.float(), rtol=2e-2, atol=2e-2)
 
 
 class _NoPeersComm:
