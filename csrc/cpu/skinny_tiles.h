@@ -96,27 +96,28 @@ inline void tile(const bf16* const* xs, const Rows& w, int64_t K, int64_t n0, co
     }
 }
 
-// Rows [n_lo, n_hi) of W against x rows xs[0 .. MT), R W rows at a time.
-template <int MT, int R, class Rows>
-void rows_range(const bf16* const* xs, const Rows& w, int64_t K, int64_t n_lo, int64_t n_hi,
-                const bf16* bias, bf16* const* ys) {
-  int64_t n = n_lo;
-  for (; n + R <= n_hi; n += R) tile<MT, R>(xs, w, K, n, bias, ys);
-  for (; n < n_hi; ++n) tile<MT, 1>(xs, w, K, n, bias, ys);
+// W rows [n0, n0 + R) against all M rows of x, in tiles of up to kTileRows x rows: the R rows
+// of W are read from memory by the first tile and from L1 by the others.
+template <int R, class Rows>
+inline void tiles_at(const bf16* const* xs, int64_t M, const Rows& w, int64_t K, int64_t n0,
+                     const bf16* bias, bf16* const* ys) {
+  for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
+    switch (std::min<int64_t>(kTileRows, M - m0)) {
+      case 1: tile<1, R>(xs + m0, w, K, n0, bias, ys + m0); break;
+      case 2: tile<2, R>(xs + m0, w, K, n0, bias, ys + m0); break;
+      case 3: tile<3, R>(xs + m0, w, K, n0, bias, ys + m0); break;
+      default: tile<4, R>(xs + m0, w, K, n0, bias, ys + m0); break;
+    }
+  }
 }
 
-// Rows [n_lo, n_hi) of W against all M rows of x, in tiles of up to kTileRows x rows.
+// Rows [n_lo, n_hi) of W against all M rows of x, R W rows at a time (W streamed once).
 template <int R, class Rows>
 void run_rows(const bf16* const* xs, int64_t M, const Rows& w, int64_t K, int64_t n_lo,
               int64_t n_hi, const bf16* bias, bf16* const* ys) {
-  for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
-    switch (std::min<int64_t>(kTileRows, M - m0)) {
-      case 1: rows_range<1, R>(xs + m0, w, K, n_lo, n_hi, bias, ys + m0); break;
-      case 2: rows_range<2, R>(xs + m0, w, K, n_lo, n_hi, bias, ys + m0); break;
-      case 3: rows_range<3, R>(xs + m0, w, K, n_lo, n_hi, bias, ys + m0); break;
-      default: rows_range<4, R>(xs + m0, w, K, n_lo, n_hi, bias, ys + m0); break;
-    }
-  }
+  int64_t n = n_lo;
+  for (; n + R <= n_hi; n += R) tiles_at<R>(xs, M, w, K, n, bias, ys);
+  for (; n < n_hi; ++n) tiles_at<1>(xs, M, w, K, n, bias, ys);
 }
 
 // y [M, N] = x [M, K] W^T (+ bias): one thread when W's bytes are below parallel_min_bytes (a
