@@ -8,8 +8,8 @@ the cores. `loong.tools.serving_probe` measures small fixed workloads on a real 
 requests (lengths, send times) and the measured mean TPOT and E2E. Here each run is
 replayed in the simulator with the same policy, and the overhead (a per group step, b per
 sequence in the group, all >= 0) is chosen to minimise the squared relative errors of
-mean TPOT and mean E2E over all runs (Gauss-Newton on a numerical Jacobian; the simulator
-is close to linear in them). On several instances a third parameter is fitted: the
+mean TPOT and mean E2E over all runs (Gauss-Newton on a numerical Jacobian with a
+backtracking step; the simulator is close to linear in them, piecewise). On several instances a third parameter is fitted: the
 share by which a group's step slows for every other instance busy beside it
 (`ServingOverhead.parallel_slowdown`). The runs used to fit are not the workload used to
 judge the fit: `experiments/serve_vs_sim.py` replays ShareGPT-like Poisson traffic.
@@ -34,6 +34,8 @@ FIT_METRICS = ("tpot", "e2e")
 # Finite-difference steps of the Jacobian for (a_ms, b_ms_per_row, parallel_slowdown).
 PARAM_STEPS = (1.0, 0.1, 0.1)
 ITERATIONS = 5
+# Shares of a Gauss-Newton step tried in turn until one lowers the squared error.
+BACKTRACK = (1.0, 0.5, 0.25, 0.125)
 
 
 def simulate_run(cost: CostModel, run: dict, policy: str, instances: int, path: str,
@@ -101,9 +103,15 @@ def fit_serving_overhead(cost: CostModel, serving: dict) -> tuple[ServingOverhea
         for _ in range(ITERATIONS):
             jac = np.stack([(residuals(x + np.eye(len(x))[j] * steps[j]) - r) / steps[j]
                             for j in range(len(x))], axis=1)
-            nx = _nonneg_step(x, jac, r)
-            nr = residuals(nx)
-            if float(nr @ nr) >= float(r @ r) - 1e-9:
+            full = _nonneg_step(x, jac, r)
+            # Backtracking: the simulator is only piecewise linear in the overhead, so a full
+            # step can overshoot; shorter steps along it before giving up.
+            for frac in BACKTRACK:
+                nx = x + frac * (full - x)
+                nr = residuals(nx)
+                if float(nr @ nr) < float(r @ r) - 1e-9:
+                    break
+            else:
                 break
             x, r = nx, nr
 

@@ -100,6 +100,18 @@ def test_fit_recovers_a_known_overhead():
     assert fitted.note.startswith("calibrated on 3 served runs")
 
 
+@pytest.mark.parametrize("seed", [0, 2])
+def test_fit_does_not_stop_at_an_overshooting_step(seed):
+    """Regression: on these runs (seed 2) a full Gauss-Newton step overshot, the fit stopped at
+    a = 0.08, b = 3.2 ms with 10% TPOT error left; backtracking along the step recovers the
+    truth."""
+    cost = get_preset("cpu-smollm2-135m")
+    truth = ServingOverhead(4.0, 0.3, 0.0)
+    fitted, report = fit_serving_overhead(cost, _synthetic_runs(cost, truth, seed))
+    assert report["error_after"]["tpot"] < 0.02 and report["error_after"]["e2e"] < 0.02
+    assert fitted.served_ms(10.0, 2, 0) == pytest.approx(truth.served_ms(10.0, 2, 0), rel=0.05)
+
+
 def test_fit_of_a_server_with_no_overhead_stays_near_zero():
     cost = get_preset("cpu-smollm2-135m")
     fitted, report = fit_serving_overhead(cost, _synthetic_runs(cost, ServingOverhead(), 1))
