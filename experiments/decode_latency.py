@@ -4,8 +4,8 @@ the machine's matmul limit, and the weight-streaming kernel, in one run (issue 1
 Sections (medians of `--runs`; a decode step's time is measured by difference, the same way
 for every engine: generating `n` tokens minus generating 1 from the same prompts, over n - 1):
   weights   every projection of the model streamed once per "token" at 1, 4 and 8 rows:
-            `loong.ops.linear` (the skinny kernel) vs `F.linear`, GB/s and the share of the
-            read bandwidth measured here.
+            `loong.ops.linear` (the skinny kernel at 1 row, the packed one from 2) vs
+            `F.linear`, GB/s and the share of the read bandwidth measured here.
   batch1    SmolLM2 bf16, one stream, at 64 and 2048 context tokens: 1 instance; 2 instances
             at 64 (the control plane and multi-master decode); then 1 instance with
             weight_dtype="q8_0" (`--weight-dtypes`; accuracy: experiments/q8_accuracy.py).
@@ -148,7 +148,8 @@ def weights_section(loaded, runs: int, bw: float) -> dict:
             secs[name] = med(ts)
         out["rows"][str(rows)] = res
         out["rows"][str(rows) + "_ms"] = {k: v * 1e3 for k, v in secs.items()}
-        line = (f"weights, {rows} row(s): skinny kernel {res['ops.linear']:.1f} GB/s "
+        kernel = "skinny kernel" if rows < ops.PACKED_MIN_ROWS else "packed kernel"
+        line = (f"weights, {rows} row(s): {kernel} {res['ops.linear']:.1f} GB/s "
                 f"({res['ops.linear'] / bw:.0%} of read bandwidth), F.linear "
                 f"{res['F.linear']:.1f} GB/s: {res['ops.linear'] / res['F.linear']:.2f}x")
         if "q8_0" in res:

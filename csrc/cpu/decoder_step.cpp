@@ -7,8 +7,8 @@
 // same inputs, so its results are bitwise identical to the eager path's:
 //
 //   for each layer l:
-//     qkv = linear(h, Wqkv_l, bqkv_l)                 (linear_small for 1-8 bf16 rows, linear_vnni on
-//                                                      a packed copy for more, else at::linear)
+//     qkv = linear(h, Wqkv_l, bqkv_l)       (linear_vnni on a packed copy from 2 bf16 rows,
+//                                            linear_small for 1, else at::linear)
 //     rotary_(q and k heads of qkv, cos, sin)          in place
 //     out = attention(l, q, k, v)
 //     h = add_rms_norm(linear(out, Wo_l, bo_l), residual, post_norm_l)
@@ -23,7 +23,7 @@
 // per step whose inputs (rows, slots, tables, lens) change while the op sequence does not.
 //
 // Weights: `packed_weights` is empty or parallel to `layer_weights`: packed copies of the
-// projections (loong/ops/packed_weights.py) that steps of more than 8 bf16 rows use, as
+// projections (loong/ops/packed_weights.py) that steps of 2 or more bf16 rows use, as
 // loong.ops.linear does, and empty dense tensors elsewhere. `q8_weights` / `q8_scales` likewise:
 // the projections' Q8_0 blocks (loong/ops/quantized_weights.py) for steps of 1-8 bf16 rows.
 // `layer_weights` holds kPerLayer tensors per layer in this order: qkv [Q+2KV, H],
@@ -60,6 +60,7 @@ namespace {
 
 constexpr size_t kPerLayer = 8;
 constexpr int64_t kSkinnyMaxRows = 8;   // = loong.ops.SKINNY_MAX_ROWS
+constexpr int64_t kPackedMinRows = 2;   // = loong.ops.PACKED_MIN_ROWS
 
 // oneDNN's linear on a weight it packed ahead (torch.ops.mkldnn._linear_pointwise, what
 // loong.ops.packed_weights.linear_packed calls).
@@ -76,9 +77,10 @@ at::Tensor linear_pointwise(const at::Tensor& x, const at::Tensor& packed,
 }
 
 // loong.ops.linear's dispatch, in C++ (the same kernel for the same inputs). `packed` is the
-// weight's packed copy for steps of more than kSkinnyMaxRows bf16 rows (vnni_pack's flat bf16
-// tensor where this build has linear_vnni, else oneDNN's opaque tensor), or an empty dense
-// tensor where there is none.
+// weight's packed copy (vnni_pack's flat bf16 tensor where this build has linear_vnni, taken
+// from kPackedMinRows bf16 rows up; else oneDNN's opaque tensor, taken beyond kSkinnyMaxRows),
+// or an empty dense tensor where there is none. Order for 1-8 rows: Q8_0 blocks, then the
+// packed copy, then the skinny kernel on the plain weight.
 // `qs` / `scales`: the weight's Q8_0 blocks for steps of 1 to kSkinnyMaxRows bf16 rows, or empty.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                   const at::Tensor& packed, const at::Tensor& qs, const at::Tensor& scales) {
@@ -96,6 +98,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
       (!has_bias || (b.scalar_type() == at::kBFloat16 && b.is_contiguous())) &&
       linear_q8_supported()) {
     return linear_q8(x, qs, scales, bias);
+  }
+  if (m >= kPackedMinRows && m <= kSkinnyMaxRows && packed.defined() && !packed.is_mkldnn() &&
+      packed.numel() > 0 && x.scalar_type() == at::kBFloat16 &&
+      (x.stride(1) == 1 || x.size(1) <= 1) &&
+      (!has_bias || (b.scalar_type() == at::kBFloat16 && b.is_contiguous()))) {
+    return linear_vnni(x, packed, w.size(0), bias);
   }
   if (x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && m >= 1 &&
       m <= kSkinnyMaxRows && (x.stride(1) == 1 || x.size(1) <= 1) && w.is_contiguous() &&

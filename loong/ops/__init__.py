@@ -2,7 +2,7 @@
 
 Owns: `csrc_available`, `paged_decode_attention`, `lse_merge`, `causal_attention`,
 `full_attention`, the decoder layer's fused elementwise ops (`rms_norm`, `add_rms_norm`,
-`rotary_`, `silu_mul`), the linear of decode steps (`linear`: skinny kernel, packed copies), a decode step's decoder
+`rotary_`, `silu_mul`), the linear of decode steps (`linear`), a decode step's decoder
 layers in one native call (`decoder_layers`, `NativeAttention`), KV block pack / unpack for
 migration (`kv_pack`, `kv_unpack_`), the greedy argmax of logits rows (`argmax_rows`),
 `build_info`, `load_error`, the loading state (tried once, thread-safe, one warning), and
@@ -10,7 +10,7 @@ re-exports the build recipe (`EXTENSION_NAME`, `extension_sources`, `EXTRA_CFLAG
 `EXTRA_LDFLAGS`) that a setup.py-time build can reuse. Submodules: `build` (the recipe, the
 cache key, loading), `torch_attention`, `torch_elementwise` and `torch_kv` (the torch
 implementations: fallbacks and parity baselines), `packed_weights` (packed copies for
-steps of more than SKINNY_MAX_ROWS bf16 rows), `quantized_weights` (Q8_0 blocks for steps of
+steps of PACKED_MIN_ROWS or more bf16 rows), `quantized_weights` (Q8_0 blocks for steps of
 fewer), `weight_forms` (what both keep per weight tensor, valid for one version) and
 `decoder_weights` (the lists of those forms `decoder_layers` hands the native step).
 
@@ -59,8 +59,9 @@ Tensor = torch.Tensor
 
 __all__ = ["csrc_available", "paged_decode_attention", "lse_merge", "causal_attention",
            "full_attention", "prefill_kernel_supports", "rms_norm", "add_rms_norm", "rotary_",
-           "silu_mul", "rms_norm_torch", "linear", "argmax_rows", "SKINNY_MAX_ROWS", "NativeAttention",
-           "decoder_layers", "decoder_layers_supported", "decoder_layer_weights_ok", "kv_pack", "kv_unpack_", "build_info", "load_error",
+           "silu_mul", "rms_norm_torch", "linear", "argmax_rows", "SKINNY_MAX_ROWS",
+           "PACKED_MIN_ROWS", "NativeAttention", "decoder_layers", "decoder_layers_supported",
+           "decoder_layer_weights_ok", "kv_pack", "kv_unpack_", "build_info", "load_error",
            "EXTENSION_NAME", "EXTRA_CFLAGS", "EXTRA_LDFLAGS", "extension_sources"]
 
 log = logging.getLogger(__name__)
@@ -286,23 +287,36 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 
 
 # Skinny linear (csrc/cpu/skinny_linear.cpp): y = x w^T + b for the 1-8 rows of a decode step
-# with bf16 weights, reading each weight row once. Larger bf16 batches run on packed weight
-# copies (packed_weights); other dtypes and devices run F.linear.
+# with bf16 weights, reading each weight row once. Steps of PACKED_MIN_ROWS or more bf16 rows run
+# on packed weight copies (packed_weights) instead: our batched kernel (csrc/cpu/vnni_linear.cpp)
+# streams a packed weight at the read bandwidth from 2 rows up (the skinny kernel falls to 60-70%
+# of it at 4-8 rows), and beyond SKINNY_MAX_ROWS oneDNN's packed GEMM where the build lacks our
+# kernel. Other dtypes and devices run F.linear.
 SKINNY_MAX_ROWS = 8
+PACKED_MIN_ROWS = 2
 _skinny_ok: tuple = (None, False)     # (module asked, whether its build has the AVX512_BF16 path)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """`F.linear(x, weight, bias)`; x `[M, K]`. The C++ kernel runs for CPU bfloat16 x, weight
-    (contiguous) and bias with 1 <= M <= SKINNY_MAX_ROWS and x's last dim contiguous; it sums
-    in fp32 in its own order, so results agree with F.linear to about one bf16 rounding.
-    More rows of bf16 run on the weight's packed copy (`packed_weights`: our batched kernel,
-    csrc/cpu/vnni_linear.cpp, where the build has it, else oneDNN's GEMM without reordering
-    the weight on every call)."""
-    global _skinny_ok
-    if (x.dim() == 2 and x.shape[0] > SKINNY_MAX_ROWS and x.dtype == torch.bfloat16
-            and x.device.type == "cpu"
+def _bf16_cpu_rows(x: Tensor, bias: Optional[Tensor]) -> int:
+    """x's rows where x [M, K] and bias are CPU bf16 (what the packed routes take), else 0."""
+    if (x.dim() == 2 and x.dtype == torch.bfloat16 and x.device.type == "cpu"
             and (bias is None or (bias.dtype == torch.bfloat16 and bias.device.type == "cpu"))):
+        return x.shape[0]
+    return 0
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """`F.linear(x, weight, bias)`; x `[M, K]`. For CPU bfloat16 x, weight and bias:
+    - 1-8 rows of a weight with Q8_0 blocks: the Q8_0 kernel (`quantized_weights`);
+    - 2 rows or more: the weight's packed copy (`packed_weights`, made on first use): our
+      kernel (csrc/cpu/vnni_linear.cpp) where the build has it, else, beyond 8 rows, oneDNN's
+      GEMM without reordering the weight on every call;
+    - otherwise 1-8 rows: the skinny kernel on the plain weight.
+    Our kernels sum in fp32 in their own order, so results agree with F.linear to about one
+    bf16 rounding. The native decode step (`decoder_layers`) makes the same choices."""
+    global _skinny_ok
+    m = _bf16_cpu_rows(x, bias)
+    if m > SKINNY_MAX_ROWS:
         native = _get()
         wp = packed_weights.packed(weight, native)
         if wp is not None and (wp.is_mkldnn or ((x.stride(1) == 1 or x.shape[1] <= 1) and (
@@ -310,10 +324,15 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
             return packed_weights.linear_packed(x, wp, bias, weight.shape[0], native, weight)
         return F.linear(x, weight, bias)
     ext = _get()
-    if quantized_weights.active() and x.dtype == torch.bfloat16:
+    if quantized_weights.active() and m >= 1:
         form = quantized_weights.q8_form(weight)
-        if form is not None and x.dim() == 2 and 1 <= x.shape[0] <= SKINNY_MAX_ROWS:
+        if form is not None:
             return _linear_q8(ext, x, form, bias)
+    if m >= PACKED_MIN_ROWS and packed_weights.native_packs(ext) and (
+            x.stride(1) == 1 or x.shape[1] <= 1) and (bias is None or bias.is_contiguous()):
+        wp = packed_weights.packed(weight, ext)
+        if wp is not None and not wp.is_mkldnn:
+            return ext.linear_vnni(x, wp, weight.shape[0], bias)
     if (ext is None or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16
             or x.dim() != 2 or not 1 <= x.shape[0] <= SKINNY_MAX_ROWS
             or x.device.type != "cpu" or weight.device.type != "cpu"
@@ -413,10 +432,15 @@ def decoder_layers(h: Tensor, residual: Tensor, cos: Tensor, sin: Tensor,
     ext = _get()
     empty = h.new_empty(0)
     packed, qs, scales = [], [], []
-    if h.shape[0] > SKINNY_MAX_ROWS:
-        packed = decoder_weights.packed_lists(layer_weights, empty, ext)
-    elif quantized_weights.active() and h.dtype == torch.bfloat16:
+    rows = h.shape[0]
+    q8 = quantized_weights.active() and h.dtype == torch.bfloat16 and rows <= SKINNY_MAX_ROWS
+    if q8:
         qs, scales = decoder_weights.q8_lists(layer_weights, empty)
+    # The forms loong.ops.linear would use: a weight with Q8_0 blocks takes them at 1-8 rows.
+    if rows > SKINNY_MAX_ROWS:
+        packed = decoder_weights.packed_lists(layer_weights, empty, ext)
+    elif rows >= PACKED_MIN_ROWS and h.dtype == torch.bfloat16 and packed_weights.native_packs(ext):
+        packed = decoder_weights.packed_lists(layer_weights, empty, ext, skip_q8=q8)
     if attn.callback is not None:
         return ext.decoder_layers(h, residual, cos, sin, list(layer_weights), packed, qs, scales,
                                   num_heads, num_kv_heads, head_dim, float(eps), attn.callback,

@@ -44,11 +44,14 @@ def _form_lists(layer_weights: Sequence[Tensor], empty: Tensor,
     return lists
 
 
-def packed_lists(layer_weights: Sequence[Tensor], empty: Tensor, native=None) -> list:
+def packed_lists(layer_weights: Sequence[Tensor], empty: Tensor, native=None,
+                 skip_q8: bool = False) -> list:
     """`decoder_layers`' packed_weights (`packed_weights.packed(w, native)`: our layout where
     `native`, the loaded native module, has the kernel, else oneDNN's); [] when nothing is
-    packed."""
+    packed. `skip_q8`: leave out (and do not pack) weights that have Q8_0 blocks."""
     def packed(w: Tensor):
+        if skip_q8 and quantized_weights.q8_form(w) is not None:
+            return None
         wp = packed_weights.packed(w, native)
         return None if wp is None else (wp,)
     lists = _form_lists(layer_weights, empty, packed)

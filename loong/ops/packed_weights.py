@@ -1,5 +1,6 @@
-"""Packed copies of bf16 weights for the projections of batched steps (more than
-SKINNY_MAX_ROWS rows: batched decode and prefill).
+"""Packed copies of bf16 weights for the projections of steps of several rows (from
+PACKED_MIN_ROWS = 2 with our kernel, beyond SKINNY_MAX_ROWS = 8 with oneDNN's; batched
+decode and prefill).
 
 Why: `F.linear` with a plain [N, K] bf16 weight makes oneDNN reorder the weight into its
 blocked layout on every call. At 9-64 rows (a batched decode step) that reorder is a read and
@@ -9,8 +10,9 @@ avoids it. Two kinds, one per process:
   `vnni_pack(weight)`, a flat bf16 tensor in pairs of K (csrc/cpu/vnni_linear.cpp), and the
   product is our kernel: over a whole SmolLM2 decode step of 32-64 rows it ran 1.2-1.4x
   oneDNN's packed GEMM on the Dec 2026 VM (weights streamed from DRAM, the next panel
-  prefetched while one computes), about equal at 256-2048 rows. Results agree with F.linear to
-  about one bf16 rounding (fp32 sums in another order).
+  prefetched while one computes), about equal at 256-2048 rows; at 2-8 rows it streams the
+  weight at the read bandwidth (the skinny kernel on the plain weight: 60-70% at 4-8 rows).
+  Results agree with F.linear to about one bf16 rounding (fp32 sums in another order).
 - otherwise oneDNN's own packed layout (`torch.ops.mkldnn._reorder_linear_weight`, then
   `torch.ops.mkldnn._linear_pointwise`, the pair torch's inductor uses when it freezes a CPU
   model): the same GEMM as F.linear, bitwise.
@@ -26,8 +28,8 @@ The packed copy costs the weight's size again. Limits: `LOONG_PACK_WEIGHTS=0` tu
 off; `LOONG_PACK_WEIGHTS_MAX_GB` (default 4) caps the bytes held packed (weights past the cap
 run `F.linear`: a large bf16 model on a CPU does not silently double its memory). Only
 contiguous 2-D CPU bf16 tensors that track versions (not inference-mode tensors) are packed.
-Batch 1-8 steps never come here (`loong.ops.linear` runs the skinny kernel on the plain
-weight), so single-stream decode pays nothing.
+Steps of 1 row never come here (`loong.ops.linear` runs the skinny kernel on the plain
+weight), so a single stream pays nothing; nor do weights with Q8_0 blocks at 1-8 rows.
 
 Must not import: any loong module outside loong.ops.
 """
@@ -120,7 +122,8 @@ def packed(weight: Tensor, native: Any = None) -> Optional[Tensor]:
     if _forms.held_bytes + size > budget_bytes():
         return None
     with torch.no_grad():
-        copy = native.vnni_pack(weight) if own else torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+        copy = (native.vnni_pack(weight) if own
+                else torch.ops.mkldnn._reorder_linear_weight(weight, 64))
     _forms.put(weight, copy, copy.numel() * 2 if own else size)
     return copy
 

@@ -15,6 +15,13 @@ needs_kernel = pytest.mark.skipif(
     reason=f"skinny linear kernel unavailable: {ops.load_error() or 'no AVX512_BF16'}")
 
 
+@pytest.fixture(autouse=True)
+def no_packed_copies(monkeypatch):
+    """From 2 rows `loong.ops.linear` prefers a packed copy (tests/unit/test_vnni_linear.py);
+    without packing it runs the skinny kernel these tests are about."""
+    monkeypatch.setenv("LOONG_PACK_WEIGHTS", "0")
+
+
 def reference(x, w, b):
     y = x.float() @ w.float().T
     return y + b.float() if b is not None else y

@@ -2,7 +2,7 @@
 reference and F.linear on the same bf16 inputs: the packed layout itself, every tile shape (rows
 around the 8-row tile and the L2 row block, column counts around the 16-column block and the
 48-column panel, odd K), bias, strided x, 1 and 2 threads, exact sums bit for bit, and the routes
-that take it (loong.ops.linear for more than SKINNY_MAX_ROWS rows, the native decode step)."""
+that take it (loong.ops.linear from PACKED_MIN_ROWS rows up, the native decode step)."""
 from __future__ import annotations
 
 import pytest
@@ -157,3 +157,42 @@ def test_ops_linear_routes_batches_to_it(monkeypatch):
     cols = _rand((32, 12), 5).t()                  # [12, 32] with stride (1, 12)
     assert torch.equal(ops.linear(cols, w), F.linear(cols, w))
     assert calls == [12]
+
+
+@needs_kernel
+def test_two_to_eight_rows_take_the_packed_copy_unless_q8_blocks(monkeypatch):
+    """From PACKED_MIN_ROWS rows the packed copy streams at the read bandwidth where the skinny
+    kernel does not; one row keeps the skinny kernel (no copy needed); a weight with Q8_0
+    blocks keeps its Q8_0 kernel at 1-8 rows."""
+    from loong.ops import quantized_weights as qw
+    calls = []
+    ext = ops._get()
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(ext, name)
+
+        def linear_vnni(self, *a):
+            calls.append(("vnni", a[0].shape[0]))
+            return ext.linear_vnni(*a)
+
+        def linear_small(self, *a):
+            calls.append(("skinny", a[0].shape[0]))
+            return ext.linear_small(*a)
+
+        def linear_q8(self, *a):
+            calls.append(("q8", a[0].shape[0]))
+            return ext.linear_q8(*a)
+
+    monkeypatch.setattr(ops, "_get", lambda: Spy())
+    w = _rand((64, 64), 3)
+    for m in (1, 2, 8):
+        x = _rand((m, 64), m)
+        assert_bf16_close(ops.linear(x, w), reference(x, w, None))
+    assert calls == [("skinny", 1), ("vnni", 2), ("vnni", 8)]
+    q = torch.nn.Parameter(_rand((64, 64), 4), requires_grad=False)
+    assert qw.quantize_(q)
+    calls.clear()
+    for m in (1, 2, 8):
+        ops.linear(_rand((m, 64), m), q)
+    assert calls == [("q8", 1), ("q8", 2), ("q8", 8)]
