@@ -14,17 +14,14 @@ import torch.nn.functional as F
 
 from loong import ops
 from loong.ops import packed_weights as pw
+from tests.linear_checks import fresh_packed_copies  # noqa: F401
 
 needs_pack = pytest.mark.skipif(not pw._probe(), reason="this torch cannot pack oneDNN weights")
 
 
 @pytest.fixture(autouse=True)
-def fresh_cache(monkeypatch):
-    monkeypatch.delenv("LOONG_PACK_WEIGHTS", raising=False)
-    monkeypatch.delenv("LOONG_PACK_WEIGHTS_MAX_GB", raising=False)
-    pw.clear()
+def _fresh(fresh_packed_copies):
     yield
-    pw.clear()
 
 
 def _w(n, k, seed=0):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from loong import ops
+from tests.linear_checks import assert_bf16_close, reference, spy_kernels
 
 needs_kernel = pytest.mark.skipif(
     not ops.csrc_available() or not ops._get().linear_small_supported(),
@@ -20,19 +21,6 @@ def no_packed_copies(monkeypatch):
     """From 2 rows `loong.ops.linear` prefers a packed copy (tests/unit/test_vnni_linear.py);
     without packing it runs the skinny kernel these tests are about."""
     monkeypatch.setenv("LOONG_PACK_WEIGHTS", "0")
-
-
-def reference(x, w, b):
-    y = x.float() @ w.float().T
-    return y + b.float() if b is not None else y
-
-
-def assert_bf16_close(y, ref):
-    """Within one bf16 rounding of the fp32 result, plus fp32 summation-order noise."""
-    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
-    err = (y.float() - ref).abs()
-    bound = ref.abs() * 2.0 ** -8 + 1e-3 * (1 + ref.abs().max())
-    assert bool((err <= bound).all()), f"max err {err.max().item()} (|ref| max {ref.abs().max().item()})"
 
 
 @needs_kernel
@@ -55,24 +43,13 @@ def test_matches_reference_and_f_linear(m, n, k, bias):
 
 @needs_kernel
 def test_calls_the_kernel_for_small_bf16_batches(monkeypatch):
-    calls = []
-    ext = ops._get()
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(ext, name)
-
-        def linear_small(self, *a):
-            calls.append(a[0].shape[0])
-            return ext.linear_small(*a)
-
-    monkeypatch.setattr(ops, "_ext", Spy())
+    calls = spy_kernels(monkeypatch, "linear_small")
     w = torch.randn(64, 32).bfloat16()
     for m in (1, 8, 9, 64):
         ops.linear(torch.randn(m, 32).bfloat16(), w)
     ops.linear(torch.randn(2, 32), w.float())                     # fp32: torch
     ops.linear(torch.randn(2, 32).bfloat16(), w.t().contiguous().t())   # strided w: torch
-    assert calls == [1, 8]
+    assert calls == [("linear_small", 1), ("linear_small", 8)]
 
 
 @needs_kernel

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from loong import ops
 from loong.ops import packed_weights as pw
+from tests.linear_checks import (assert_bf16_close, fresh_packed_copies,  # noqa: F401
+                                 reference, spy_kernels)
 
 needs_kernel = pytest.mark.skipif(
     not ops.csrc_available() or not ops._get().linear_vnni_supported(),
@@ -18,25 +20,8 @@ needs_kernel = pytest.mark.skipif(
 
 
 @pytest.fixture(autouse=True)
-def fresh_cache(monkeypatch):
-    monkeypatch.delenv("LOONG_PACK_WEIGHTS", raising=False)
-    monkeypatch.delenv("LOONG_PACK_WEIGHTS_MAX_GB", raising=False)
-    pw.clear()
+def _fresh(fresh_packed_copies):
     yield
-    pw.clear()
-
-
-def reference(x, w, b):
-    y = x.float() @ w.float().T
-    return y + b.float() if b is not None else y
-
-
-def assert_bf16_close(y, ref):
-    """Within one bf16 rounding of the fp32 result, plus fp32 summation-order noise."""
-    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
-    err = (y.float() - ref).abs()
-    bound = ref.abs() * 2.0 ** -8 + 1e-3 * (1 + ref.abs().max())
-    assert bool((err <= bound).all()), f"max err {err.max().item()}"
 
 
 def _rand(shape, seed):
@@ -136,27 +121,16 @@ def test_bad_arguments_are_named():
 def test_ops_linear_routes_batches_to_it(monkeypatch):
     """More than SKINNY_MAX_ROWS bf16 rows run the kernel on the weight's cached packed copy;
     x with a non-contiguous last dim runs F.linear instead."""
-    calls = []
-    ext = ops._get()
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(ext, name)
-
-        def linear_vnni(self, *a):
-            calls.append(a[0].shape[0])
-            return ext.linear_vnni(*a)
-
-    monkeypatch.setattr(ops, "_get", lambda: Spy())
+    calls = spy_kernels(monkeypatch, "linear_vnni")
     w = _rand((64, 32), 3)
     x = _rand((12, 32), 4)
     y = ops.linear(x, w)
-    assert calls == [12]
+    assert calls == [("linear_vnni", 12)]
     assert pw.held_bytes() == w.numel() * 2
     assert_bf16_close(y, reference(x, w, None))
     cols = _rand((32, 12), 5).t()                  # [12, 32] with stride (1, 12)
     assert torch.equal(ops.linear(cols, w), F.linear(cols, w))
-    assert calls == [12]
+    assert calls == [("linear_vnni", 12)]
 
 
 @needs_kernel
@@ -165,34 +139,15 @@ def test_two_to_eight_rows_take_the_packed_copy_unless_q8_blocks(monkeypatch):
     kernel does not; one row keeps the skinny kernel (no copy needed); a weight with Q8_0
     blocks keeps its Q8_0 kernel at 1-8 rows."""
     from loong.ops import quantized_weights as qw
-    calls = []
-    ext = ops._get()
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(ext, name)
-
-        def linear_vnni(self, *a):
-            calls.append(("vnni", a[0].shape[0]))
-            return ext.linear_vnni(*a)
-
-        def linear_small(self, *a):
-            calls.append(("skinny", a[0].shape[0]))
-            return ext.linear_small(*a)
-
-        def linear_q8(self, *a):
-            calls.append(("q8", a[0].shape[0]))
-            return ext.linear_q8(*a)
-
-    monkeypatch.setattr(ops, "_get", lambda: Spy())
+    calls = spy_kernels(monkeypatch, "linear_vnni", "linear_small", "linear_q8")
     w = _rand((64, 64), 3)
     for m in (1, 2, 8):
         x = _rand((m, 64), m)
         assert_bf16_close(ops.linear(x, w), reference(x, w, None))
-    assert calls == [("skinny", 1), ("vnni", 2), ("vnni", 8)]
+    assert calls == [("linear_small", 1), ("linear_vnni", 2), ("linear_vnni", 8)]
     q = torch.nn.Parameter(_rand((64, 64), 4), requires_grad=False)
     assert qw.quantize_(q)
     calls.clear()
     for m in (1, 2, 8):
         ops.linear(_rand((m, 64), m), q)
-    assert calls == [("q8", 1), ("q8", 2), ("q8", 8)]
+    assert calls == [("linear_q8", 1), ("linear_q8", 2), ("linear_q8", 8)]
