@@ -87,28 +87,22 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
   const bool has_bias = b.defined() && b.numel() > 0;
   const c10::optional<at::Tensor> bias = has_bias ? c10::optional<at::Tensor>(b) : c10::nullopt;
   const int64_t m = x.size(0);
-  if (m > kSkinnyMaxRows && packed.defined() && x.scalar_type() == at::kBFloat16) {
-    if (packed.is_mkldnn()) return linear_pointwise(x, packed, bias);
-    if (packed.numel() > 0 && (x.stride(1) == 1 || x.size(1) <= 1) &&
-        (!has_bias || (b.scalar_type() == at::kBFloat16 && b.is_contiguous())))
-      return linear_vnni(x, packed, w.size(0), bias);
+  // x bf16 with a contiguous last dim and a contiguous bf16 bias (or none): what our kernels take.
+  const bool bf16_rows = x.scalar_type() == at::kBFloat16 &&
+                         (x.stride(1) == 1 || x.size(1) <= 1) &&
+                         (!has_bias || (b.scalar_type() == at::kBFloat16 && b.is_contiguous()));
+  const bool ours = packed.defined() && !packed.is_mkldnn() && packed.numel() > 0 && bf16_rows;
+  if (m > kSkinnyMaxRows && packed.defined() && packed.is_mkldnn() &&
+      x.scalar_type() == at::kBFloat16) {
+    return linear_pointwise(x, packed, bias);
   }
-  if (m >= 1 && m <= kSkinnyMaxRows && qs.defined() && qs.numel() > 0 &&
-      x.scalar_type() == at::kBFloat16 && (x.stride(1) == 1 || x.size(1) <= 1) &&
-      (!has_bias || (b.scalar_type() == at::kBFloat16 && b.is_contiguous())) &&
+  if (m >= 1 && m <= kSkinnyMaxRows && qs.defined() && qs.numel() > 0 && bf16_rows &&
       linear_q8_supported()) {
     return linear_q8(x, qs, scales, bias);
   }
-  if (m >= kPackedMinRows && m <= kSkinnyMaxRows && packed.defined() && !packed.is_mkldnn() &&
-      packed.numel() > 0 && x.scalar_type() == at::kBFloat16 &&
-      (x.stride(1) == 1 || x.size(1) <= 1) &&
-      (!has_bias || (b.scalar_type() == at::kBFloat16 && b.is_contiguous()))) {
-    return linear_vnni(x, packed, w.size(0), bias);
-  }
-  if (x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && m >= 1 &&
-      m <= kSkinnyMaxRows && (x.stride(1) == 1 || x.size(1) <= 1) && w.is_contiguous() &&
-      (!has_bias || (b.scalar_type() == at::kBFloat16 && b.is_contiguous())) &&
-      linear_small_supported()) {
+  if (m >= kPackedMinRows && ours) return linear_vnni(x, packed, w.size(0), bias);
+  if (m >= 1 && m <= kSkinnyMaxRows && bf16_rows && w.scalar_type() == at::kBFloat16 &&
+      w.is_contiguous() && linear_small_supported()) {
     return linear_small(x, w, bias);
   }
   return at::linear(x, w, bias);

@@ -316,23 +316,20 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     bf16 rounding. The native decode step (`decoder_layers`) makes the same choices."""
     global _skinny_ok
     m = _bf16_cpu_rows(x, bias)
-    if m > SKINNY_MAX_ROWS:
-        native = _get()
-        wp = packed_weights.packed(weight, native)
-        if wp is not None and (wp.is_mkldnn or ((x.stride(1) == 1 or x.shape[1] <= 1) and (
-                bias is None or bias.is_contiguous()))):
-            return packed_weights.linear_packed(x, wp, bias, weight.shape[0], native, weight)
-        return F.linear(x, weight, bias)
     ext = _get()
-    if quantized_weights.active() and m >= 1:
+    if 1 <= m <= SKINNY_MAX_ROWS and quantized_weights.active():
         form = quantized_weights.q8_form(weight)
         if form is not None:
             return _linear_q8(ext, x, form, bias)
-    if m >= PACKED_MIN_ROWS and packed_weights.native_packs(ext) and (
-            x.stride(1) == 1 or x.shape[1] <= 1) and (bias is None or bias.is_contiguous()):
+    if m > SKINNY_MAX_ROWS or (m >= PACKED_MIN_ROWS and packed_weights.native_packs(ext)):
         wp = packed_weights.packed(weight, ext)
-        if wp is not None and not wp.is_mkldnn:
-            return ext.linear_vnni(x, wp, weight.shape[0], bias)
+        # oneDNN's layout only beyond 8 rows; ours wants x's last dim and the bias contiguous.
+        if wp is not None and ((wp.is_mkldnn and m > SKINNY_MAX_ROWS) or (
+                not wp.is_mkldnn and (x.stride(1) == 1 or x.shape[1] <= 1)
+                and (bias is None or bias.is_contiguous()))):
+            return packed_weights.linear_packed(x, wp, bias, weight.shape[0], ext, weight)
+        if m > SKINNY_MAX_ROWS:
+            return F.linear(x, weight, bias)
     if (ext is None or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16
             or x.dim() != 2 or not 1 <= x.shape[0] <= SKINNY_MAX_ROWS
             or x.device.type != "cpu" or weight.device.type != "cpu"
