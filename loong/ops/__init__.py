@@ -327,7 +327,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         if wp is not None and ((wp.is_mkldnn and m > SKINNY_MAX_ROWS) or (
                 not wp.is_mkldnn and (x.stride(1) == 1 or x.shape[1] <= 1)
                 and (bias is None or bias.is_contiguous()))):
-            return packed_weights.linear_packed(x, wp, bias, weight.shape[0], ext, weight)
+            return packed_weights.linear_packed(x, weight, wp, bias, ext)
         if m > SKINNY_MAX_ROWS:
             return F.linear(x, weight, bias)
     if (ext is None or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16

@@ -17,8 +17,8 @@ avoids it. Two kinds, one per process:
   `torch.ops.mkldnn._linear_pointwise`, the pair torch's inductor uses when it freezes a CPU
   model): the same GEMM as F.linear, bitwise.
 
-Owns: `packed(weight, native)` -> the packed copy or None, `linear_packed(x, packed, bias, n,
-native)`, the copies (a `weight_forms.WeightForms`: one per weight tensor, dropped with it,
+Owns: `packed(weight, native)` -> the packed copy or None, `linear_packed(x, weight, packed,
+bias, native)`, the copies (a `weight_forms.WeightForms`: one per weight tensor, dropped with it,
 remade when the tensor's version counter moves: an in-place weight update through the
 parameter or any view of it re-packs on the next call), `enabled()` and the memory budget.
 `native` is the loaded native module or None (callers in loong.ops pass it: this module does
@@ -118,25 +118,24 @@ def packed(weight: Tensor, native: Any = None) -> Optional[Tensor]:
     own = native_packs(native)
     if version_of(weight) is None or not (own or _probe()):
         return None
-    size = weight.numel() * 2
+    n, k = weight.shape
+    size = (native.vnni_packed_numel(n, k) if own else weight.numel()) * 2   # ours is padded
     if _forms.held_bytes + size > budget_bytes():
         return None
     with torch.no_grad():
         copy = (native.vnni_pack(weight) if own
                 else torch.ops.mkldnn._reorder_linear_weight(weight, 64))
-    _forms.put(weight, copy, copy.numel() * 2 if own else size)
+    _forms.put(weight, copy, size)
     return copy
 
 
-def linear_packed(x: Tensor, weight_packed: Tensor, bias: Optional[Tensor], n: int,
-                  native: Any = None, weight: Optional[Tensor] = None) -> Tensor:
-    """x [M, K] bf16 (last dim contiguous) times a packed weight of n output rows (+ bias
-    bf16) -> [M, n] bf16. A copy of our layout without the native module to run it (the
-    extension disabled since) falls back to F.linear on `weight`."""
+def linear_packed(x: Tensor, weight: Tensor, weight_packed: Tensor, bias: Optional[Tensor],
+                  native: Any = None) -> Tensor:
+    """`F.linear(x, weight, bias)` computed on `weight`'s packed copy: x [M, K] bf16 (last dim
+    contiguous), bias bf16 -> [M, N] bf16. A copy of our layout without the native module to
+    run it (the extension disabled since) falls back to F.linear on the plain weight."""
     if weight_packed.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight_packed, bias, "none", [], "")
     if native_packs(native):
-        return native.linear_vnni(x, weight_packed, n, bias)
-    if weight is None:
-        raise ValueError("linear_packed: a vnni-packed copy needs the native module or the weight")
+        return native.linear_vnni(x, weight_packed, weight.shape[0], bias)
     return F.linear(x, weight, bias)

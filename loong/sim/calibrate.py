@@ -9,9 +9,9 @@ requests (lengths, send times) and the measured mean TPOT and E2E. Here each run
 replayed in the simulator with the same policy, and the overhead (a per group step, b per
 sequence in the group, all >= 0) is chosen to minimise the squared relative errors of
 mean TPOT and mean E2E over all runs (Gauss-Newton on a numerical Jacobian with a
-backtracking step; the simulator is close to linear in them, piecewise). On several instances a third parameter is fitted: the
-share by which a group's step slows for every other instance busy beside it
-(`ServingOverhead.parallel_slowdown`). The runs used to fit are not the workload used to
+backtracking step; the simulator is close to linear in them, piecewise). On several
+instances a third parameter is fitted: the share by which a group's step slows for every
+other instance busy beside it (`ServingOverhead.parallel_slowdown`). The runs used to fit are not the workload used to
 judge the fit: `experiments/serve_vs_sim.py` replays ShareGPT-like Poisson traffic.
 
 Pure Python + numpy (no torch).

@@ -57,7 +57,7 @@ def test_onednn_layout_is_bitwise_f_linear(m):
     w, b, x = _w(160, 96), _w(1, 160, seed=1)[0], _w(m, 96, seed=2)
     copy = pw.packed(w, None)
     assert copy.is_mkldnn
-    assert torch.equal(pw.linear_packed(x, copy, b, 160), F.linear(x, w, b))
+    assert torch.equal(pw.linear_packed(x, w, copy, b), F.linear(x, w, b))
 
 
 @needs_pack
